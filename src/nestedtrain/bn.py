@@ -1,0 +1,130 @@
+"""BatchNorm tools: leave running statistics alone, save/restore them, re-estimate them.
+
+Sub-network forwards in train mode would otherwise blend their statistics into the main
+network's; and a sub-network is evaluated with statistics re-estimated for it (as the papers
+do). Neither replaces a module's forward nor copies the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .elastic.stages import Stage, find_stages, unwrap
+from .elastic.subnet import Subnet, use_subnet
+
+__all__ = ["batchnorms", "frozen_stats", "recalibrate", "save_stats", "load_stats"]
+
+
+def batchnorms(model: nn.Module) -> list[_BatchNorm]:
+    """Every BatchNorm layer of ``model`` that tracks running statistics."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@contextmanager
+def frozen_stats(model: nn.Module) -> Iterator[nn.Module]:
+    """Train-mode forwards inside leave every BN's running statistics (and counter) untouched.
+
+    Normalisation still uses the batch statistics in train mode and the running ones in eval
+    mode: with ``track_running_stats`` off, a train-mode BN normalises by the batch and writes
+    nothing, and an eval-mode BN still reads its buffers because they are not None.
+    """
+    layers = batchnorms(unwrap(model))
+    for bn in layers:
+        bn.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for bn in layers:
+            bn.track_running_stats = True
+
+
+def save_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every BN buffer (running mean/var, batch counter), by state_dict name."""
+    model = unwrap(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for bn in batchnorms(model):
+        prefix = names[id(bn)]
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            buf = getattr(bn, key, None)
+            if buf is not None:
+                out[f"{prefix}.{key}" if prefix else key] = buf.detach().clone()
+    return out
+
+
+def load_stats(model: nn.Module, stats: dict[str, torch.Tensor]) -> None:
+    """Put back statistics taken by :func:`save_stats`."""
+    buffers = dict(unwrap(model).named_buffers())
+    with torch.no_grad():
+        for name, value in stats.items():
+            buffers[name].copy_(value)
+
+
+def _skipped_batchnorms(stages: Sequence[Stage], subnet: Subnet) -> set[int]:
+    skipped = set()
+    for stage, kept in zip(stages, subnet.blocks):
+        for i, block in enumerate(stage.blocks):
+            if i not in kept:
+                skipped.update(id(m) for m in block.modules())
+    return skipped
+
+
+@torch.no_grad()
+def recalibrate(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor | Sequence[torch.Tensor]],
+    subnet: Subnet | str | None = None,
+) -> nn.Module:
+    """Re-estimate BN running statistics from ``batches`` and leave the model in eval mode.
+
+    The estimate is cumulative: each BN ends with the exact mean of the per-batch means (and
+    unbiased variances) weighted by batch size, i.e. the mean over every image it saw. With a
+    ``subnet`` only the BNs that the sub-network runs are reset and re-estimated; those of
+    skipped blocks keep their statistics.
+
+    Args:
+        model: the model (a DDP wrapper is looked through).
+        batches: image tensors, or ``(images, labels)`` pairs whose first item is used.
+        subnet: the sub-network to calibrate for; ``None`` for the whole model.
+
+    Returns:
+        ``model``, in eval mode.
+    """
+    model = unwrap(model)
+    layers = batchnorms(model)
+    if subnet is not None:
+        stages = find_stages(model)
+        subnet = Subnet.from_string(subnet) if isinstance(subnet, str) else subnet
+        skipped = _skipped_batchnorms(stages, subnet)
+        layers = [bn for bn in layers if id(bn) not in skipped]
+    momenta = [bn.momentum for bn in layers]
+    for bn in layers:
+        bn.reset_running_stats()
+    model.train()
+    seen = 0
+    try:
+        for batch in batches:
+            images = batch if isinstance(batch, torch.Tensor) else batch[0]
+            n = images.shape[0]
+            # Momentum n / (seen + n) turns the running update into an exact running mean
+            # weighted by batch size (torch's momentum=None averages batches unweighted).
+            for bn in layers:
+                bn.momentum = n / (seen + n)
+            if subnet is None:
+                model(images)
+            else:
+                with use_subnet(model, subnet):
+                    model(images)
+            seen += n
+    finally:
+        for bn, momentum in zip(layers, momenta):
+            bn.momentum = momentum
+        model.eval()
+    if seen == 0:
+        raise ValueError("recalibrate got no batches: pass at least one batch of images")
+    return model

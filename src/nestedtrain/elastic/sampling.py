@@ -1,0 +1,157 @@
+"""Sub-network samplers: ordered and stochastic residual sampling, and named sampling spaces.
+
+Samplers draw from a ``torch.Generator`` the caller passes, never from the global RNG, so
+every rank of a distributed run that shares the generator's seed draws the same Subnets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+from torch import nn
+
+from .stages import Stage, StageSpec, find_stages
+from .subnet import Subnet
+
+__all__ = ["OrderedSampler", "StochasticSampler", "SAMPLING_SPACES", "build_sampler"]
+
+# Named spaces: the most blocks each stage may drop. "space3" is the ST++ reference code's
+# best inter-stage rule for ResNet-50 (stages 1-4 drop at most 0, 1, 3 and 0 blocks).
+SAMPLING_SPACES: dict[str, tuple[int, ...]] = {"space3": (0, 1, 3, 0)}
+
+MaxDrop = Union[None, int, str, Sequence[int]]
+
+
+class OrderedSampler:
+    """Ordered residual sampling: per stage drop the last ``c`` blocks, ``c`` uniform in
+    ``0..max_drop``, stages independent; the full network is one of the draws.
+
+    Args:
+        model: the main network.
+        max_drop: ``None`` (each stage may drop all its trailing skippable blocks, keeping at
+            least one block), an int applied to every stage (capped at what it can drop), a
+            per-stage sequence, or a name from ``SAMPLING_SPACES``.
+        spec: explicit stage declaration, if the model's family is not built in.
+    """
+
+    def __init__(self, model: nn.Module, max_drop: MaxDrop = None, spec: StageSpec | None = None):
+        self.stages = find_stages(model, spec)
+        self.max_drop = _resolve_max_drop(self.stages, max_drop)
+
+    def __len__(self) -> int:
+        return math.prod(c + 1 for c in self.max_drop)
+
+    def _subnet(self, drops: Sequence[int]) -> Subnet:
+        return Subnet(tuple(range(len(st) - c)) for st, c in zip(self.stages, drops))
+
+    def sample(self, generator: torch.Generator) -> Subnet:
+        """One Subnet; consumes one draw per stage from ``generator``."""
+        drops = [int(torch.randint(0, c + 1, (1,), generator=generator)) for c in self.max_drop]
+        return self._subnet(drops)
+
+    def all(self) -> list[Subnet]:
+        """Every Subnet of the space, deepest first."""
+        ranges = [range(c + 1) for c in self.max_drop]
+        return [self._subnet(drops) for drops in itertools.product(*ranges)]
+
+
+class StochasticSampler:
+    """Stochastic residual sampling: each skippable block kept with probability ``p``.
+
+    Non-skippable blocks always run; a draw that would empty a stage is redrawn for that stage.
+    """
+
+    def __init__(self, model: nn.Module, p: float = 0.5, spec: StageSpec | None = None):
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"keep probability p={p} must be in (0, 1]")
+        self.stages = find_stages(model, spec)
+        self.p = float(p)
+
+    def __len__(self) -> int:
+        total = 1
+        for stage in self.stages:
+            free = sum(stage.skippable)
+            # every subset of skippable blocks, less the empty stage when all are skippable
+            total *= 2**free - (1 if free == len(stage) else 0)
+        return total
+
+    def sample(self, generator: torch.Generator) -> Subnet:
+        """One Subnet; draws from ``generator`` only."""
+        kept_per_stage = []
+        for stage in self.stages:
+            skippable = torch.tensor(stage.skippable)
+            while True:
+                keep = (torch.rand(len(stage), generator=generator) < self.p) | ~skippable
+                if keep.any():
+                    break
+            kept_per_stage.append(tuple(int(i) for i in keep.nonzero().flatten()))
+        return Subnet(kept_per_stage)
+
+    def all(self) -> list[Subnet]:
+        """Every Subnet of the space."""
+        per_stage = []
+        for stage in self.stages:
+            free = [i for i, ok in enumerate(stage.skippable) if ok]
+            fixed = [i for i, ok in enumerate(stage.skippable) if not ok]
+            options = []
+            for n in range(len(free), -1, -1):
+                for chosen in itertools.combinations(free, n):
+                    kept = tuple(sorted(fixed + list(chosen)))
+                    if kept:
+                        options.append(kept)
+            per_stage.append(options)
+        return [Subnet(choice) for choice in itertools.product(*per_stage)]
+
+
+def _resolve_max_drop(stages: Sequence[Stage], max_drop: MaxDrop) -> tuple[int, ...]:
+    allowed = tuple(stage.num_trailing_skippable for stage in stages)
+    if max_drop is None or max_drop == "full":
+        return allowed
+    if isinstance(max_drop, str):
+        if max_drop not in SAMPLING_SPACES:
+            raise ValueError(
+                f"unknown sampling space {max_drop!r}: use 'full', one of "
+                f"{sorted(SAMPLING_SPACES)}, or a per-stage list of how many blocks may drop"
+            )
+        max_drop = SAMPLING_SPACES[max_drop]
+    if isinstance(max_drop, int):
+        if max_drop < 0:
+            raise ValueError(f"max_drop={max_drop} must be >= 0")
+        return tuple(min(max_drop, a) for a in allowed)
+    max_drop = tuple(int(c) for c in max_drop)
+    if len(max_drop) != len(stages):
+        raise ValueError(
+            f"max_drop {list(max_drop)} has {len(max_drop)} entries but the model has "
+            f"{len(stages)} stages"
+        )
+    for s, (c, a, stage) in enumerate(zip(max_drop, allowed, stages)):
+        if not 0 <= c <= a:
+            raise ValueError(
+                f"max_drop {list(max_drop)}: stage {s + 1} ({stage.name}) can drop 0..{a} "
+                f"trailing blocks, got {c}"
+            )
+    return max_drop
+
+
+def build_sampler(
+    model: nn.Module,
+    kind: str = "ordered",
+    space: MaxDrop = None,
+    p: float = 0.5,
+    spec: StageSpec | None = None,
+) -> OrderedSampler | StochasticSampler:
+    """A sampler by name: ``ordered`` (with a ``space``) or ``stochastic`` (with ``p``)."""
+    if kind == "ordered":
+        return OrderedSampler(model, max_drop=space, spec=spec)
+    if kind == "stochastic":
+        if space not in (None, "full"):
+            raise ValueError(
+                f"sampling space {space!r} applies to ordered sampling only; stochastic "
+                "sampling takes p"
+            )
+        return StochasticSampler(model, p=p, spec=spec)
+    raise ValueError(f"unknown sampler {kind!r}: use 'ordered' or 'stochastic'")

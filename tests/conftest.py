@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import nestedtrain as nt
+
+# Tiny instances of every built-in family: (name, kwargs, input side).
+FAMILIES = {
+    "cifar-resnet20": ("resnet20", {"num_classes": 10}, 16),
+    "timm-resnet18": ("resnet18", {"num_classes": 7}, 32),
+    "timm-resnet50": ("resnet50", {"num_classes": 7}, 32),
+    "timm-mobilenetv3": ("mobilenetv3_small_050", {"num_classes": 7}, 32),
+    "timm-efficientnet_b0": ("efficientnet_b0", {"num_classes": 7}, 32),
+    "timm-vit_tiny": (
+        "vit_tiny_patch16_224",
+        {"num_classes": 7, "img_size": 32, "patch_size": 8},
+        32,
+    ),
+}
+
+
+def perturb_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every norm layer random affine parameters and statistics.
+
+    timm zero-initialises the last norm of each residual branch, which makes every block an
+    identity at init; a test of sub-networks on such a model would prove nothing.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+                if getattr(m, "weight", None) is not None:
+                    m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                    m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return model
+
+
+def make_model(family: str, seed: int = 0) -> tuple[nn.Module, int]:
+    name, kwargs, side = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = nt.create_model(name, **kwargs)
+    return perturb_norms(model, seed), side
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family_model(request):
+    model, side = make_model(request.param)
+    return request.param, model, side

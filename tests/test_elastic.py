@@ -224,7 +224,7 @@ def test_subnet_is_immutable_hashable_and_ordered_depths():
         sub.x = 1
     gapped = nt.Subnet.parse(model, "0.2-9-3")
     with pytest.raises(ValueError, match="not ordered"):
-        gapped.depths
+        _ = gapped.depths
     assert nt.Subnet.full(model).is_full(model)
 
 

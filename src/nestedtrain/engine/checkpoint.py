@@ -1,0 +1,139 @@
+"""Checkpoints: written atomically, read back with a clear error for anything foreign."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..models import create_model
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "atomic_save",
+    "atomic_write_text",
+    "build_model",
+    "load_checkpoint",
+    "load_model",
+    "resolve_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "nestedtrain-checkpoint-v1"
+
+
+def atomic_save(
+    obj: Any, path: str | Path, saver: Callable[[Any, BinaryIO], None] = torch.save
+) -> None:
+    """Save to a temporary file in the same folder, then rename it over ``path``.
+
+    A crash before the rename leaves the previous file intact; the rename itself is atomic.
+
+    Args:
+        obj: what to save.
+        path: the destination.
+        saver: ``torch.save`` by default; ``torch.jit.save`` for TorchScript.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            saver(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (temporary file, then rename)."""
+    atomic_save(text.encode(), path, saver=lambda data, f: f.write(data))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder (its ``checkpoints/last.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not exist: give a run folder or a .pt file from "
+            "`nestedtrain train`"
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a nestedtrain checkpoint.
+
+    Raises:
+        ValueError: missing, unreadable, or not written by nestedtrain.
+    """
+    path = resolve_checkpoint(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise ValueError(
+            f"cannot read checkpoint {str(path)!r} ({type(err).__name__}): it is not a file "
+            "written by torch.save"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{str(path)!r} is not a nestedtrain checkpoint (no {CHECKPOINT_FORMAT!r} marker): "
+            "give checkpoints/last.pt or best.pt of a run folder"
+        )
+    return state
+
+
+def build_model(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Module:
+    """The model a recipe describes, without weights from anywhere."""
+    kwargs = dict(OmegaConf.to_container(cfg.model.kwargs, resolve=True))
+    if cfg.model.drop_rate:
+        kwargs["drop_rate"] = cfg.model.drop_rate
+    if cfg.model.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.model.drop_path_rate
+    return create_model(
+        cfg.model.name,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        pretrained=cfg.model.pretrained,
+        **kwargs,
+    )
+
+
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu", key: str = "model"
+) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
+    """Rebuild a checkpoint's model with its weights.
+
+    Returns:
+        ``(model, config, checkpoint)``; the model is in eval mode.
+    """
+    state = load_checkpoint(path, map_location)
+    cfg = OmegaConf.create(state["config"])
+    with _no_pretrained(cfg):
+        model = build_model(cfg, state["num_classes"], state["in_chans"])
+    model.load_state_dict(state[key])
+    return model.eval(), cfg, state
+
+
+class _no_pretrained:
+    """Weights come from the checkpoint: never fetch pretrained ones while rebuilding."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def __enter__(self) -> None:
+        self.was = self.cfg.model.pretrained
+        self.cfg.model.pretrained = False
+
+    def __exit__(self, *exc: object) -> None:
+        self.cfg.model.pretrained = self.was

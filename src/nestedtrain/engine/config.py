@@ -1,0 +1,250 @@
+"""The training recipe: an OmegaConf structured config, read from YAML plus dotted overrides.
+
+Resolution order: schema defaults < the method's preset (``st``, ``stpp``) < the recipe file <
+``key=value`` overrides. An unknown key or a value of the wrong type is a one-line ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..data.config import DataConfig
+
+__all__ = [
+    "METHODS",
+    "PRESETS",
+    "TrainConfig",
+    "describe_fields",
+    "load_config",
+    "to_yaml",
+]
+
+METHODS = ("ct", "st", "stpp", "motivation")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"  # ours (resnet20/32/44/56/110) or any timm model name
+    pretrained: bool = False  # start from timm's pretrained weights (needs a download)
+    init_from: Optional[str] = None  # start from a checkpoint or state_dict file
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth (timm models)
+    kwargs: dict = field(default_factory=dict)  # more create_model arguments, e.g. img_size
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # timm optimizer: sgd (Nesterov), momentum, adamw, rmsproptf, lamb, ...
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eps: Optional[float] = None  # optimizer epsilon; None = timm's default
+    clip_grad: Optional[float] = None  # clip the global gradient norm
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"  # timm scheduler: cosine | step | multistep | plateau | none
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    decay_epochs: float = 30.0  # step: decay every this many epochs
+    decay_rate: float = 0.1  # step: multiply lr by this
+
+
+@dataclass
+class STConfig:
+    lam: float = 1.0  # λ, weight of each sub-network's KL term
+    num_subnets: int = 1  # sub-networks per step
+    sampler: str = "ordered"  # ordered | stochastic
+    space: Optional[Any] = None  # ordered: null (full) | space3 | per-stage max drops [0,1,3,0]
+    p: float = 0.5  # stochastic: keep probability of a skippable block
+    kl_norm: str = "none"  # none (KL) | std (KL⁻, reference code) | l2 (KL⁻, paper formula)
+    temperature: float = 1.0
+    amplitude: float = 1.0
+    norm_main_ce: bool = False  # main CE on the normalised logits (reference code with KL⁻)
+    resize: Optional[list] = None  # [lo, hi] fractions of the training crop for sub-networks
+    target: str = "teacher"  # teacher | label (fine-tuning)
+    start_epoch: int = 0  # first epoch that samples sub-networks
+    bn: str = "protect"  # protect | reference
+
+
+@dataclass
+class EvalConfig:
+    subnets: str = (
+        "sample:8"  # sub-networks evaluated each epoch: none | all | sample:N | 3-2-4,...
+    )
+    every: int = 1  # evaluate every E epochs (and after the last)
+    batch_size: int = 512
+
+
+@dataclass
+class AnalysisConfig:
+    kl_drift_every: int = 0  # record KL(main ‖ sub) over the space every E epochs; 0 = off
+    kl_drift_subnets: str = "sample:16"  # all | sample:N
+
+
+@dataclass
+class TrainConfig:
+    method: str = "ct"  # ct | st | stpp | motivation
+    epochs: int = 10
+    batch_size: int = 128  # global batch, split across distributed ranks
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision on CUDA (ignored on the CPU)
+    amp_dtype: str = "bfloat16"  # bfloat16 | float16
+    channels_last: bool = True  # channels-last memory format on CUDA (ignored on the CPU)
+    ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3)
+    ema_decay: float = 0.9998
+    loss: str = "ce"  # ce | bce (timm's A3 recipe trains with binary cross-entropy)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    st: STConfig = field(default_factory=STConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+
+# Presets applied under the recipe when ``method`` names them (see DESIGN.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "st": {"st": {"lam": 1.0, "kl_norm": "none", "num_subnets": 1, "space": None}},
+    "stpp": {
+        "st": {
+            "lam": 1.0,
+            "kl_norm": "std",
+            "temperature": 1.0,
+            "amplitude": 1.0,
+            "norm_main_ce": True,
+            "num_subnets": 6,
+            "resize": [0.43, 1.0],
+        }
+    },
+}
+
+# ST++ bounds the sampling space of the deep ImageNet ResNets with "space3".
+_STPP_SPACE3_MODELS = ("resnet50", "resnet101", "resnet152")
+
+
+def _schema() -> DictConfig:
+    return OmegaConf.structured(TrainConfig)
+
+
+def _read_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"recipe {str(path)!r} does not exist: give the path of a YAML recipe")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml's errors are many classes; all mean the same to a user
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"recipe {str(path)!r} is not valid YAML: {first}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"recipe {str(path)!r} must be a mapping of fields, got a list")
+    return loaded
+
+
+def _dotlist(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ValueError(f"override {item!r} must be key=value, e.g. epochs=3")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def _merge(*configs: Any) -> DictConfig:
+    try:
+        return OmegaConf.merge(*configs)
+    except OmegaConfBaseException as err:
+        raise ValueError(_omegaconf_message(err)) from None
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    message = str(err).splitlines()[0]
+    if "not in struct" in message or "Key '" in message and "not in" in message:
+        return (
+            f"unknown recipe field {key!r}: see `nestedtrain train --help` for the fields"
+            if key
+            else message
+        )
+    if key:
+        return f"bad value for {key}: {message}"
+    return message
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Resolve a recipe: schema defaults < preset < recipe file < dotted overrides.
+
+    Raises:
+        ValueError: unreadable recipe, unknown field, wrong type, bad value.
+    """
+    layers = [_read_yaml(recipe)] if recipe is not None else []
+    layers.append(_dotlist(overrides or []))
+    user = _merge(_schema(), *layers)  # validates field names and types first
+    method = user.method
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    preset = dict(PRESETS.get(method, {}))
+    if method == "stpp" and user.model.name in _STPP_SPACE3_MODELS:
+        preset = {"st": {**preset["st"], "space": "space3"}}
+    cfg = _merge(_schema(), preset, *layers)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks that types alone do not catch."""
+    checks = [
+        (cfg.epochs >= 1, f"epochs={cfg.epochs} must be >= 1"),
+        (cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1"),
+        (cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0"),
+        (cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay} must be >= 0"),
+        (cfg.st.lam >= 0, f"st.lam={cfg.st.lam} must be >= 0"),
+        (cfg.st.num_subnets >= 0, f"st.num_subnets={cfg.st.num_subnets} must be >= 0"),
+        (cfg.loss in ("ce", "bce"), f"loss={cfg.loss!r} must be 'ce' or 'bce'"),
+        (cfg.eval.every >= 1, f"eval.every={cfg.eval.every} must be >= 1"),
+        (
+            cfg.sched.warmup_epochs >= 0,
+            f"sched.warmup_epochs={cfg.sched.warmup_epochs} must be >= 0",
+        ),
+        (
+            cfg.analysis.kl_drift_every >= 0,
+            f"analysis.kl_drift_every={cfg.analysis.kl_drift_every} must be >= 0",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def plain(value: Any) -> Any:
+    """An OmegaConf node as plain Python (lists, dicts), anything else unchanged."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def describe_fields() -> str:
+    """Every recipe field with its default, one per line, for ``--help``."""
+    lines = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"  {prefix}{f.name} = {value!r}")
+
+    walk(TrainConfig(), "")
+    return "\n".join(lines)

@@ -1,0 +1,7 @@
+"""Training methods, each a step object the trainer (or your own loop) drives."""
+
+from .base import MethodStep, Precision
+from .common import CommonTraining
+from .stimulative import StimulativeTraining
+
+__all__ = ["CommonTraining", "MethodStep", "Precision", "StimulativeTraining"]

@@ -6,8 +6,10 @@ registry; that is its only side effect.
 
 from __future__ import annotations
 
-from . import bn
-from .elastic import (
+__version__ = "0.1.0"
+
+from . import bn  # noqa: E402
+from .elastic import (  # noqa: E402
     OrderedSampler,
     Stage,
     StageSpec,
@@ -18,17 +20,21 @@ from .elastic import (
     find_stages,
     use_subnet,
 )
-from .losses import kl_loss
-from .models import create_model
-
-__version__ = "0.1.0"
+from .engine import Trainer, load_config, load_model, train  # noqa: E402
+from .losses import kl_loss  # noqa: E402
+from .methods import CommonTraining, Precision, StimulativeTraining  # noqa: E402
+from .models import create_model  # noqa: E402
 
 __all__ = [
+    "CommonTraining",
     "OrderedSampler",
+    "Precision",
     "Stage",
     "StageSpec",
+    "StimulativeTraining",
     "StochasticSampler",
     "Subnet",
+    "Trainer",
     "__version__",
     "bn",
     "create_model",
@@ -36,5 +42,8 @@ __all__ = [
     "export_subnet",
     "find_stages",
     "kl_loss",
+    "load_config",
+    "load_model",
+    "train",
     "use_subnet",
 ]

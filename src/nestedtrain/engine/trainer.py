@@ -45,19 +45,23 @@ def _criterion(cfg: DictConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.
     return None  # the method's default: CE with label smoothing
 
 
-def _build_ct(cfg, model, optimizer, precision, generator) -> MethodStep:
+def _build_ct(trainer: Trainer) -> MethodStep:
+    cfg = trainer.cfg
     return CommonTraining(
-        model, optimizer, precision, cfg.data.label_smoothing, criterion=_criterion(cfg)
+        trainer.wrapped,
+        trainer.optimizer,
+        trainer.precision,
+        cfg.data.label_smoothing,
+        criterion=_criterion(cfg),
     )
 
 
-def _build_st(cfg, model, optimizer, precision, generator) -> MethodStep:
-    st = cfg.st
-    space = plain(st.space)
-    sampler = build_sampler(model, kind=st.sampler, space=space, p=st.p)
+def _build_st(trainer: Trainer) -> MethodStep:
+    cfg, st = trainer.cfg, trainer.cfg.st
+    sampler = build_sampler(trainer.model, kind=st.sampler, space=plain(st.space), p=st.p)
     return StimulativeTraining(
-        model,
-        optimizer,
+        trainer.wrapped,
+        trainer.optimizer,
         lam=st.lam,
         num_subnets=st.num_subnets,
         sampler=sampler,
@@ -69,31 +73,28 @@ def _build_st(cfg, model, optimizer, precision, generator) -> MethodStep:
         target=st.target,
         start_epoch=st.start_epoch,
         bn=st.bn,
-        generator=generator,
-        precision=precision,
+        generator=trainer.generator,
+        precision=trainer.precision,
         label_smoothing=cfg.data.label_smoothing,
         criterion=_criterion(cfg),
     )
 
 
-# method name -> builder(cfg, model, optimizer, precision, generator)
-METHOD_BUILDERS: dict[str, Callable[..., MethodStep]] = {
+# method name -> builder(trainer): the trainer's model (``trainer.model``, DDP-wrapped as
+# ``trainer.wrapped``), optimizer, precision, generator, data and helpers are set up by then.
+METHOD_BUILDERS: dict[str, Callable[[Trainer], MethodStep]] = {
     "ct": _build_ct,
     "st": _build_st,
     "stpp": _build_st,
 }
 
 
-def build_method(
-    cfg: DictConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    precision: Precision,
-    generator: torch.Generator,
-) -> MethodStep:
-    if cfg.method not in METHOD_BUILDERS:
-        raise ValueError(f"unknown method {cfg.method!r}: use one of {', '.join(METHOD_BUILDERS)}")
-    return METHOD_BUILDERS[cfg.method](cfg, model, optimizer, precision, generator)
+def build_method(trainer: Trainer) -> MethodStep:
+    """The step object of ``trainer.cfg.method``."""
+    method = trainer.cfg.method
+    if method not in METHOD_BUILDERS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHOD_BUILDERS)}")
+    return METHOD_BUILDERS[method](trainer)
 
 
 def _git_commit() -> str | None:
@@ -214,21 +215,14 @@ class Trainer:
             world_size=self.dist.world_size,
         )
         self.model = self._build_model()
-        self.optimizer = create_optimizer_v2(
-            self.model,
-            opt=cfg.optim.name,
-            lr=cfg.optim.lr,
-            weight_decay=cfg.optim.weight_decay,
-            momentum=cfg.optim.momentum,
-            **({"eps": cfg.optim.eps} if cfg.optim.eps is not None else {}),
-        )
+        self.optimizer = self.make_optimizer(self.model)
         self.scheduler = self._build_scheduler()
         self.precision = Precision(self.device, cfg.amp, cfg.amp_dtype)
         # One generator for sub-network draws, seeded alike on every rank so all ranks draw
         # the same sub-networks.
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        wrapped = self._wrap_ddp(self.model)
-        self.method = build_method(cfg, wrapped, self.optimizer, self.precision, self.generator)
+        self.wrapped = self.wrap_ddp(self.model)
+        self.method = build_method(self)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.eval_subnets = select_subnets(self.model, cfg.eval.subnets, seed=cfg.seed)
         self.kl_drift_subnets = (
@@ -262,6 +256,18 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         return model
 
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """An optimizer for ``model`` as the recipe's ``optim`` section says (timm's factory)."""
+        cfg = self.cfg.optim
+        return create_optimizer_v2(
+            model,
+            opt=cfg.name,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
+            **({"eps": cfg.eps} if cfg.eps is not None else {}),
+        )
+
     def _build_scheduler(self):
         cfg = self.cfg
         if cfg.sched.name == "none":
@@ -282,10 +288,11 @@ class Trainer:
         scheduler.step(0)
         return scheduler
 
-    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
+    def wrap_ddp(self, model: nn.Module) -> nn.Module:
+        """``model`` in DistributedDataParallel under torchrun, else itself."""
         if not self.dist.enabled:
             return model
-        uses_subnets = self.cfg.method != "ct"
+        uses_subnets = self.cfg.method in ("st", "stpp")
         return nn.parallel.DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -442,6 +449,8 @@ class Trainer:
             out["val_acc"] = evaluate(self.model, self._eval_batches("val")())["acc"]
         if self.ema is not None:
             out["ema_test_acc"] = evaluate(self.ema.module, self._eval_batches("test")())["acc"]
+        for name, model in self.method.extra_models().items():
+            out[f"{name}_acc"] = evaluate(model, self._eval_batches("test")())["acc"]
         if self.eval_subnets:
             results = evaluate_subnets(
                 self.model, self.eval_subnets, self._eval_batches("test"), self._calib
@@ -478,6 +487,7 @@ class Trainer:
             final = epoch == self.cfg.epochs - 1
             record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
             record.update({k: v for k, v in train_stats.items() if k != "train_seconds"})
+            record.update(self.method.epoch_metrics())
             is_best = False
             if final or (epoch + 1) % self.cfg.eval.every == 0:
                 record.update(self.evaluate_epoch())
@@ -546,6 +556,11 @@ class Trainer:
             summary["subnet_acc_min"] = min(accs)
         if self.ema is not None:
             summary["ema_test_acc"] = last.get("ema_test_acc")
+        for name, model in self.method.extra_models().items():
+            summary[f"{name}_acc"] = last.get(f"{name}_acc")
+            summary[f"flops_{name}"] = count_flops(model, side, self.data.in_chans)
+            atomic_save(model.state_dict(), self.out_dir / f"{name}.pt")
+        summary.update(self.method.summary_extras(summary))
         atomic_save(self.model.state_dict(), self.out_dir / "weights.pt")
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

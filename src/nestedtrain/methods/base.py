@@ -131,6 +131,19 @@ class MethodStep(abc.ABC):
     def after_optimizer_step(self, info: dict[str, Any]) -> None:
         """Called by the loop after the optimizer stepped."""
 
+    def extra_models(self) -> dict[str, nn.Module]:
+        """Models besides the main one that the loop evaluates each epoch (logged as
+        ``<name>_acc``) and saves at the end (``<name>.pt``, a plain state_dict)."""
+        return {}
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """Numbers about the epoch just trained, merged into its ``metrics.jsonl`` line."""
+        return {}
+
+    def summary_extras(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Entries to add to ``summary.json``, given the summary so far."""
+        return {}
+
     def on_epoch_end(self, epoch: int) -> None:
         """Called by the loop after training epoch ``epoch`` (0-based)."""
         self.epoch = epoch + 1

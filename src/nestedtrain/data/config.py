@@ -1,0 +1,48 @@
+"""The data section of a training recipe."""
+
+# OmegaConf evaluates these annotations at run time, and ``int | None`` does not evaluate on
+# Python 3.9, which the package supports: keep ``Optional``.
+# ruff: noqa: UP045
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["DataConfig", "CROPS"]
+
+# Training crops: CIFAR-style random crop of the zero-padded image, random resized crop, none.
+CROPS = ("pad", "rrc", "none")
+
+
+@dataclass
+class DataConfig:
+    """What to train and evaluate on, and how to augment it.
+
+    Plain types only: the trainer nests this into its recipe as an OmegaConf structured config.
+    ``None`` in ``img_size``, ``crop``, ``crop_padding`` and ``hflip`` means the dataset's own
+    default (see ``nestedtrain.data.datasets.SPECS``); the resolved values are attributes of
+    the built ``Data``.
+    """
+
+    name: str = "digits"  # digits | fashion-mnist | cifar10 | cifar100 | imagefolder
+    root: str = "data"  # torchvision root, or an imagefolder root holding train/ and val/
+    download: bool = False  # let torchvision download the dataset into root
+    train_subset: Optional[int] = None  # train on this many images, chosen after the val split
+    val_size: float = 0.1  # fraction of train held out as a seeded validation split; 0 = none
+    img_size: Optional[int] = None  # training crop side; None = the dataset's native side
+    test_img_size: Optional[int] = None  # evaluation side; None = img_size
+    test_crop_pct: float = 0.875  # imagefolder eval: resize to test_img_size / pct, centre crop
+    crop: Optional[str] = None  # pad | rrc | none; None = pad (small datasets), rrc (imagefolder)
+    crop_padding: Optional[int] = None  # for crop=pad; None = 1 (digits), 4 (others)
+    hflip: Optional[float] = None  # flip probability; None = 0 (digits), 0.5 (others)
+    color_jitter: float = 0.0  # timm colour jitter strength (brightness, contrast, saturation)
+    auto_augment: Optional[str] = None  # timm string ("rand-m9-mstd0.5", ...) or "trivialaugment"
+    reprob: float = 0.0  # timm RandomErasing probability
+    mixup: float = 0.0  # timm Mixup alpha
+    cutmix: float = 0.0  # timm CutMix alpha
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    label_smoothing: float = 0.0  # folded into the soft targets when mixing
+    num_workers: int = 2  # DataLoader workers for on-disk datasets
+    on_device: Optional[bool] = None  # keep the images on the device; None = small datasets only
+    calib_images: int = 2000  # training images for BatchNorm re-calibration

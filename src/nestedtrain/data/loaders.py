@@ -1,0 +1,563 @@
+"""``build_data``: a dataset, its splits and its augmentation as batches on the device.
+
+Two ways to feed batches, one interface (``Data``):
+
+- small datasets (digits, Fashion-MNIST, CIFAR) live on the device as uint8 tensors and are
+  augmented a whole batch at a time with tensor ops, airbench-style: no loader workers;
+- ``imagefolder`` is read from disk by DataLoader workers with timm's per-image transforms.
+
+Every random choice is a function of the run's seed: the split, the train subset and the
+calibration images of ``seed``; an epoch's order of ``(seed, epoch)``; its augmentation of
+``(seed, epoch, rank)`` (imagefolder: of ``(seed, epoch)`` and the image's place in the epoch,
+so that it does not depend on the number of workers).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import ImageFolder
+
+from .config import CROPS, DataConfig
+from .datasets import DATASETS, SPECS, DatasetSpec, load_arrays
+from .transforms import (
+    apply_pil_transform,
+    build_pil_augment,
+    folder_eval_transform,
+    folder_train_transform,
+    host_rng_scope,
+    make_generator,
+    normalize,
+    random_pad_crop_flip,
+    random_resized_crop_flip,
+    resize,
+    to_uint8,
+)
+
+__all__ = ["Data", "build_data"]
+
+# Tags that keep the random streams drawn from one seed apart.
+_SPLIT, _SHUFFLE, _AUGMENT, _SAMPLE, _CALIB = range(5)
+_SPLITS = ("test", "val")
+
+
+@dataclass(frozen=True)
+class _Sharding:
+    """Which training images each rank takes at each step of an epoch."""
+
+    n_train: int
+    batch_size: int  # global
+    rank: int
+    world_size: int
+    seed: int
+
+    @property
+    def steps(self) -> int:
+        return self.n_train // self.batch_size  # the last partial batch is dropped
+
+    def rank_batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        # One permutation per epoch for all ranks; step s takes global batch s of it and each
+        # rank its own contiguous slice, so the ranks' batches make up the one-rank batch.
+        order = torch.randperm(self.n_train, generator=make_generator(self.seed, epoch, _SHUFFLE))
+        local = self.batch_size // self.world_size
+        for step in range(self.steps):
+            start = step * self.batch_size + self.rank * local
+            yield order[start : start + local]
+
+
+class Data(abc.ABC):
+    """A dataset's splits as batches on the device, sharded over ranks.
+
+    Attributes:
+        num_classes, in_chans, classes: what the model sees and predicts.
+        img_size, test_img_size: training crop side, evaluation side.
+        n_train, n_val, n_test: images per split (whole split, all ranks together).
+        mean, std: normalisation applied to every batch, of images scaled to [0, 1].
+        crop, crop_padding, hflip: the training crop and flip in effect (defaults resolved).
+        batch_size, local_batch_size: global batch, and each rank's share of it.
+        steps_per_epoch: steps of every rank per epoch (the last partial batch is dropped).
+        mixup_active: whether training labels are soft targets ``(N, num_classes)``.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        spec: DatasetSpec,
+        *,
+        classes: Sequence[str],
+        n_train: int,
+        n_val: int,
+        n_test: int,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+    ):
+        self.cfg = cfg
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.in_chans = spec.in_chans
+        self.mean, self.std = tuple(spec.mean), tuple(spec.std)
+        self.img_size = cfg.img_size or spec.native_size
+        self.test_img_size = cfg.test_img_size or self.img_size
+        self.crop = cfg.crop or spec.crop
+        self.crop_padding = spec.crop_padding if cfg.crop_padding is None else cfg.crop_padding
+        self.hflip = spec.hflip if cfg.hflip is None else cfg.hflip
+        self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
+        self.batch_size = batch_size
+        self.local_batch_size = batch_size // world_size
+        self.seed, self.device, self.rank, self.world_size = seed, device, rank, world_size
+        if batch_size > n_train:
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the {n_train} training images: "
+                "use a smaller batch or more data"
+            )
+        self._sharding = _Sharding(n_train, batch_size, rank, world_size, seed)
+        self.steps_per_epoch = self._sharding.steps
+        self.mixup_active = cfg.mixup > 0 or cfg.cutmix > 0
+        if self.mixup_active and self.local_batch_size % 2:
+            raise ValueError(
+                f"per-rank batch {self.local_batch_size} is odd: timm's Mixup/CutMix pairs "
+                "images, so use an even batch_size // world_size"
+            )
+        self._mixup = (
+            Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                prob=cfg.mixup_prob,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=self.num_classes,
+            )
+            if self.mixup_active
+            else None
+        )
+
+    @abc.abstractmethod
+    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's augmented training batches of ``epoch``: ``steps_per_epoch`` of them.
+
+        Yields float32 normalised images ``(local_batch_size, C, img_size, img_size)`` and
+        int64 labels, or float soft targets ``(N, num_classes)`` when ``mixup_active``.
+        """
+
+    def eval_batches(
+        self, split: str = "test", batch_size: int = 512
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's contiguous shard of ``split`` ("test" or "val"), unaugmented, in order.
+
+        Over all ranks every image comes exactly once, so summed counts are exact.
+
+        Raises:
+            ValueError: for an unknown split, or "val" when no validation split is held out.
+        """
+        if split not in _SPLITS:
+            raise ValueError(f"unknown split {split!r}: use one of {list(_SPLITS)}")
+        if split == "val" and self.n_val == 0:
+            raise ValueError(
+                "no validation split is held out (data.val_size=0): set data.val_size > 0"
+            )
+        n = self.n_test if split == "test" else self.n_val
+        start, end = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+        return self._eval_batches(split, start, end, batch_size)
+
+    def calibration_batches(
+        self, num_images: int | None = None, batch_size: int = 256
+    ) -> Iterator[torch.Tensor]:
+        """Training images with the evaluation transform, for BatchNorm re-calibration.
+
+        The first ``num_images`` (default ``cfg.calib_images``, at most ``n_train``) of a
+        permutation fixed by the seed: the same images on every call and every rank.
+        """
+        count = self.cfg.calib_images if num_images is None else num_images
+        if count < 1:
+            raise ValueError(f"num_images={count}: calibration needs at least one image")
+        order = torch.randperm(self.n_train, generator=make_generator(self.seed, _CALIB))
+        return self._calibration_batches(order[: min(count, self.n_train)], batch_size)
+
+    @abc.abstractmethod
+    def _eval_batches(
+        self, split: str, start: int, end: int, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Images ``start:end`` of ``split``, evaluation transform, on the device."""
+
+    @abc.abstractmethod
+    def _calibration_batches(self, index: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        """Training images ``index`` with the evaluation transform, on the device."""
+
+    def _mix(
+        self, images: torch.Tensor, labels: torch.Tensor, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._mixup is None:
+            return images, labels
+        with host_rng_scope(seed):
+            return self._mixup(images, labels)
+
+
+class _TensorData(Data):
+    """A small dataset held as uint8 tensors, augmented a batch at a time on the device."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        spec: DatasetSpec,
+        splits: dict[str, tuple[np.ndarray, np.ndarray]],
+        classes: Sequence[str],
+        pil_augment: Callable | None,
+        *,
+        storage: torch.device,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            cfg,
+            spec,
+            classes=classes,
+            n_train=len(splits["train"][1]),
+            n_val=len(splits["val"][1]),
+            n_test=len(splits["test"][1]),
+            **kwargs,
+        )
+        self._tensors = {
+            name: (torch.from_numpy(x).to(storage), torch.from_numpy(y).to(storage))
+            for name, (x, y) in splits.items()
+        }
+        self._pil_augment = pil_augment
+        # timm's RandomErasing loops over the batch; its noise is drawn on the CPU (inside the
+        # host RNG scope) and copied into the device tensor.
+        self._erase = (
+            RandomErasing(cfg.reprob, mode="pixel", device="cpu") if cfg.reprob > 0 else None
+        )
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images, labels = self._tensors["train"]
+        generator = make_generator(self.seed, epoch, self.rank, _AUGMENT)
+        for index in self._sharding.rank_batches(epoch):
+            index = index.to(images.device)
+            x = images[index].to(self.device, non_blocking=True)
+            y = labels[index].to(self.device, non_blocking=True)
+            pil_seed, erase_seed, mix_seed = torch.randint(
+                2**62, (3,), generator=generator
+            ).tolist()
+            x = self._augment(x, generator, pil_seed, erase_seed)
+            yield self._mix(x, y, mix_seed)
+
+    def _augment(
+        self, x: torch.Tensor, generator: torch.Generator, pil_seed: int, erase_seed: int
+    ) -> torch.Tensor:
+        # Same order as timm's training transform: crop and flip, photometric, normalise, erase.
+        if self.crop == "rrc":
+            x = random_resized_crop_flip(x, self.img_size, self.hflip, generator)
+        else:
+            if x.shape[-1] != self.img_size:
+                x = to_uint8(resize(x, self.img_size))
+            padding = self.crop_padding if self.crop == "pad" else 0
+            x = random_pad_crop_flip(x, padding, self.hflip, generator)
+        if self._pil_augment is not None:
+            x = apply_pil_transform(x, self._pil_augment, pil_seed)
+        x = normalize(x, self.mean, self.std)
+        if self._erase is not None:
+            with host_rng_scope(erase_seed):
+                self._erase(x)
+        return x
+
+    def _eval_batches(
+        self, split: str, start: int, end: int, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images, labels = self._tensors[split]
+        for lo in range(start, end, batch_size):
+            hi = min(lo + batch_size, end)
+            yield self._eval_images(images[lo:hi]), labels[lo:hi].to(self.device)
+
+    def _calibration_batches(self, index: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        images, _ = self._tensors["train"]
+        for chunk in index.to(images.device).split(batch_size):
+            yield self._eval_images(images[chunk])
+
+    def _eval_images(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True)
+        return normalize(resize(x, self.test_img_size), self.mean, self.std)
+
+
+class _FolderSamples(Dataset):
+    """(path, label) samples read with ``loader`` and transformed.
+
+    A key is an index, or ``(index, seed)`` to run the transform inside ``host_rng_scope(seed)``
+    so that an image's augmentation does not depend on which worker reads it.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], loader: Callable, transform: Callable):
+        self.samples, self.loader, self.transform = samples, loader, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[index]
+        image = self.loader(path)
+        if seed is None:
+            return self.transform(image), label
+        with host_rng_scope(seed):
+            return self.transform(image), label
+
+
+class _TrainBatchSampler(Sampler):
+    """Yields this rank's ``(index, seed)`` lists, the same sharding as the on-device path."""
+
+    def __init__(self, sharding: _Sharding):
+        # Holds no reference to the Data: a cycle through the DataLoader would leave its
+        # workers to the garbage collector, which then waits seconds to stop them.
+        self.sharding = sharding
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.sharding.steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        sharding = self.sharding
+        seeds = torch.randint(
+            2**62, (sharding.n_train,), generator=make_generator(sharding.seed, self.epoch, _SAMPLE)
+        )
+        for index in sharding.rank_batches(self.epoch):
+            # A sample's seed follows the image, so it is the same for any number of ranks.
+            yield list(zip(index.tolist(), seeds[index].tolist()))
+
+
+class _FolderData(Data):
+    """An image-folder tree read by DataLoader workers with timm's per-image transforms."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        spec: DatasetSpec,
+        splits: dict[str, list[tuple[str, int]]],
+        classes: Sequence[str],
+        loader: Callable,
+        pil_augment: Callable | None,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            cfg,
+            spec,
+            classes=classes,
+            n_train=len(splits["train"]),
+            n_val=len(splits["val"]),
+            n_test=len(splits["test"]),
+            **kwargs,
+        )
+        self._splits, self._loader = splits, loader
+        train_transform = folder_train_transform(
+            self.img_size,
+            self.crop,
+            self.crop_padding,
+            self.hflip,
+            pil_augment,
+            self.mean,
+            self.std,
+            cfg.reprob,
+        )
+        self._eval_transform = folder_eval_transform(
+            self.test_img_size, cfg.test_crop_pct, self.mean, self.std
+        )
+        self._train_sampler = _TrainBatchSampler(self._sharding)
+        self._train_loader = DataLoader(
+            _FolderSamples(splits["train"], loader, train_transform),
+            batch_sampler=self._train_sampler,
+            **self._loader_options(persistent=True),
+        )
+
+    def _loader_options(self, persistent: bool = False) -> dict[str, Any]:
+        workers = self.cfg.num_workers
+        return dict(
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=persistent and workers > 0,
+            # The loader draws its worker base seed from this, not from torch's global RNG.
+            generator=make_generator(self.seed, _SAMPLE),
+        )
+
+    def _eval_loader(self, samples: list[tuple[str, int]], batch_size: int) -> DataLoader:
+        return DataLoader(
+            _FolderSamples(samples, self._loader, self._eval_transform),
+            batch_size=batch_size,
+            shuffle=False,
+            **self._loader_options(),
+        )
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._train_sampler.set_epoch(epoch)
+        generator = make_generator(self.seed, epoch, self.rank, _AUGMENT)
+        for x, y in self._train_loader:
+            mix_seed = int(torch.randint(2**62, (1,), generator=generator))
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            yield self._mix(x, y, mix_seed)
+
+    def _eval_batches(
+        self, split: str, start: int, end: int, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self._eval_loader(self._splits[split][start:end], batch_size):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _calibration_batches(self, index: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        train = self._splits["train"]
+        for x, _ in self._eval_loader([train[i] for i in index.tolist()], batch_size):
+            yield x.to(self.device, non_blocking=True)
+
+
+def _check_config(cfg: DataConfig, batch_size: int, rank: int, world_size: int) -> None:
+    if cfg.name not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.name!r}: use one of {list(DATASETS)}")
+    checks = [
+        (
+            cfg.train_subset is None or cfg.train_subset > 0,
+            "train_subset",
+            "a positive count or None",
+        ),
+        (0 <= cfg.val_size < 1, "val_size", "a fraction in [0, 1)"),
+        (cfg.img_size is None or cfg.img_size > 0, "img_size", "a positive side or None"),
+        (
+            cfg.test_img_size is None or cfg.test_img_size > 0,
+            "test_img_size",
+            "a positive side or None",
+        ),
+        (0 < cfg.test_crop_pct <= 1, "test_crop_pct", "in (0, 1]"),
+        (cfg.crop is None or cfg.crop in CROPS, "crop", f"one of {list(CROPS)} or None"),
+        (cfg.crop_padding is None or cfg.crop_padding >= 0, "crop_padding", ">= 0 or None"),
+        (cfg.hflip is None or 0 <= cfg.hflip <= 1, "hflip", "a probability or None"),
+        (cfg.color_jitter >= 0, "color_jitter", ">= 0"),
+        (0 <= cfg.reprob <= 1, "reprob", "a probability"),
+        (cfg.mixup >= 0, "mixup", ">= 0"),
+        (cfg.cutmix >= 0, "cutmix", ">= 0"),
+        (0 <= cfg.mixup_prob <= 1, "mixup_prob", "a probability"),
+        (0 <= cfg.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
+        (cfg.num_workers >= 0, "num_workers", ">= 0"),
+        (cfg.calib_images >= 1, "calib_images", ">= 1"),
+    ]
+    for ok, field, want in checks:
+        if not ok:
+            raise ValueError(f"data.{field}={getattr(cfg, field)!r}: must be {want}")
+    if cfg.name == "imagefolder" and cfg.on_device:
+        raise ValueError(
+            "data.on_device=true: imagefolder is read from disk by workers; leave on_device unset"
+        )
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+    if batch_size < 1 or batch_size % world_size:
+        raise ValueError(
+            f"batch_size={batch_size}: the global batch must be a positive multiple of "
+            f"world_size={world_size}"
+        )
+
+
+def _split_train(
+    n: int, val_size: float, train_subset: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, val) index split of ``n`` training images; the subset is drawn after."""
+    order = torch.randperm(n, generator=make_generator(seed, _SPLIT)).numpy()
+    n_val = max(1, round(val_size * n)) if val_size > 0 else 0
+    val, rest = order[:n_val], order[n_val:]
+    if train_subset is not None:
+        if train_subset > len(rest):
+            raise ValueError(
+                f"data.train_subset={train_subset} is more than the {len(rest)} training images "
+                f"left after holding out {n_val} for validation"
+            )
+        # ``rest`` is already in seeded random order: its head is a seeded random choice.
+        rest = rest[:train_subset]
+    return np.sort(rest), np.sort(val)
+
+
+def _check_labels(name: str, labels: np.ndarray, num_classes: int) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"{name}: labels span {labels.min()}..{labels.max()}, expected 0..{num_classes - 1}"
+        )
+
+
+def _scan_folder(folder: Path, root: str) -> ImageFolder:
+    hint = f"put images in {root}/train/<class>/ and {root}/val/<class>/"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"imagefolder: no directory {str(folder)!r}: {hint}")
+    try:
+        return ImageFolder(str(folder))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"imagefolder: {err} ({hint})") from None
+
+
+def build_data(
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Data:
+    """Load ``cfg.name``, split it and return its batches for this rank.
+
+    Args:
+        cfg: the data section of the recipe.
+        batch_size: the global batch; each rank yields ``batch_size // world_size`` images.
+        seed: fixes the validation split, train subset, order and augmentation.
+        device: where batches are yielded (and small datasets are stored).
+        rank, world_size: this process's place among the data-parallel processes.
+
+    Raises:
+        ValueError: for a bad setting (named with its value).
+        FileNotFoundError: when the dataset is not on disk, saying how to get it.
+    """
+    _check_config(cfg, batch_size, rank, world_size)
+    device = torch.device(device)
+    spec = SPECS[cfg.name]
+    img_size = cfg.img_size or spec.native_size
+    pil_augment = build_pil_augment(cfg.auto_augment, cfg.color_jitter, img_size, spec.mean)
+    common = dict(batch_size=batch_size, seed=seed, device=device, rank=rank, world_size=world_size)
+
+    if cfg.name == "imagefolder":
+        train_folder = _scan_folder(Path(cfg.root) / "train", cfg.root)
+        test_folder = _scan_folder(Path(cfg.root) / "val", cfg.root)
+        if test_folder.classes != train_folder.classes:
+            raise ValueError(
+                f"imagefolder: class folders differ between {cfg.root}/train "
+                f"({len(train_folder.classes)}) and {cfg.root}/val ({len(test_folder.classes)})"
+            )
+        train_index, val_index = _split_train(
+            len(train_folder.samples), cfg.val_size, cfg.train_subset, seed
+        )
+        samples = train_folder.samples
+        splits = {
+            "train": [samples[i] for i in train_index],
+            "val": [samples[i] for i in val_index],
+            "test": list(test_folder.samples),
+        }
+        return _FolderData(
+            cfg, spec, splits, train_folder.classes, train_folder.loader, pil_augment, **common
+        )
+
+    arrays = load_arrays(cfg.name, cfg.root, cfg.download)
+    _check_labels(cfg.name, arrays.train_labels, len(arrays.classes))
+    _check_labels(cfg.name, arrays.test_labels, len(arrays.classes))
+    train_index, val_index = _split_train(
+        len(arrays.train_labels), cfg.val_size, cfg.train_subset, seed
+    )
+    splits = {
+        "train": (arrays.train_images[train_index], arrays.train_labels[train_index]),
+        "val": (arrays.train_images[val_index], arrays.train_labels[val_index]),
+        "test": (arrays.test_images, arrays.test_labels),
+    }
+    on_device = True if cfg.on_device is None else cfg.on_device
+    storage = device if on_device else torch.device("cpu")
+    return _TensorData(cfg, spec, splits, arrays.classes, pil_augment, storage=storage, **common)

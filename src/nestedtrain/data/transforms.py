@@ -1,0 +1,290 @@
+"""Augmentations: whole uint8 batches on the device, and timm/torchvision transforms per image.
+
+Random numbers never come from the trainer's global RNG streams. Device-side crops and flips
+draw from a ``torch.Generator`` the caller seeds; timm's and torchvision's transforms draw
+from the global ``random``, numpy and torch RNGs, so they run inside ``host_rng_scope``,
+which seeds those for the call and restores them afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import auto_augment as timm_auto_augment
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.data.transforms_factory import transforms_imagenet_eval, transforms_imagenet_train
+from torchvision import transforms as T
+from torchvision.ops import roi_align
+
+__all__ = [
+    "apply_pil_transform",
+    "build_pil_augment",
+    "derive_seed",
+    "folder_eval_transform",
+    "folder_train_transform",
+    "host_rng_scope",
+    "make_generator",
+    "normalize",
+    "random_pad_crop_flip",
+    "random_resized_crop_flip",
+    "resize",
+    "to_uint8",
+]
+
+TRIVIAL_AUGMENT = "trivialaugment"
+_AA_HELP = (
+    "use a timm string such as 'rand-m9-mstd0.5-inc1' (RandAugment), 'original' or 'v0r' "
+    f"(AutoAugment), 'augmix-m5-w4-d2' (AugMix), or {TRIVIAL_AUGMENT!r}"
+)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on every key (e.g. seed, epoch, rank) and mixes them well."""
+    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def make_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from ``keys``: CPU so that CPU and CUDA runs draw the same numbers."""
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+@contextmanager
+def host_rng_scope(seed: int) -> Iterator[None]:
+    """Seed Python's, numpy's and torch's CPU global RNGs for a block, then restore them.
+
+    timm's AutoAugment/RandAugment/AugMix, RandomErasing and Mixup and torchvision's
+    ColorJitter draw from these global RNGs; the scope makes them a function of ``seed``
+    without disturbing the streams the trainer seeds and checkpoints.
+    """
+    py_state, np_state, torch_state = (
+        random.getstate(),
+        np.random.get_state(),
+        torch.get_rng_state(),
+    )
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    # Not torch.manual_seed: that would also reseed every CUDA generator, outside the scope.
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (or float in 0..255) ``(N, C, H, W)`` -> float32 normalised with ``mean``/``std`` of [0, 1] data."""
+    shape = (1, len(mean), 1, 1)
+    mean255 = torch.tensor(mean, device=images.device).view(shape) * 255.0
+    std255 = torch.tensor(std, device=images.device).view(shape) * 255.0
+    return (images.float() - mean255) / std255
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear (antialiased) resize of a batch to ``size`` x ``size``; float out, values kept 0..255."""
+    if images.shape[-2:] == (size, size):
+        return images.float()
+    return F.interpolate(
+        images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Round float pixel values (0..255) back to uint8."""
+    return images.round().clamp_(0, 255).to(torch.uint8)
+
+
+def random_pad_crop_flip(
+    images: torch.Tensor, padding: int, hflip: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Per image: random crop of the zero-padded image at the original size, random h-flip.
+
+    torchvision's RandomCrop and RandomHorizontalFlip draw one set of parameters for a whole
+    batch tensor, so the per-image version is written here: one gather with per-image row and
+    column indices (a flipped image reads its columns backwards).
+    """
+    n, c, h, w = images.shape
+    device = images.device
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < hflip
+    padded = F.pad(images, (padding,) * 4) if padding > 0 else images
+    rows = (dy[:, None] + torch.arange(h)).to(device)
+    cols = dx[:, None] + torch.arange(w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols).to(device)
+    batch_index = torch.arange(n, device=device)[:, None, None, None]
+    chan_index = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch_index, chan_index, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def random_resized_crop_flip(
+    images: torch.Tensor,
+    size: int,
+    hflip: float,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    attempts: int = 10,
+) -> torch.Tensor:
+    """Per image: torchvision's RandomResizedCrop box rule, resized to ``size``, random h-flip.
+
+    The boxes follow ``RandomResizedCrop.get_params`` (10 tries of area and log-aspect, else the
+    whole image, which is its fallback for square images), drawn for the whole batch at once;
+    ``torchvision.ops.roi_align`` then crops and resizes every image to its own box in one
+    call, bilinear, averaging several samples per output pixel where the box is larger.
+    """
+    n, _, h, w = images.shape
+    area = h * w
+    target_area = area * (
+        scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=generator)
+    )
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, attempts, generator=generator))
+    box_w = torch.sqrt(target_area * aspect).round()
+    box_h = torch.sqrt(target_area / aspect).round()
+    fits = (box_w > 0) & (box_w <= w) & (box_h > 0) & (box_h <= h)
+    first = fits.to(torch.uint8).argmax(dim=1)
+    rows = torch.arange(n)
+    any_fit = fits.any(dim=1)
+    box_w = torch.where(any_fit, box_w[rows, first], torch.tensor(float(w)))
+    box_h = torch.where(any_fit, box_h[rows, first], torch.tensor(float(h)))
+    top = torch.floor(torch.rand(n, generator=generator) * (h - box_h + 1))
+    left = torch.floor(torch.rand(n, generator=generator) * (w - box_w + 1))
+    flip = torch.rand(n, generator=generator) < hflip
+    boxes = torch.stack([rows.float(), left, top, left + box_w, top + box_h], dim=1)
+    out = roi_align(
+        images.float(),
+        boxes.to(images.device),
+        output_size=(size, size),
+        spatial_scale=1.0,
+        sampling_ratio=-1,
+        aligned=True,  # boxes in pixel-edge coordinates: [left, left + w) covers w pixels
+    )
+    out = torch.where(flip.to(images.device)[:, None, None, None], out.flip(3), out)
+    return to_uint8(out)
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    # Pillow < 13 posterized to 0 bits as a black image; Pillow 13 raises instead. timm's
+    # policies do ask for 0 bits ('v0' Posterize at level 2, RandAugment's PosterizeIncreasing
+    # at magnitude 10, which 'mstd' noise reaches), so keep the old result.
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return timm_auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _allow_zero_bit_posterize(transform: T.Compose) -> None:
+    # Swaps the op on our own transform objects only; timm's module stays as it is.
+    for stage in transform.transforms:
+        ops = list(getattr(stage, "ops", []))  # RandAugment, AugMix
+        for sub_policy in getattr(stage, "policy", []):  # AutoAugment
+            ops.extend(sub_policy)
+        for op in ops:
+            if op.aug_fn is timm_auto_augment.posterize:
+                op.aug_fn = _posterize
+
+
+def build_pil_augment(
+    auto_augment: str | None,
+    color_jitter: float,
+    img_size: int,
+    mean: Sequence[float],
+) -> Callable[[Image.Image], Image.Image] | None:
+    """The per-image photometric stage (AutoAugment family, colour jitter) as timm builds it.
+
+    As in timm, colour jitter is off when an AutoAugment-family policy is on. Returns None when
+    there is nothing to do.
+
+    Raises:
+        ValueError: when ``auto_augment`` is not a string timm (or "trivialaugment") knows.
+    """
+    if auto_augment == TRIVIAL_AUGMENT:
+        return T.TrivialAugmentWide()
+    jitter = float(color_jitter) if color_jitter > 0 else None
+    try:
+        _, secondary, _ = transforms_imagenet_train(
+            img_size,
+            color_jitter=jitter,
+            auto_augment=auto_augment or None,
+            interpolation="bilinear",
+            mean=tuple(mean),
+            separate=True,
+        )
+    except (AssertionError, ValueError, KeyError) as err:
+        # timm rejects unknown strings with bare asserts.
+        raise ValueError(
+            f"data.auto_augment={auto_augment!r} is not known ({err}): {_AA_HELP}"
+        ) from None
+    _allow_zero_bit_posterize(secondary)
+    return secondary if secondary.transforms else None
+
+
+def apply_pil_transform(
+    images: torch.Tensor, transform: Callable[[Image.Image], Image.Image], seed: int
+) -> torch.Tensor:
+    """Run a PIL transform on every image of a uint8 batch, seeded by ``seed``.
+
+    timm's AutoAugment family exists only for PIL images, so this stage goes through the host
+    one image at a time; everything else in the on-device path stays batched on the device.
+    """
+    host = images.permute(0, 2, 3, 1).cpu().numpy()
+    out = np.empty_like(host)
+    with host_rng_scope(seed):
+        for i, image in enumerate(host):
+            pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+            out[i] = np.asarray(transform(pil)).reshape(image.shape)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(images.device)
+
+
+def folder_train_transform(
+    img_size: int,
+    crop: str,
+    crop_padding: int,
+    hflip: float,
+    pil_augment: Callable[[Image.Image], Image.Image] | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    reprob: float,
+) -> T.Compose:
+    """Training transform for images read from disk: crop and flip, photometric, tensor, erase."""
+    if crop == "rrc":
+        geometric: list[Callable] = [
+            RandomResizedCropAndInterpolation(img_size, interpolation="bilinear")
+        ]
+    else:
+        geometric = [T.Resize(img_size), T.CenterCrop(img_size)]
+        if crop == "pad" and crop_padding > 0:
+            geometric.append(T.RandomCrop(img_size, padding=crop_padding))
+    if hflip > 0:
+        geometric.append(T.RandomHorizontalFlip(hflip))
+    # timm's own final stage: to tensor, normalise, then RandomErasing on the normalised image.
+    _, _, final = transforms_imagenet_train(
+        img_size,
+        color_jitter=None,
+        mean=tuple(mean),
+        std=tuple(std),
+        re_prob=reprob,
+        re_mode="pixel",
+        separate=True,
+    )
+    photometric = [pil_augment] if pil_augment is not None else []
+    return T.Compose(geometric + photometric + list(final.transforms))
+
+
+def folder_eval_transform(
+    img_size: int, crop_pct: float, mean: Sequence[float], std: Sequence[float]
+) -> T.Compose:
+    """timm's evaluation transform: resize to ``img_size / crop_pct``, centre crop, normalise."""
+    return transforms_imagenet_eval(
+        img_size, crop_pct=crop_pct, interpolation="bilinear", mean=tuple(mean), std=tuple(std)
+    )

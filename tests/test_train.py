@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,3 +312,16 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     losses_one = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
     assert losses_two == pytest.approx(losses_one, rel=1e-4)
     assert not (two / "rank1").exists()
+
+
+def test_every_recipe_loads_and_cpu_recipes_build(tmp_path):
+    recipes = sorted(Path(__file__).resolve().parent.parent.glob("recipes/*.yaml"))
+    assert len(recipes) >= 13
+    for path in recipes:
+        cfg = nt.load_config(path)
+        assert path.read_text().startswith("#"), f"{path.name} says nothing about its target"
+        if cfg.data.name == "digits":
+            Trainer(nt.load_config(path, ["epochs=1"]), tmp_path / path.stem)
+    stpp = nt.load_config(Path(recipes[0]).parent / "stpp_imagenet_resnet50_a1.yaml")
+    assert (stpp.st.num_subnets, stpp.st.space, stpp.st.kl_norm) == (6, "space3", "std")
+    assert list(stpp.st.resize) == [0.43, 1.0] and stpp.st.norm_main_ce

@@ -268,7 +268,7 @@ def _extra_commands():
     else:
         registers.append(analysis_register)
     try:
-        from .methods.motivation_commands import register as motivation_register
+        from .motivation_commands import register as motivation_register
     except ImportError:
         pass
     else:

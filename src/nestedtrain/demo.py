@@ -16,8 +16,8 @@ from .engine.trainer import train
 __all__ = ["DEMO_OVERRIDES", "run_demo"]
 
 # Measured on this project's 2-core CPU; see README.md for the numbers they gave.
-DEMO_MODEL = "resnet56"
-DEMO_EPOCHS = 15
+DEMO_MODEL = "resnet32"
+DEMO_EPOCHS = 20
 DEMO_OVERRIDES = [
     "data.name=digits",
     "batch_size=64",

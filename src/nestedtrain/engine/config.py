@@ -76,6 +76,21 @@ class STConfig:
 
 
 @dataclass
+class MotivationConfig:
+    model: Optional[str] = None  # the motivated (larger) model; required for method=motivation
+    kwargs: dict = field(default_factory=dict)  # its create_model arguments over model.kwargs
+    drop_rate: Optional[float] = None  # its dropout; None = model.drop_rate
+    drop_path_rate: Optional[float] = None  # its stochastic depth; None = model.drop_path_rate
+    condition: str = "loss_decrease"  # | ema | val_loss | grad_slope | random_a | random_b
+    k: int = 2  # steps in a row (the one k the paper states, EfficientNet; tune with tune-k)
+    ema_alpha: float = 0.02  # ema: smoothing factor
+    ema_threshold: float = 0.002  # ema: a relative drop larger than this is a decrease
+    max_activations: Optional[int] = None  # random_a: most motivated steps per epoch
+    counts_from: list = field(default_factory=list)  # random_b: metrics.jsonl of earlier runs
+    qkv: str = "split"  # ViT fused qkv mapping: split | literal
+
+
+@dataclass
 class EvalConfig:
     subnets: str = (
         "sample:8"  # sub-networks evaluated each epoch: none | all | sample:N | 3-2-4,...
@@ -108,6 +123,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     st: STConfig = field(default_factory=STConfig)
+    motivation: MotivationConfig = field(default_factory=MotivationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
@@ -216,6 +232,40 @@ def validate(cfg: DictConfig) -> None:
         (
             cfg.analysis.kl_drift_every >= 0,
             f"analysis.kl_drift_every={cfg.analysis.kl_drift_every} must be >= 0",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if cfg.method == "motivation":
+        _validate_motivation(cfg)
+
+
+def _validate_motivation(cfg: DictConfig) -> None:
+    from ..methods.conditions import CONDITIONS
+
+    m = cfg.motivation
+    checks = [
+        (
+            bool(m.model),
+            "method=motivation needs motivation.model, the larger model of the base model's "
+            f"family (e.g. resnet32 for model.name={cfg.model.name})",
+        ),
+        (
+            m.condition in CONDITIONS,
+            f"motivation.condition={m.condition!r} must be one of {', '.join(CONDITIONS)}",
+        ),
+        (m.k >= 1, f"motivation.k={m.k} must be >= 1"),
+        (0 < m.ema_alpha <= 1, f"motivation.ema_alpha={m.ema_alpha} must be in (0, 1]"),
+        (
+            0 <= m.ema_threshold < 1,
+            f"motivation.ema_threshold={m.ema_threshold} must be in [0, 1)",
+        ),
+        (m.qkv in ("split", "literal"), f"motivation.qkv={m.qkv!r} must be split or literal"),
+        (
+            m.condition != "random_b" or len(m.counts_from) > 0,
+            "motivation.condition=random_b needs motivation.counts_from=[metrics.jsonl of "
+            "earlier motivation runs]",
         ),
     ]
     for ok, message in checks:

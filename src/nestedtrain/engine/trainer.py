@@ -31,6 +31,7 @@ from .. import __version__, bn
 from ..data import Data, build_data
 from ..elastic.sampling import build_sampler
 from ..methods import CommonTraining, MethodStep, Precision, StimulativeTraining
+from ..methods.motivation import build_motivation
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, build_model, load_checkpoint
 from .config import plain, to_yaml
 from .distributed import all_reduce_mean, barrier, init_distributed
@@ -86,6 +87,7 @@ METHOD_BUILDERS: dict[str, Callable[[Trainer], MethodStep]] = {
     "ct": _build_ct,
     "st": _build_st,
     "stpp": _build_st,
+    "motivation": build_motivation,
 }
 
 

@@ -5,6 +5,11 @@ parameter-free identity shortcut ("option A": stride-2 subsampling and zero-padd
 where a block changes shape. timm has no such models, so they are written here and registered
 in timm's model registry under their usual names.
 
+Like timm's ResNets, each block's last BN starts at zero (``zero_init_last=True``), so deep
+models start as a stack of identities: on the bundled digits, resnet32 trained from He et al.'s
+plain initialisation started at a loss of 4.7 and reached 95.6% in 20 epochs; with zero-init
+it reached 99.2% (see README, "What the demo shows").
+
 The layout follows timm's ResNet (``conv1``/``bn1`` stem, ``layer1..3``, ``fc`` head, blocks
 with a ``downsample`` attribute that is ``None`` for identity shortcuts), so the same stage
 discovery works for both, and an ordered sub-network of a deeper model has exactly the
@@ -67,6 +72,7 @@ class CifarResNet(nn.Module):
         in_chans: int = 3,
         widths: tuple[int, int, int] = (16, 32, 64),
         drop_rate: float = 0.0,
+        zero_init_last: bool = True,
     ):
         super().__init__()
         if isinstance(blocks_per_stage, int):
@@ -95,6 +101,12 @@ class CifarResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.kaiming_normal_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_last:
+            # timm's zero_init_last: each residual branch starts at zero, so every block starts
+            # as the identity and deep models start with small logits.
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
     @property
     def stage_names(self) -> list[str]:

@@ -1,0 +1,152 @@
+"""The command line, in-process through ``main(argv)``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import nestedtrain as nt
+from nestedtrain.cli import main
+
+TINY = ["data.train_subset=128", "batch_size=64", "epochs=1", "eval.subnets=none"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    recipe = out.parent / "tiny.yaml"
+    recipe.write_text("method: st\nmodel:\n  name: resnet20\ndata:\n  name: digits\n")
+    assert main(["train", str(recipe), *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_run_and_prints_summary(run_dir, capsys):
+    assert (run_dir / "summary.json").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["method"] == "st"
+
+
+def test_eval_all_subnets_of_resnet20(run_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run_dir), "--subnets", "all", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["subnets"]) == 27
+    assert {"subnet", "acc", "flops", "params"} <= set(report["subnets"][0])
+    assert report["main"]["flops"] == max(s["flops"] for s in report["subnets"])
+    smallest = next(s for s in report["subnets"] if s["subnet"] == "1-1-1")
+    assert smallest["params"] < report["main"]["params"]
+    assert "main network:" in capsys.readouterr().out
+
+
+def test_eval_listed_subnets(run_dir, tmp_path):
+    out = tmp_path / "e.json"
+    assert (
+        main(
+            [
+                "eval",
+                str(run_dir / "checkpoints" / "last.pt"),
+                "--subnets",
+                "3-2-1,1.-0.-0.2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert [s["subnet"] for s in json.loads(out.read_text())["subnets"]] == ["3-2-1", "1.-1-0.2"]
+
+
+def test_export_plain_and_torchscript(run_dir, tmp_path, capsys):
+    plain = tmp_path / "sub.pt"
+    assert main(["export", str(run_dir), "--subnet", "1-1-1", "--out", str(plain)]) == 0
+    state = torch.load(plain, weights_only=True)
+    assert not any(k.startswith("layer1.1.") for k in state)
+    small = nt.models.CifarResNet(1, num_classes=10, in_chans=1)
+    small.load_state_dict(state)
+    ts = tmp_path / "sub.ts"
+    assert (
+        main(["export", str(run_dir), "--subnet", "1-1-1", "--out", str(ts), "--torchscript"]) == 0
+    )
+    scripted = torch.jit.load(ts)
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(scripted(x), small.eval()(x))
+
+
+def test_flops_command(capsys):
+    assert main(["flops", "resnet56", "--subnet", "5-5-5"]) == 0
+    line = capsys.readouterr().out
+    resnet32 = nt.flops.count_flops(nt.create_model("resnet32", num_classes=10), 32)
+    assert f"{resnet32 / 1e6:.2f} MFLOPs" in line
+
+
+def test_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "CT" in out and "ST" in out and "subnets mean" in out
+    assert (tmp_path / "demo" / "st" / "summary.json").is_file()
+
+
+def test_help_lists_recipe_fields(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "st.lam = 1.0" in text and "data.train_subset = None" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model.name=resnet7"], "unknown model 'resnet7'"),
+        (["data.name=mnist9"], "mnist9"),
+        (["method=foo"], "unknown method 'foo'"),
+        (["st.lam=-1"], "st.lam=-1"),
+        (["optim.lr=-0.1"], "optim.lr=-0.1"),
+        (["optim.lrr=0.1"], "optim.lrr"),
+        (["epochs=three"], "epochs"),
+        (["eval.subnets=3-3"], "has 2 stages but the model has 3"),
+        (["eval.subnets=9-9-9"], "out of range"),
+        (["epochs"], "key=value"),
+    ],
+)
+def test_bad_train_input_exits_2_with_one_line(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["train", str(_recipe(tmp_path)), *TINY, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err and "Traceback" not in err
+    assert not out.exists(), "a bad recipe left a run folder behind"
+
+
+def _recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text("method: ct\n")
+    return path
+
+
+def test_bad_checkpoints_and_subnets_exit_2(run_dir, tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(1)}, foreign)
+    cases = [
+        (["eval", str(garbage)], "cannot read checkpoint"),
+        (["eval", str(foreign)], "is not a nestedtrain checkpoint"),
+        (["eval", str(tmp_path / "missing.pt")], "does not exist"),
+        (["eval", str(run_dir), "--subnets", "3-x-3"], "stage 2 is 'x'"),
+        (
+            ["export", str(run_dir), "--subnet", "3-3", "--out", str(tmp_path / "x.pt")],
+            "has 2 stages",
+        ),
+        (["train", str(tmp_path / "nope.yaml")], "does not exist"),
+        (["train", str(_recipe(tmp_path)), "--out", str(run_dir)], "already holds a run"),
+        (["flops", "resnet7"], "unknown model"),
+        (["bogus"], "invalid choice"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, (args, err)
+    assert not (tmp_path / "x.pt").exists()

@@ -325,3 +325,41 @@ def test_every_recipe_loads_and_cpu_recipes_build(tmp_path):
     stpp = nt.load_config(Path(recipes[0]).parent / "stpp_imagenet_resnet50_a1.yaml")
     assert (stpp.st.num_subnets, stpp.st.space, stpp.st.kl_norm) == (6, "space3", "std")
     assert list(stpp.st.resize) == [0.43, 1.0] and stpp.st.norm_main_ce
+
+
+def test_evaluate_subnets_restores_main_bn_and_mode(digits):
+    from nestedtrain.engine.evaluate import evaluate_subnets, select_subnets
+
+    model = nt.create_model("resnet20", num_classes=10, in_chans=1)
+    model.train()(next(iter(digits.calibration_batches())))  # give BN non-default statistics
+    before = nt.bn.save_stats(model)
+    subnets = select_subnets(model, "sample:3")
+    results = evaluate_subnets(
+        model, subnets, lambda: digits.eval_batches("test"), digits.calibration_batches
+    )
+    assert [r["subnet"] for r in results] == [str(s) for s in subnets] and len(results) == 3
+    after = nt.bn.save_stats(model)
+    assert all(torch.equal(before[k], after[k]) for k in before) and model.training
+    # each sub-network's accuracy is the one of its export with freshly calibrated BN
+    exported = nt.export_subnet(model, subnets[-1])
+    nt.bn.recalibrate(exported, digits.calibration_batches())
+    from nestedtrain.engine.evaluate import evaluate
+
+    assert evaluate(exported, digits.eval_batches("test"))["acc"] == results[-1]["acc"]
+
+
+def test_ema_and_clipping_and_label_smoothing_run(tmp_path):
+    summary = nt.train(
+        _cfg(
+            "epochs=1",
+            "ema=true",
+            "ema_decay=0.9",
+            "optim.clip_grad=1.0",
+            "data.label_smoothing=0.1",
+            "eval.subnets=none",
+        ),
+        tmp_path / "r",
+    )
+    assert summary["ema_test_acc"] is not None
+    state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["ema"] is not None

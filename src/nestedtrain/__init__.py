@@ -22,11 +22,17 @@ from .elastic import (  # noqa: E402
 )
 from .engine import Trainer, load_config, load_model, train  # noqa: E402
 from .losses import kl_loss  # noqa: E402
-from .methods import CommonTraining, Precision, StimulativeTraining  # noqa: E402
+from .methods import (  # noqa: E402
+    CommonTraining,
+    MotivationTraining,
+    Precision,
+    StimulativeTraining,
+)
 from .models import create_model  # noqa: E402
 
 __all__ = [
     "CommonTraining",
+    "MotivationTraining",
     "OrderedSampler",
     "Precision",
     "Stage",

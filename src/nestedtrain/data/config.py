@@ -30,6 +30,8 @@ class DataConfig:
     download: bool = False  # let torchvision download the dataset into root
     train_subset: Optional[int] = None  # train on this many images, chosen after the val split
     val_size: float = 0.1  # fraction of train held out as a seeded validation split; 0 = none
+    num_folds: int = 0  # k-fold cross-validation: >= 2 splits train into this many folds
+    fold: int = 0  # ... and holds out fold `fold` as the validation split (val_size=0)
     img_size: Optional[int] = None  # training crop side; None = the dataset's native side
     test_img_size: Optional[int] = None  # evaluation side; None = img_size
     test_crop_pct: float = 0.875  # imagefolder eval: resize to test_img_size / pct, centre crop

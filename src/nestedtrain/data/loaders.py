@@ -427,6 +427,13 @@ def _check_config(cfg: DataConfig, batch_size: int, rank: int, world_size: int) 
             "a positive count or None",
         ),
         (0 <= cfg.val_size < 1, "val_size", "a fraction in [0, 1)"),
+        (cfg.num_folds == 0 or cfg.num_folds >= 2, "num_folds", "0 (off) or at least 2"),
+        (
+            cfg.num_folds == 0 or 0 <= cfg.fold < cfg.num_folds,
+            "fold",
+            f"a fold index in 0..{cfg.num_folds - 1}",
+        ),
+        (cfg.num_folds == 0 or cfg.val_size == 0, "val_size", "0 when num_folds holds out a fold"),
         (cfg.img_size is None or cfg.img_size > 0, "img_size", "a positive side or None"),
         (
             cfg.test_img_size is None or cfg.test_img_size > 0,
@@ -463,17 +470,30 @@ def _check_config(cfg: DataConfig, batch_size: int, rank: int, world_size: int) 
 
 
 def _split_train(
-    n: int, val_size: float, train_subset: int | None, seed: int
+    n: int,
+    val_size: float,
+    train_subset: int | None,
+    seed: int,
+    num_folds: int = 0,
+    fold: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, val) index split of ``n`` training images; the subset is drawn after."""
+    """Seeded (train, val) index split of ``n`` training images; the subset is drawn after.
+
+    With ``num_folds`` the seeded order is cut into that many near-equal folds and fold
+    ``fold`` is the validation split (k-fold cross-validation on the training set).
+    """
     order = torch.randperm(n, generator=make_generator(seed, _SPLIT)).numpy()
-    n_val = max(1, round(val_size * n)) if val_size > 0 else 0
-    val, rest = order[:n_val], order[n_val:]
+    if num_folds:
+        start, end = n * fold // num_folds, n * (fold + 1) // num_folds
+        val, rest = order[start:end], np.concatenate([order[:start], order[end:]])
+    else:
+        n_val = max(1, round(val_size * n)) if val_size > 0 else 0
+        val, rest = order[:n_val], order[n_val:]
     if train_subset is not None:
         if train_subset > len(rest):
             raise ValueError(
                 f"data.train_subset={train_subset} is more than the {len(rest)} training images "
-                f"left after holding out {n_val} for validation"
+                f"left after holding out {len(val)} for validation"
             )
         # ``rest`` is already in seeded random order: its head is a seeded random choice.
         rest = rest[:train_subset]
@@ -535,7 +555,7 @@ def build_data(
                 f"({len(train_folder.classes)}) and {cfg.root}/val ({len(test_folder.classes)})"
             )
         train_index, val_index = _split_train(
-            len(train_folder.samples), cfg.val_size, cfg.train_subset, seed
+            len(train_folder.samples), cfg.val_size, cfg.train_subset, seed, cfg.num_folds, cfg.fold
         )
         samples = train_folder.samples
         splits = {
@@ -551,7 +571,7 @@ def build_data(
     _check_labels(cfg.name, arrays.train_labels, len(arrays.classes))
     _check_labels(cfg.name, arrays.test_labels, len(arrays.classes))
     train_index, val_index = _split_train(
-        len(arrays.train_labels), cfg.val_size, cfg.train_subset, seed
+        len(arrays.train_labels), cfg.val_size, cfg.train_subset, seed, cfg.num_folds, cfg.fold
     )
     splits = {
         "train": (arrays.train_images[train_index], arrays.train_labels[train_index]),

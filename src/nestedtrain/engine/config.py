@@ -239,6 +239,9 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(message)
     if cfg.method == "motivation":
         _validate_motivation(cfg)
+        if cfg.ema:
+            # the EMA would follow the base model's weights only, stale during motivated steps
+            raise ValueError("ema=true is not supported with method=motivation: set ema=false")
 
 
 def _validate_motivation(cfg: DictConfig) -> None:

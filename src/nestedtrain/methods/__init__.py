@@ -2,6 +2,13 @@
 
 from .base import MethodStep, Precision
 from .common import CommonTraining
+from .motivation import MotivationTraining
 from .stimulative import StimulativeTraining
 
-__all__ = ["CommonTraining", "MethodStep", "Precision", "StimulativeTraining"]
+__all__ = [
+    "CommonTraining",
+    "MethodStep",
+    "MotivationTraining",
+    "Precision",
+    "StimulativeTraining",
+]

@@ -211,3 +211,16 @@ def test_save_and_load_stats_round_trip():
     nt.bn.load_stats(model, saved)
     assert all(torch.equal(v, nt.bn.save_stats(model)[k]) for k, v in saved.items())
     assert math.isclose(len(saved), 3 * 19)  # 19 BNs in resnet20, 3 buffers each
+
+
+def test_recalibrate_keeps_dropout_off():
+    torch.manual_seed(0)
+    with_dropout = perturb_norms(nt.create_model("resnet20", num_classes=10, drop_rate=0.9))
+    without = nt.create_model("resnet20", num_classes=10)
+    without.load_state_dict(with_dropout.state_dict())
+    batches = [torch.randn(6, 3, 8, 8) for _ in range(2)]
+    nt.bn.recalibrate(with_dropout, batches)
+    nt.bn.recalibrate(without, batches)
+    a, b = nt.bn.save_stats(with_dropout), nt.bn.save_stats(without)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not with_dropout.training and not with_dropout.bn1.training

@@ -17,12 +17,31 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .elastic.stages import Stage, find_stages, unwrap
 from .elastic.subnet import Subnet, use_subnet
 
-__all__ = ["batchnorms", "frozen_stats", "recalibrate", "save_stats", "load_stats"]
+__all__ = [
+    "batchnorms",
+    "calibration_mode",
+    "frozen_stats",
+    "load_stats",
+    "recalibrate",
+    "save_stats",
+]
 
 
 def batchnorms(model: nn.Module) -> list[_BatchNorm]:
     """Every BatchNorm layer of ``model`` that tracks running statistics."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+def calibration_mode(model: nn.Module) -> nn.Module:
+    """Eval mode everywhere but in the BatchNorm layers, which train.
+
+    Statistics are then re-estimated from batches while dropout and stochastic depth stay off,
+    so the estimate is deterministic and matches what the layers see at evaluation.
+    """
+    model.eval()
+    for bn in batchnorms(model):
+        bn.train()
+    return model
 
 
 @contextmanager
@@ -105,7 +124,7 @@ def recalibrate(
     momenta = [bn.momentum for bn in layers]
     for bn in layers:
         bn.reset_running_stats()
-    model.train()
+    calibration_mode(model)
     seen = 0
     try:
         for batch in batches:

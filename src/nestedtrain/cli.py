@@ -82,10 +82,11 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from .analysis.subnets import evaluate_subnets_shared
     from .data import build_data
     from .engine.checkpoint import load_model
     from .engine.distributed import pick_device
-    from .engine.evaluate import evaluate, evaluate_subnets, select_subnets
+    from .engine.evaluate import evaluate, select_subnets
     from .flops import count_flops, count_params
 
     device = pick_device(args.device)
@@ -120,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "flops": count_flops(model, side, chans, subnet=r["subnet"]),
             "params": count_params(model, subnet=r["subnet"]),
         }
-        for r in evaluate_subnets(model, subnets, eval_batches, calib)
+        for r in evaluate_subnets_shared(model, subnets, eval_batches, calib)
     ]
     report = {
         "checkpoint": str(args.checkpoint),
@@ -253,27 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.set_defaults(handler=cmd_demo)
 
-    for register in _extra_commands():
-        register(sub)
+    from .analysis.commands import register as register_analysis
+    from .motivation_commands import register as register_motivation
+
+    register_analysis(sub)  # analyze ..., report
+    register_motivation(sub)  # efficiency, tune-k
     return parser
-
-
-def _extra_commands():
-    """Commands of the analysis and motivation modules, when present."""
-    registers = []
-    try:
-        from .analysis.commands import register as analysis_register
-    except ImportError:
-        pass
-    else:
-        registers.append(analysis_register)
-    try:
-        from .motivation_commands import register as motivation_register
-    except ImportError:
-        pass
-    else:
-        registers.append(motivation_register)
-    return registers
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -117,8 +117,11 @@ def load_model(
     Returns:
         ``(model, config, checkpoint)``; the model is in eval mode.
     """
+    from .config import TrainConfig
+
     state = load_checkpoint(path, map_location)
-    cfg = OmegaConf.create(state["config"])
+    # On today's schema: a field added since the run was trained takes its default.
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config"])
     with _no_pretrained(cfg):
         model = build_model(cfg, state["num_classes"], state["in_chans"])
     model.load_state_dict(state[key])

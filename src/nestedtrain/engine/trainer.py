@@ -35,7 +35,7 @@ from ..methods.motivation import build_motivation
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, build_model, load_checkpoint
 from .config import plain, to_yaml
 from .distributed import all_reduce_mean, barrier, init_distributed
-from .evaluate import evaluate, evaluate_subnets, select_subnets
+from .evaluate import evaluate, select_subnets
 
 __all__ = ["METHOD_BUILDERS", "Trainer", "build_method", "train"]
 
@@ -454,7 +454,10 @@ class Trainer:
         for name, model in self.method.extra_models().items():
             out[f"{name}_acc"] = evaluate(model, self._eval_batches("test")())["acc"]
         if self.eval_subnets:
-            results = evaluate_subnets(
+            # Shared-prefix evaluation: equal to evaluate_subnets, several times faster.
+            from ..analysis.subnets import evaluate_subnets_shared
+
+            results = evaluate_subnets_shared(
                 self.model, self.eval_subnets, self._eval_batches("test"), self._calib
             )
             out["subnets"] = [{"subnet": r["subnet"], "acc": r["acc"]} for r in results]

@@ -1,0 +1,48 @@
+"""Loafing analyses of trained residual networks, and run reports.
+
+- :func:`evaluate_space`: accuracy of every ordered sub-network (BN re-calibrated), evaluated
+  with shared prefixes (:func:`evaluate_subnets_shared`, exact and much faster than one at a
+  time);
+- :func:`loafing_matrix`: smaller architectures run inside larger trained models;
+- :func:`destruct`: accuracy drops when deleting or permuting blocks;
+- :func:`kl_drift_snapshot` / :func:`append_kl_drift`: KL(main || sub-network) during training;
+- :func:`logit_norms`, :func:`effective_receptive_field`: logit amplitude and ERF (ST++);
+- :func:`write_report`: a run folder as Markdown and self-contained HTML.
+"""
+
+from .destruct import deletion_subnets, destruct, permutation_subnets, swap_subnet
+from .erf import effective_receptive_field, erf_area_ratios
+from .kl_drift import append_kl_drift, kl_drift_snapshot, kl_drift_summary, read_kl_drift
+from .logits import logit_norms
+from .matrix import loafing_matrix
+from .report import write_report
+from .subnets import (
+    evaluate_space,
+    evaluate_subnets_shared,
+    match_subnet,
+    space_subnets,
+    subnet_logits,
+    subnet_stats,
+)
+
+__all__ = [
+    "append_kl_drift",
+    "deletion_subnets",
+    "destruct",
+    "effective_receptive_field",
+    "erf_area_ratios",
+    "evaluate_space",
+    "evaluate_subnets_shared",
+    "kl_drift_snapshot",
+    "kl_drift_summary",
+    "loafing_matrix",
+    "logit_norms",
+    "match_subnet",
+    "permutation_subnets",
+    "read_kl_drift",
+    "space_subnets",
+    "subnet_logits",
+    "subnet_stats",
+    "swap_subnet",
+    "write_report",
+]

@@ -1,0 +1,207 @@
+"""Plots of the analyses, drawn with matplotlib's Agg canvas and saved as PNG.
+
+Figures are built with ``matplotlib.figure.Figure`` and an Agg canvas directly, not through
+``pyplot``: no global backend switch, no figure registry to leak, safe in any process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = [
+    "plot_destruction",
+    "plot_erf",
+    "plot_kl_drift",
+    "plot_logit_norms",
+    "plot_loafing_matrix",
+    "plot_subnet_accuracy",
+    "plot_training_curves",
+    "save_figure",
+]
+
+_DPI = 110
+
+
+def _figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write ``figure`` as a PNG (creating its folder) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def plot_subnet_accuracy(result: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Accuracy of each sub-network, fewest blocks first, with individually trained models
+    (stars) and the main network with its own BN statistics (dashed line): the papers' Fig. 1/4.
+    """
+    rows = sorted(result["subnets"], key=lambda r: (r["blocks"], r["subnet"]))
+    x = np.arange(len(rows))
+    position = {row["subnet"]: i for i, row in enumerate(rows)}
+    figure = _figure(max(6.0, min(14.0, 0.25 * len(rows) + 4)), 4.0)
+    ax = figure.add_subplot()
+    ax.plot(x, [r["acc"] for r in rows], "o-", ms=4, lw=1, label="inside the main network")
+    if result.get("individual"):
+        ax.plot(
+            [position[r["subnet"]] for r in result["individual"]],
+            [r["acc"] for r in result["individual"]],
+            "*",
+            ms=13,
+            color="tab:green",
+            label="trained individually",
+        )
+    ax.axhline(result["main"]["acc"], ls="--", color="gray", lw=1, label="main network")
+    if len(rows) <= 40:
+        ax.set_xticks(x, [r["subnet"] for r in rows], rotation=90, fontsize=7)
+    ax.set_xlabel("sub-network (fewest blocks first)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    stats = result["stats"]
+    ax.set_title(
+        title
+        or f"{stats['count']} sub-networks: mean {stats['mean']:.2f}, "
+        f"min {stats['min']:.2f}, max {stats['max']:.2f}, std {stats['std']:.2f}"
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(figure, path)
+
+
+def plot_loafing_matrix(result: dict[str, Any], path: str | Path) -> Path:
+    """Heat map: rows are trained models, columns architectures run inside them."""
+    values = np.array(
+        [[np.nan if v is None else v for v in row] for row in result["acc"]], dtype=float
+    )
+    rows, cols = result["models"], result["architectures"]
+    figure = _figure(1.2 * len(cols) + 3, 0.8 * len(rows) + 2)
+    ax = figure.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0, vmax=100)
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("architecture (run inside the trained model)")
+    ax.set_ylabel("trained model")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            text = "-" if math.isnan(values[i, j]) else f"{values[i, j]:.1f}"
+            color = "white" if not math.isnan(values[i, j]) and values[i, j] < 60 else "black"
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=9)
+    figure.colorbar(image, ax=ax, label="top-1 accuracy (%)")
+    return save_figure(figure, path)
+
+
+def _boxes(ax, groups: Sequence[dict[str, Any]], what: str) -> None:
+    if not groups:
+        ax.set_visible(False)
+        return
+    data = [[row["drop"] for row in group["results"]] for group in groups]
+    ax.boxplot(data)
+    # tick labels set apart: boxplot's own keyword changed name in matplotlib 3.9
+    ax.set_xticks(range(1, len(groups) + 1), [str(group["k"]) for group in groups])
+    ax.set_xlabel(what)
+    ax.set_ylabel("top-1 drop (points)")
+    ax.grid(alpha=0.3)
+
+
+def plot_destruction(result: dict[str, Any], path: str | Path) -> Path:
+    """Fig. 6 of the paper: (a) drop per deleted block, (b) box plots of drops when deleting
+    k blocks, (c) when permuting by k transpositions."""
+    figure = _figure(14, 4)
+    a, b, c = figure.subplots(1, 3)
+    single = result["delete_one"]
+    a.bar([row["index"] for row in single], [row["drop"] for row in single])
+    a.set_xticks([row["index"] for row in single])
+    a.tick_params(axis="x", labelsize=7)
+    a.set_xlabel("deleted block (index over all blocks)")
+    a.set_ylabel("top-1 drop (points)")
+    a.set_title("(a) deleting one block")
+    a.grid(alpha=0.3)
+    _boxes(b, result["delete"], "blocks deleted")
+    b.set_title("(b) deleting more blocks")
+    _boxes(c, result["permute"], "transpositions")
+    c.set_title("(c) permuting blocks")
+    figure.suptitle(f"intact {result['intact']['acc']:.2f}%, BN: {result['bn']}")
+    return save_figure(figure, path)
+
+
+def plot_kl_drift(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Fig. 7: box plots, one per recorded epoch, of KL(main || sub) over the sub-networks."""
+    figure = _figure(max(6.0, 0.5 * len(records) + 3), 4)
+    ax = figure.add_subplot()
+    ax.boxplot([[entry["kl"] for entry in record["kl"]] for record in records])
+    ax.set_xticks(range(1, len(records) + 1), [str(record["epoch"] + 1) for record in records])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("KL(main || sub-network)")
+    ax.grid(alpha=0.3)
+    return save_figure(figure, path)
+
+
+def plot_logit_norms(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Fig. 4 of ST++: mean L2 norm of the logits (bars) and top-1 (line) per model."""
+    figure = _figure(max(5.0, 1.2 * len(rows) + 2), 4)
+    ax = figure.add_subplot()
+    x = np.arange(len(rows))
+    ax.bar(x, [r["mean_norm"] for r in rows], color="tab:blue", alpha=0.7)
+    ax.set_xticks(x, [r["label"] for r in rows], rotation=20, ha="right")
+    ax.set_ylabel("mean L2 norm of the logits", color="tab:blue")
+    twin = ax.twinx()
+    twin.plot(x, [r["acc"] for r in rows], "o-", color="tab:red")
+    twin.set_ylabel("top-1 accuracy (%)", color="tab:red")
+    return save_figure(figure, path)
+
+
+def plot_erf(erf: np.ndarray, path: str | Path, title: str = "") -> Path:
+    """ERF heat map on a log scale (``log10(1 + x)`` of the contribution scaled to max 1)."""
+    scaled = np.log10(1 + erf / max(float(erf.max()), 1e-30) * 1e3) / 3
+    figure = _figure(4.5, 4)
+    ax = figure.add_subplot()
+    image = ax.imshow(scaled, cmap="RdYlGn", vmin=0, vmax=1)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    figure.colorbar(image, ax=ax, label="log-scaled contribution")
+    return save_figure(figure, path)
+
+
+def plot_training_curves(metrics: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Loss terms and accuracies per epoch, from a run's ``metrics.jsonl``."""
+    figure = _figure(11, 4)
+    left, right = figure.subplots(1, 2)
+    epochs = [m["epoch"] + 1 for m in metrics]
+    for key in ("loss", "ce", "kl"):
+        points = [(e, m[key]) for e, m in zip(epochs, metrics) if m.get(key) is not None]
+        if points:
+            left.plot(*zip(*points), "-", label=key)
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.set_xlabel("epoch")
+    left.set_ylabel("training loss")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    for key, label in (("test_acc", "test"), ("val_acc", "validation")):
+        points = [(e, m[key]) for e, m in zip(epochs, metrics) if m.get(key) is not None]
+        if points:
+            right.plot(*zip(*points), "o-", ms=3, label=label)
+    means = [
+        (e, sum(s["acc"] for s in m["subnets"]) / len(m["subnets"]))
+        for e, m in zip(epochs, metrics)
+        if m.get("subnets")
+    ]
+    if means:
+        right.plot(*zip(*means), "s--", ms=3, label="sub-network mean")
+    right.set_xlabel("epoch")
+    right.set_ylabel("top-1 accuracy (%)")
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
+    return save_figure(figure, path)

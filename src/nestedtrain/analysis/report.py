@@ -1,0 +1,412 @@
+"""A run folder as one Markdown file and one self-contained HTML page.
+
+``write_report(RUN)`` reads ``config.yaml``, ``metrics.jsonl``, ``summary.json``,
+``analysis/kl_drift.jsonl`` and every analysis in ``analysis/<what>/`` (its JSON and the PNG
+of the same name), and writes ``RUN/report.md`` (images linked) and ``RUN/report.html``
+(images embedded as base64 data URIs, so the page is one file to mail or archive). Every
+number is shown under the command that produced it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .kl_drift import KL_DRIFT_FILE, kl_drift_summary, read_kl_drift
+from .plots import plot_kl_drift, plot_training_curves
+
+__all__ = ["write_report"]
+
+# Training plots drawn for the report go here, next to report.md.
+REPORT_FILES = "report_files"
+
+
+@dataclass
+class _Section:
+    title: str
+    command: str | None = None
+    notes: list[str] = field(default_factory=list)
+    tables: list[tuple[str, list[str], list[list[Any]]]] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)
+    code: str | None = None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 0.1 or value == 0 else f"{value:.3g}"
+    if isinstance(value, int) and abs(value) >= 10**6:
+        return f"{value / 1e6:.2f}M"
+    return str(value)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {str(path)!r}: {err}") from None
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                raise ValueError(f"{str(path)!r} line {number} is not JSON") from None
+    return records
+
+
+# ------------------------------------------------------------------------ sections
+def _training(run: Path, out: Path) -> list[_Section]:
+    sections = []
+    metrics_path, summary_path = run / "metrics.jsonl", run / "summary.json"
+    origin = "nestedtrain train (recipe: config.yaml of this run)"
+    if summary_path.is_file():
+        summary = _read_json(summary_path)
+        section = _Section("Result", command=summary.get("command", origin))
+        keys = [
+            "method",
+            "model",
+            "dataset",
+            "epochs",
+            "main_acc",
+            "main_acc5",
+            "best_epoch",
+            "best_val_acc",
+            "best_epoch_test_acc",
+            "subnet_acc_mean",
+            "subnet_acc_min",
+            "ema_test_acc",
+            "flops",
+            "params",
+            "wall_seconds",
+        ]
+        rows = [[key, summary[key]] for key in keys if key in summary]
+        section.tables.append(("", ["", "value"], rows))
+        if summary.get("subnets"):
+            section.tables.append(
+                (
+                    "Sub-networks evaluated after the last epoch (BN re-calibrated)",
+                    ["sub-network", "top-1 (%)", "FLOPs", "params"],
+                    [
+                        [s["subnet"], s["acc"], s.get("flops"), s.get("params")]
+                        for s in summary["subnets"]
+                    ],
+                )
+            )
+        sections.append(section)
+    if metrics_path.is_file():
+        metrics = _read_metrics(metrics_path)
+        if metrics:
+            section = _Section("Training curves", command=origin)
+            section.images.append(plot_training_curves(metrics, out / "training.png"))
+            last = metrics[-1]
+            keys = ["epoch", "lr", "loss", "ce", "kl", "val_acc", "test_acc", "test_acc5"]
+            keys += ["epoch_seconds", "images_per_second"]
+            section.tables.append(
+                (
+                    "Last epoch",
+                    ["", "value"],
+                    [[key, last[key]] for key in keys if last.get(key) is not None],
+                )
+            )
+            sections.append(section)
+    return sections
+
+
+def _kl_from_training(run: Path, out: Path) -> _Section | None:
+    if not (run / KL_DRIFT_FILE).is_file():
+        return None
+    records = read_kl_drift(run)
+    section = _Section(
+        "KL(main || sub-network) during training",
+        command="nestedtrain train with analysis.kl_drift_every (analysis/kl_drift.jsonl)",
+    )
+    section.images.append(plot_kl_drift(records, out / "kl_drift.png"))
+    section.tables.append(_kl_table(kl_drift_summary(records)))
+    return section
+
+
+def _kl_table(summary: Sequence[dict[str, Any]]) -> tuple[str, list[str], list[list[Any]]]:
+    return (
+        "",
+        ["epoch", "sub-networks", "min", "median", "mean", "max"],
+        [[s["epoch"] + 1, s["count"], s["min"], s["median"], s["mean"], s["max"]] for s in summary],
+    )
+
+
+def _stats_row(stats: dict[str, Any]) -> list[Any]:
+    return [stats["count"], stats["max"], stats["mean"], stats["std"], stats["min"]]
+
+
+_STATS_HEADERS = ["count", "max", "mean", "std", "min"]
+
+
+def _analysis_section(path: Path, data: dict[str, Any]) -> _Section:
+    kind = data.get("analysis", path.parent.name)
+    where = path.parent.name
+    section = _Section(f"Analysis: {where}/{path.stem}", command=data.get("command"))
+    if data.get("checkpoint"):
+        section.notes.append(
+            f"checkpoint {data['checkpoint']} (epoch {_fmt(data.get('epoch'))}), "
+            f"{data.get('dataset', '?')} {data.get('split', '')} split, "
+            f"{_fmt(data.get('seconds'))} s"
+        )
+    renderer = _RENDERERS.get(kind, _render_generic)
+    renderer(section, data)
+    png = path.with_suffix(".png")
+    if png.is_file():
+        section.images.append(png)
+    return section
+
+
+def _render_subnets(section: _Section, data: dict[str, Any]) -> None:
+    section.notes.append(
+        f"space {data['space']} ({data['space_size']} sub-networks), BN {data['bn']}; main "
+        f"network with its own BN statistics: {_fmt(data['main']['acc'])}%"
+    )
+    section.tables.append(
+        ("Top-1 over the sub-networks (%)", _STATS_HEADERS, [_stats_row(data["stats"])])
+    )
+    rows = sorted(data["subnets"], key=lambda r: r["acc"])
+    if len(rows) > 20:
+        rows = rows[:10] + rows[-10:]
+        title = "Ten lowest and ten highest sub-networks"
+    else:
+        title = "Every sub-network"
+    section.tables.append(
+        (
+            title,
+            ["sub-network", "blocks", "top-1 (%)", "top-5 (%)"],
+            [[r["subnet"], r["blocks"], r["acc"], r["acc5"]] for r in rows],
+        )
+    )
+    if data.get("individual"):
+        section.tables.append(
+            (
+                "Trained individually vs. inside the main network",
+                ["model", "sub-network", "alone (%)", "inside (%)"],
+                [[r["label"], r["subnet"], r["acc"], r["acc_inside"]] for r in data["individual"]],
+            )
+        )
+
+
+def _render_matrix(section: _Section, data: dict[str, Any]) -> None:
+    section.notes.append(
+        f"rows: trained models; columns: architectures run inside them; {data['bn']}"
+    )
+    section.tables.append(
+        (
+            "Top-1 (%)",
+            ["trained model", *data["architectures"]],
+            [[name, *row] for name, row in zip(data["models"], data["acc"])],
+        )
+    )
+
+
+def _render_destruct(section: _Section, data: dict[str, Any]) -> None:
+    section.notes.append(f"intact network: {_fmt(data['intact']['acc'])}%, BN {data['bn']}")
+    section.tables.append(
+        (
+            "Deleting one block",
+            ["block", "stage", "index in stage", "top-1 (%)", "drop"],
+            [[r["index"], r["stage"], r["block"], r["acc"], r["drop"]] for r in data["delete_one"]],
+        )
+    )
+    for key, what in (
+        ("delete", "Deleting k blocks"),
+        ("permute", "Permuting by k transpositions"),
+    ):
+        if data.get(key):
+            section.tables.append(
+                (
+                    f"{what}: drop in points",
+                    ["k", "combinations", "evaluated", "max", "mean", "std", "min"],
+                    [
+                        [
+                            g["k"],
+                            g["total"],
+                            g["evaluated"],
+                            g["stats"]["max"],
+                            g["stats"]["mean"],
+                            g["stats"]["std"],
+                            g["stats"]["min"],
+                        ]
+                        for g in data[key]
+                    ],
+                )
+            )
+    if data.get("swaps"):
+        section.tables.append(
+            (
+                "Swaps",
+                ["swap", "sub-network", "top-1 (%)", "drop"],
+                [[r["swap"], r["subnet"], r["acc"], r["drop"]] for r in data["swaps"]],
+            )
+        )
+
+
+def _render_kl(section: _Section, data: dict[str, Any]) -> None:
+    section.tables.append(_kl_table(data["summary"]))
+
+
+def _render_logits(section: _Section, data: dict[str, Any]) -> None:
+    section.tables.append(
+        (
+            "",
+            ["model", "mean L2 norm", "std", "top-1 (%)", "images"],
+            [
+                [r["label"], r["mean_norm"], r["std_norm"], r["acc"], r["images"]]
+                for r in data["models"]
+            ],
+        )
+    )
+
+
+def _render_erf(section: _Section, data: dict[str, Any]) -> None:
+    section.notes.append(
+        f"input {data['input_size']}x{data['input_size']}, {data['images']} images, "
+        f"sub-network {data.get('subnet') or 'main network'}"
+    )
+    ratios = data["area_ratios"]
+    section.tables.append(
+        (
+            "Area of the smallest centred square holding a share t of the contribution",
+            [f"t = {t}" for t in ratios],
+            [list(ratios.values())],
+        )
+    )
+
+
+def _render_generic(section: _Section, data: dict[str, Any]) -> None:
+    rows = [[k, v] for k, v in data.items() if isinstance(v, (int, float, str)) and k != "command"]
+    section.tables.append(("", ["", "value"], rows))
+
+
+_RENDERERS = {
+    "subnets": _render_subnets,
+    "matrix": _render_matrix,
+    "destruct": _render_destruct,
+    "kl-drift": _render_kl,
+    "logits": _render_logits,
+    "erf": _render_erf,
+}
+
+
+# ----------------------------------------------------------------------- rendering
+def _markdown(title: str, config: str | None, sections: Sequence[_Section], run: Path) -> str:
+    lines = [f"# {title}", ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        if section.command:
+            lines += [f"Command: `{section.command}`", ""]
+        lines += [*(f"{note}  " for note in section.notes), ""] if section.notes else []
+        for caption, headers, rows in section.tables:
+            if caption:
+                lines += [f"**{caption}**", ""]
+            lines.append("| " + " | ".join(headers) + " |")
+            lines.append("|" + "---|" * len(headers))
+            lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+            lines.append("")
+        for image in section.images:
+            lines += [f"![{section.title}]({image.relative_to(run).as_posix()})", ""]
+    if config is not None:
+        lines += ["## Configuration", "", "```yaml", config.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+code, pre { background: #f4f4f4; padding: 2px 4px; border-radius: 3px; }
+pre { padding: 1em; overflow-x: auto; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #eee; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; display: block; margin: 0.5em 0; }
+.caption { font-weight: bold; margin-top: 1em; }
+"""
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _html(title: str, config: str | None, sections: Sequence[_Section]) -> str:
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
+    for section in sections:
+        parts.append(f"<section><h2>{esc(section.title)}</h2>")
+        if section.command:
+            parts.append(f"<p>Command: <code>{esc(section.command)}</code></p>")
+        parts += [f"<p>{esc(note)}</p>" for note in section.notes]
+        for caption, headers, rows in section.tables:
+            if caption:
+                parts.append(f'<div class="caption">{esc(caption)}</div>')
+            parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>")
+            for row in rows:
+                parts.append("<tr>" + "".join(f"<td>{esc(_fmt(v))}</td>" for v in row) + "</tr>")
+            parts.append("</table>")
+        for image in section.images:
+            parts.append(f'<img alt="{esc(section.title)}" src="{_data_uri(image)}">')
+        parts.append("</section>")
+    if config is not None:
+        parts.append(f"<section><h2>Configuration</h2><pre>{esc(config)}</pre></section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``RUN/report.md`` and ``RUN/report.html`` for a run folder.
+
+    Returns:
+        The paths of the Markdown and the HTML file.
+
+    Raises:
+        ValueError: not a folder, or a folder with nothing to report.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(
+            f"run folder {str(run)!r} does not exist: give a folder that `nestedtrain train` wrote"
+        )
+    out = run / REPORT_FILES
+    config_path = run / "config.yaml"
+    config = config_path.read_text() if config_path.is_file() else None
+    sections = _training(run, out)
+    analyses = sorted((run / "analysis").glob("*/*.json")) if (run / "analysis").is_dir() else []
+    kinds = set()
+    for path in analyses:
+        data = _read_json(path)
+        if isinstance(data, dict):
+            kinds.add(data.get("analysis"))
+            sections.append(_analysis_section(path, data))
+    if "kl-drift" not in kinds:
+        kl = _kl_from_training(run, out)
+        if kl is not None:
+            sections.append(kl)
+    if not sections and config is None:
+        raise ValueError(
+            f"{str(run)!r} holds no config.yaml, metrics.jsonl, summary.json or analysis/: "
+            "give a run folder that `nestedtrain train` wrote"
+        )
+    title = f"nestedtrain run {run.resolve().name}"
+    md_path, html_path = run / "report.md", run / "report.html"
+    md_path.write_text(_markdown(title, config, sections, run))
+    html_path.write_text(_html(title, config, sections))
+    return md_path, html_path

@@ -4,7 +4,7 @@ All three run side by side in one process, one epoch of each in turn, so a busy 
 them alike; the first round is warm-up and the median of the rest is reported. Writes a
 Markdown table with the exact command into docs/benchmarks.md.
 
-    python bench/bench_speed.py [--epochs 4] [--subset 10000] [--model resnet32]
+    python bench/bench_speed.py [--epochs 3] [--subset 10000] [--model resnet32]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import nestedtrain as nt
 from nestedtrain.engine.trainer import Trainer
+from nestedtrain.flops import count_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,12 +90,19 @@ def ours_factory(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--subset", type=int, default=10000)
     parser.add_argument("--model", default="resnet32")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = parser.parse_args()
+
+    # ST's cost bound from FLOPs: the main network plus one uniformly drawn sub-network.
+    model = nt.create_model(args.model, num_classes=10, in_chans=1)
+    main_flops = count_flops(model, 28, 1)
+    space = nt.OrderedSampler(model).all()
+    sub_flops = [count_flops(model, 28, 1, subnet=s) for s in space]
+    flops_bound = 1 + sum(sub_flops) / len(sub_flops) / main_flops
 
     runs = {
         "plain PyTorch loop": plain_loop_factory(
@@ -116,11 +124,6 @@ def main() -> None:
             print(f"epoch {epoch} {name}: {times[name][-1]:.1f} s", file=sys.stderr, flush=True)
 
     steady = {name: statistics.median(t[1:]) for name, t in times.items()}
-    model = nt.create_model(args.model, num_classes=10, in_chans=1)
-    main_flops = nt.flops.count_flops(model, 28, 1)
-    space = nt.OrderedSampler(model).all()
-    sub_flops = [nt.flops.count_flops(model, 28, 1, subnet=s) for s in space]
-    flops_bound = 1 + sum(sub_flops) / len(sub_flops) / main_flops
     plain, ct, st = steady.values()
     command = "python bench/bench_speed.py " + " ".join(sys.argv[1:])
     lines = [

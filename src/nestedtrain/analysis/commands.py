@@ -530,7 +530,16 @@ def _report(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------- parsers
-def _data_options(parser: argparse.ArgumentParser) -> None:
+def _data_options(parser: argparse.ArgumentParser, chunked: bool = False) -> None:
+    """The data/device options every analysis takes (and ``--chunk-images`` where it caches
+    activations of shared prefixes)."""
+    if chunked:
+        parser.add_argument(
+            "--chunk-images",
+            type=int,
+            metavar="N",
+            help="cache activations of at most N eval images at a time (less memory)",
+        )
     group = parser.add_argument_group("data and device")
     group.add_argument(
         "--data", metavar="NAME", help="evaluate on this dataset (default: the run's)"
@@ -587,13 +596,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="CKPT",
         help="individually trained models of sub-network shapes to compare with",
     )
-    p.add_argument(
-        "--chunk-images",
-        type=int,
-        metavar="N",
-        help="cache activations of at most N eval images at a time (less memory)",
-    )
-    _data_options(p)
+    _data_options(p, chunked=True)
     p.set_defaults(handler=_subnets)
 
     p = which.add_parser(
@@ -604,13 +607,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "diagonal is each model's own accuracy.",
     )
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
-    p.add_argument(
-        "--chunk-images",
-        type=int,
-        metavar="N",
-        help="cache activations of at most N eval images at a time",
-    )
-    _data_options(p)
+    _data_options(p, chunked=True)
     p.set_defaults(handler=_matrix)
 
     p = which.add_parser(
@@ -647,13 +644,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S:I:J",
         help="also evaluate swapping blocks I and J of stage S",
     )
-    p.add_argument(
-        "--chunk-images",
-        type=int,
-        metavar="N",
-        help="cache activations of at most N eval images at a time",
-    )
-    _data_options(p)
+    _data_options(p, chunked=True)
     p.set_defaults(handler=_destruct)
 
     p = which.add_parser(

@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -42,7 +40,7 @@ from .. import bn as bn_tools
 from ..elastic.sampling import OrderedSampler
 from ..elastic.stages import FULL_BLOCKS_ATTR, Stage, find_stages, unwrap
 from ..elastic.subnet import Subnet, export_subnet, use_subnet
-from ..engine.evaluate import evaluate
+from ..engine.evaluate import batch_counts, evaluate, metrics_from_counts
 
 __all__ = [
     "evaluate_space",
@@ -525,23 +523,6 @@ def _naive(model, subnets, eval_batches, calib_batches, consume) -> None:
                 consume([index], t, model(images), labels)
 
 
-def _batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # The same arithmetic as engine.evaluate.accuracy_counts, so the results match it exactly.
-    logits = logits.float()
-    k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    hits = top.eq(labels.view(-1, 1))
-    return torch.tensor(
-        [
-            hits[:, 0].sum().item(),
-            hits.any(dim=1).sum().item(),
-            labels.numel(),
-            F.cross_entropy(logits, labels, reduction="sum").item(),
-        ],
-        dtype=torch.float64,
-    )
-
-
 def evaluate_subnets_shared(
     model: nn.Module,
     subnets: Sequence[Subnet | str],
@@ -564,7 +545,7 @@ def evaluate_subnets_shared(
 
     def consume(indices: list[int], t: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
         leaf = indices[0]
-        pending.setdefault(leaf, []).append((t, _batch_counts(logits, labels)))
+        pending.setdefault(leaf, []).append((t, batch_counts(logits, labels)))
 
     subnet_logits(model, subnets, eval_batches, calib_batches, consume, chunk_images)
     for leaf, items in pending.items():
@@ -575,26 +556,11 @@ def evaluate_subnets_shared(
     first_index = {}
     for i, subnet in enumerate(subnets):
         first_index.setdefault(subnet, i)
-    results = []
-    for subnet in subnets:
-        total = counts[first_index[subnet]]
-        if dist.is_available() and dist.is_initialized():
-            device = next(model.parameters()).device
-            reduced = total.to(device)
-            dist.all_reduce(reduced)
-            total = reduced.cpu()
-        top1, top5, n, ce = total.tolist()
-        if n == 0:
-            raise ValueError("evaluation got no images")
-        results.append(
-            {
-                "subnet": str(subnet),
-                "acc": 100.0 * top1 / n,
-                "acc5": 100.0 * top5 / n,
-                "loss": ce / n,
-            }
-        )
-    return results
+    device = next(model.parameters()).device
+    return [
+        {"subnet": str(subnet), **metrics_from_counts(counts[first_index[subnet]], device)}
+        for subnet in subnets
+    ]
 
 
 # ----------------------------------------------------------------------- the analysis

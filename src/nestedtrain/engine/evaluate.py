@@ -14,29 +14,52 @@ from ..elastic.sampling import OrderedSampler
 from ..elastic.stages import unwrap
 from ..elastic.subnet import Subnet, use_subnet
 
-__all__ = ["accuracy_counts", "evaluate", "evaluate_subnets", "select_subnets"]
+__all__ = [
+    "accuracy_counts",
+    "batch_counts",
+    "evaluate",
+    "evaluate_subnets",
+    "metrics_from_counts",
+    "select_subnets",
+]
+
+
+def batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[top1 correct, top5 correct, images, summed CE]`` of one batch."""
+    logits = logits.float()
+    k = min(5, logits.shape[1])
+    hits = logits.topk(k, dim=1).indices.eq(labels.view(-1, 1))
+    return torch.tensor(
+        [
+            hits[:, 0].sum().item(),
+            hits.any(dim=1).sum().item(),
+            labels.numel(),
+            nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
+        ],
+        dtype=torch.float64,
+    )
+
+
+def metrics_from_counts(counts: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """Top-1/top-5 (percent) and mean CE from summed counts, all-reduced when distributed."""
+    if dist.is_available() and dist.is_initialized():
+        reduced = counts.to(device)
+        dist.all_reduce(reduced)
+        counts = reduced.cpu()
+    top1, top5, n, ce = counts.tolist()
+    if n == 0:
+        raise ValueError("evaluation got no images")
+    return {"acc": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "loss": ce / n}
 
 
 @torch.no_grad()
 def accuracy_counts(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:
-    """``[top1 correct, top5 correct, images, summed CE]`` over ``batches`` (eval mode)."""
+    """``[top1 correct, top5 correct, images, summed CE]`` over ``batches``."""
     counts = torch.zeros(4, dtype=torch.float64)
     for images, labels in batches:
-        logits = model(images).float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hits = top.eq(labels.view(-1, 1))
-        counts += torch.tensor(
-            [
-                hits[:, 0].sum().item(),
-                hits.any(dim=1).sum().item(),
-                labels.numel(),
-                nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
-            ],
-            dtype=torch.float64,
-        )
+        counts += batch_counts(model(images), labels)
     return counts
 
 
@@ -54,15 +77,7 @@ def evaluate(
         counts = accuracy_counts(model, batches)
     finally:
         model.train(was_training)
-    if dist.is_available() and dist.is_initialized():
-        device = next(model.parameters()).device
-        reduced = counts.to(device)
-        dist.all_reduce(reduced)
-        counts = reduced.cpu()
-    top1, top5, n, ce = counts.tolist()
-    if n == 0:
-        raise ValueError("evaluation got no images")
-    return {"acc": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "loss": ce / n}
+    return metrics_from_counts(counts, next(model.parameters()).device)
 
 
 def evaluate_subnets(

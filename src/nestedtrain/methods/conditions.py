@@ -17,6 +17,7 @@ loss to +inf), so the very first step counts as an improvement.
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ __all__ = [
 PathLike = Union[str, Path]
 
 
-class Condition:
+class Condition(abc.ABC):
     """Interface of a motivation condition (see the module docstring).
 
     Attributes:
@@ -53,19 +54,20 @@ class Condition:
     name = "condition"
     needs: frozenset[str] = frozenset()
 
+    @abc.abstractmethod
     def update(self, loss: float, **extra: float) -> bool:
         """Record one finished step; return whether the next step is motivated."""
-        raise NotImplementedError
 
     def on_epoch_end(self) -> None:
         """Called once after an epoch's last step (the trainer then forces the base model)."""
 
+    @abc.abstractmethod
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: plain Python values and tensors."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
+        """Restore what :meth:`state_dict` returned."""
 
     def _check_state(self, state: dict, keys: Sequence[str]) -> None:
         if state.get("name") != self.name:
@@ -244,8 +246,9 @@ class _RandomSchedule(Condition):
         self.step = 0  # steps finished in the current epoch
         self.schedule: list[int] | None = None  # motivated step indices of this epoch
 
+    @abc.abstractmethod
     def _count(self, epoch: int) -> int:
-        raise NotImplementedError
+        """How many motivated steps epoch ``epoch`` gets."""
 
     def _draw(self) -> list[int]:
         count = min(self._count(self.epoch), self.steps_per_epoch - 1)

@@ -109,6 +109,7 @@ def test_help_lists_recipe_fields(capsys):
         (["eval.subnets=3-3"], "has 2 stages but the model has 3"),
         (["eval.subnets=9-9-9"], "out of range"),
         (["epochs"], "key=value"),
+        (["model.name=vit_tiny_patch16_224"], "cannot run on digits images of shape (1, 8, 8)"),
     ],
 )
 def test_bad_train_input_exits_2_with_one_line(tmp_path, capsys, args, message):

@@ -217,6 +217,7 @@ class Trainer:
             world_size=self.dist.world_size,
         )
         self.model = self._build_model()
+        self._check_forward()
         self.optimizer = self.make_optimizer(self.model)
         self.scheduler = self._build_scheduler()
         self.precision = Precision(self.device, cfg.amp, cfg.amp_dtype)
@@ -257,6 +258,23 @@ class Trainer:
         if self.device.type == "cuda" and cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         return model
+
+    def _check_forward(self) -> None:
+        """One eval-mode forward of two test images, so that a model that cannot take this
+        data fails here, with one line, before any run folder exists."""
+        images, _ = next(iter(self.data.eval_batches("test", batch_size=2)))
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(images[:2])
+        except (RuntimeError, AssertionError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(
+                f"model {self.cfg.model.name!r} cannot run on {self.cfg.data.name} images of "
+                f"shape {tuple(images.shape[1:])}: {first} (set data.img_size or model.kwargs)"
+            ) from None
+        finally:
+            self.model.train()
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """An optimizer for ``model`` as the recipe's ``optim`` section says (timm's factory)."""

@@ -470,7 +470,10 @@ class Trainer:
         if self.ema is not None:
             out["ema_test_acc"] = evaluate(self.ema.module, self._eval_batches("test")())["acc"]
         for name, model in self.method.extra_models().items():
-            out[f"{name}_acc"] = evaluate(model, self._eval_batches("test")())["acc"]
+            if model is self.model:  # e.g. motivation's base model: evaluated just above
+                out[f"{name}_acc"] = test["acc"]
+            else:
+                out[f"{name}_acc"] = evaluate(model, self._eval_batches("test")())["acc"]
         if self.eval_subnets:
             # Shared-prefix evaluation: equal to evaluate_subnets, several times faster.
             from ..analysis.subnets import evaluate_subnets_shared

@@ -58,6 +58,7 @@ def test_eval_listed_subnets(run_dir, tmp_path):
     assert [s["subnet"] for s in json.loads(out.read_text())["subnets"]] == ["3-2-1", "1.-1-0.2"]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_export_plain_and_torchscript(run_dir, tmp_path, capsys):
     plain = tmp_path / "sub.pt"
     assert main(["export", str(run_dir), "--subnet", "1-1-1", "--out", str(plain)]) == 0

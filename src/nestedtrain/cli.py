@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -156,8 +157,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.torchscript:
         side = state["test_img_size"]
         example = torch.randn(1, state["in_chans"], side, side)
-        scripted = torch.jit.trace(exported, example)
-        atomic_save(scripted, out, saver=torch.jit.save)
+        with warnings.catch_warnings():
+            # TorchScript is deprecated upstream but still the one format that loads with
+            # torch alone, no Python class needed; the user asked for it by name.
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.trace(exported, example)
+            atomic_save(scripted, out, saver=torch.jit.save)
         print(f"wrote TorchScript of sub-network {subnet} to {out} (load with torch.jit.load)")
         return 0
     atomic_save(exported.state_dict(), out)

@@ -37,13 +37,17 @@ from .config import plain, to_yaml
 from .distributed import all_reduce_mean, barrier, init_distributed
 from .evaluate import evaluate, select_subnets
 
-__all__ = ["METHOD_BUILDERS", "Trainer", "build_method", "train"]
+__all__ = ["METHOD_BUILDERS", "Trainer", "build_method", "criterion_from_config", "train"]
 
 
-def _criterion(cfg: DictConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+def criterion_from_config(
+    cfg: DictConfig,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The supervised loss a recipe asks for: timm's BCE for ``loss: bce``, else None (the
+    method's default, CE with ``data.label_smoothing``)."""
     if cfg.loss == "bce":
         return BinaryCrossEntropy(smoothing=cfg.data.label_smoothing)
-    return None  # the method's default: CE with label smoothing
+    return None
 
 
 def _build_ct(trainer: Trainer) -> MethodStep:
@@ -53,7 +57,7 @@ def _build_ct(trainer: Trainer) -> MethodStep:
         trainer.optimizer,
         trainer.precision,
         cfg.data.label_smoothing,
-        criterion=_criterion(cfg),
+        criterion=criterion_from_config(cfg),
     )
 
 
@@ -77,7 +81,7 @@ def _build_st(trainer: Trainer) -> MethodStep:
         generator=trainer.generator,
         precision=trainer.precision,
         label_smoothing=cfg.data.label_smoothing,
-        criterion=_criterion(cfg),
+        criterion=criterion_from_config(cfg),
     )
 
 

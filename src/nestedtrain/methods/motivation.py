@@ -317,7 +317,7 @@ def build_motivated_model(cfg: DictConfig, num_classes: int, in_chans: int) -> n
 
 def build_motivation(trainer: Trainer) -> MotivationTraining:
     """The trainer's builder for ``method: motivation``: the trainer's model is the base."""
-    from ..engine.trainer import _criterion
+    from ..engine.trainer import criterion_from_config
 
     cfg, m = trainer.cfg, trainer.cfg.motivation
     motivated = build_motivated_model(cfg, trainer.data.num_classes, trainer.data.in_chans)
@@ -355,7 +355,7 @@ def build_motivation(trainer: Trainer) -> MotivationTraining:
         weight_map=weight_map,
         precision=trainer.precision,
         label_smoothing=cfg.data.label_smoothing,
-        criterion=_criterion(cfg),
+        criterion=criterion_from_config(cfg),
     )
 
 

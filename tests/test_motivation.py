@@ -411,8 +411,7 @@ def test_two_process_gloo_ranks_switch_together(tmp_path):
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
-            "--master_port",
-            "29533",
+            "--standalone",  # a free port on localhost, chosen by torchrun
             str(script),
             str(out),
             str(DIGITS),

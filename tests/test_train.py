@@ -291,8 +291,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
-            "--master_port",
-            "29531",
+            "--standalone",  # a free port on localhost, chosen by torchrun
             str(script),
             str(two),
             *overrides,

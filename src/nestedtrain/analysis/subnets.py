@@ -38,8 +38,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import bn as bn_tools
 from ..elastic.sampling import OrderedSampler
-from ..elastic.stages import FULL_BLOCKS_ATTR, Stage, find_stages, unwrap
-from ..elastic.subnet import Subnet, export_subnet, use_subnet
+from ..elastic.stages import Stage, find_stages, unwrap
+from ..elastic.subnet import Subnet, export_subnet, swapped_blocks, use_subnet
 from ..engine.evaluate import batch_counts, evaluate, metrics_from_counts
 
 __all__ = [
@@ -217,7 +217,6 @@ class _Split:
     def installed(self):
         first, last = self.stages[0].container, self.stages[-1].container
         handles = []
-        emptied = []
 
         def stop_after_stem(module: nn.Module, inputs: tuple) -> None:
             if self._mode == "stem":
@@ -231,22 +230,10 @@ class _Split:
         try:
             handles.append(first.register_forward_pre_hook(stop_after_stem))
             handles.append(last.register_forward_hook(swap_in_features))
-            for stage in self.stages:
-                container = stage.container
-                emptied.append(
-                    (container, container._modules, container.__dict__.get(FULL_BLOCKS_ATTR))
-                )
-                # As use_subnet does: park the full blocks so that find_stages still sees them.
-                container.__dict__[FULL_BLOCKS_ATTR] = dict(zip(stage.keys, stage.blocks))
-                container._modules = {}
-            yield self
+            # Empty stages: the runner calls the blocks itself, between stem and head.
+            with swapped_blocks(self.stages, [()] * len(self.stages)):
+                yield self
         finally:
-            for container, modules, parked in reversed(emptied):
-                container._modules = modules
-                if parked is None:
-                    container.__dict__.pop(FULL_BLOCKS_ATTR, None)
-                else:
-                    container.__dict__[FULL_BLOCKS_ATTR] = parked
             for handle in handles:
                 handle.remove()
             self._mode, self._features = "off", None

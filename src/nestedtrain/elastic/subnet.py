@@ -215,17 +215,30 @@ def use_subnet(
     stages = find_stages(model) if stages is None else stages
     subnet = _as_subnet(subnet)
     subnet.validate(stages)
+    with swapped_blocks(stages, subnet.blocks):
+        yield model
+
+
+@contextmanager
+def swapped_blocks(stages: Sequence[Stage], kept: Sequence[Sequence[int]]) -> Iterator[None]:
+    """Let each stage container hold only the ``kept`` block indices, in that order, under
+    their original keys, and restore it on exit. No validation: :func:`use_subnet` is the
+    public way in; an analysis may empty stages (``kept`` of ``()``) to run blocks itself.
+
+    The full blocks are parked on the container meanwhile, so :func:`find_stages` (and a
+    nested swap) still sees the whole model.
+    """
     previous = []
     try:
-        for stage, kept in zip(stages, subnet.blocks):
+        for stage, indices in zip(stages, kept):
             container = stage.container
             previous.append(
                 (container, container._modules, container.__dict__.get(FULL_BLOCKS_ATTR))
             )
             container.__dict__[FULL_BLOCKS_ATTR] = dict(zip(stage.keys, stage.blocks))
             # Replacing the dict (not editing it) keeps the full one intact for restoring.
-            container._modules = {stage.keys[i]: stage.blocks[i] for i in kept}
-        yield model
+            container._modules = {stage.keys[i]: stage.blocks[i] for i in indices}
+        yield
     finally:
         for container, modules, parked in reversed(previous):
             container._modules = modules

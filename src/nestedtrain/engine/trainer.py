@@ -588,7 +588,9 @@ class Trainer:
             summary["ema_test_acc"] = last.get("ema_test_acc")
         for name, model in self.method.extra_models().items():
             summary[f"{name}_acc"] = last.get(f"{name}_acc")
-            summary[f"flops_{name}"] = count_flops(model, side, self.data.in_chans)
+            same = model is self.model
+            flops = summary["flops"] if same else count_flops(model, side, self.data.in_chans)
+            summary[f"flops_{name}"] = flops
             atomic_save(model.state_dict(), self.out_dir / f"{name}.pt")
         summary.update(self.method.summary_extras(summary))
         atomic_save(self.model.state_dict(), self.out_dir / "weights.pt")

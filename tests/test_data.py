@@ -522,3 +522,33 @@ def test_bad_eval_split_raises():
 
 def test_every_dataset_has_a_spec():
     assert set(SPECS) == set(DATASETS)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DataConfig(**AUGMENTED),  # rrc, RandAugment, erasing, mixup/cutmix
+        DataConfig(crop="pad", hflip=0.5, color_jitter=0.4, train_subset=256),
+    ],
+    ids=["rrc-randaugment-mixup", "pad-jitter"],
+)
+def test_train_batches_from_a_step_equal_the_rest_of_the_epoch(cfg):
+    data = build(cfg, seed=1)
+    whole = list(data.train_batches(3))
+    rest = list(data.train_batches(3, start=5))
+    assert len(rest) == len(whole) - 5
+    for (x, y), (x_rest, y_rest) in zip(whole[5:], rest):
+        assert torch.equal(x, x_rest) and torch.equal(y, y_rest)
+
+
+def test_imagefolder_batches_from_a_step_with_workers(folder_root):
+    cfg = DataConfig(name="imagefolder", root=folder_root, img_size=16, val_size=0.0, num_workers=2)
+    cfg.color_jitter, cfg.mixup = 0.4, 0.5
+    data = build(cfg, batch_size=4)
+    whole = list(data.train_batches(1))
+    rest = list(data.train_batches(1, start=2))
+    assert len(rest) == len(whole) - 2
+    for (x, y), (x_rest, y_rest) in zip(whole[2:], rest):
+        assert torch.equal(x, x_rest) and torch.equal(y, y_rest)
+    # the next epoch starts from step 0 again
+    assert len(list(data.train_batches(2))) == len(whole)

@@ -71,8 +71,11 @@ def test_st_loss_is_ce_plus_lambda_kl(digits):
         method = _method("st", lam=lam, num_subnets=n)
         perturb_norms(method.model)  # zero-init last BNs make every sub-network the main one
         info = method.step(images, labels)
-        assert info["kl"] > 0
-        assert info["loss"] == pytest.approx(info["ce"] + lam * n * info["kl"], rel=1e-6)
+        # loss terms stay tensors on the device: the step never waits for it
+        assert all(isinstance(info[k], torch.Tensor) for k in ("loss", "ce", "kl"))
+        loss, ce, kl = (float(info[k]) for k in ("loss", "ce", "kl"))
+        assert kl > 0
+        assert loss == pytest.approx(ce + lam * n * kl, rel=1e-6)
 
 
 def test_n_subnets_mean_n_subnet_backwards(digits):
@@ -307,8 +310,11 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     r0, r1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
     assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks ended with different weights"
     single = torch.load(one / "rank0.pt")
+    # AdamW moves a weight by up to lr (1e-3) per step whatever its gradient's size, so
+    # near-zero gradients summed in another order can differ by ~1e-4 after 8 steps; a wrong
+    # all-reduce (a missing or doubled gradient) moves weights by ~1e-3 and more.
     for k in r0:
-        torch.testing.assert_close(r0[k], single[k], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(r0[k], single[k], rtol=1e-3, atol=3e-4)
     losses_two = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
     losses_one = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
     assert losses_two == pytest.approx(losses_one, rel=1e-4)

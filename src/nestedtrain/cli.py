@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,12 +55,18 @@ def _default_out(recipe: str | None, cfg) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine.config import load_config
+    from .engine.faults import TrainingDiverged, TrainingInterrupted
     from .engine.trainer import Trainer
 
     cfg = load_config(args.recipe, args.overrides)
     out = Path(args.out) if args.out else _default_out(args.recipe, cfg)
     trainer = Trainer(cfg, out, resume=args.resume)
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except (TrainingInterrupted, TrainingDiverged) as stopped:
+        if trainer.dist.is_main:
+            print(f"nestedtrain: {stopped}", file=sys.stderr)
+        return stopped.exit_status
     if trainer.dist.is_main:
         _print_summary(summary, out)
     return 0
@@ -102,6 +108,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"has {state['num_classes']}"
         )
     batch = args.batch_size
+    memory_mb = cfg.eval.memory_mb if args.memory_mb is None else args.memory_mb
+    if not memory_mb > 0:
+        raise ValueError(f"--memory-mb {memory_mb} must be > 0 (MiB)")
 
     def eval_batches():
         return data.eval_batches(args.split, batch_size=batch)
@@ -122,7 +131,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "flops": count_flops(model, side, chans, subnet=r["subnet"]),
             "params": count_params(model, subnet=r["subnet"]),
         }
-        for r in evaluate_subnets_shared(model, subnets, eval_batches, calib)
+        for r in (
+            evaluate_subnets_shared(model, subnets, eval_batches, calib, memory_mb=memory_mb)
+            if subnets
+            else []
+        )
     ]
     report = {
         "checkpoint": str(args.checkpoint),
@@ -144,35 +157,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
+    """A sub-network as a state_dict, TorchScript or ONNX file, with a JSON sidecar."""
+    from .deploy_commands import cmd_export as export
 
-    from .elastic import Subnet, export_subnet
-    from .engine.checkpoint import atomic_save, load_model
-    from .models import CIFAR_DEPTHS
-
-    model, cfg, state = load_model(args.checkpoint)
-    subnet = Subnet.parse(model, args.subnet)
-    exported = export_subnet(model, subnet).eval()
-    out = Path(args.out)
-    if args.torchscript:
-        side = state["test_img_size"]
-        example = torch.randn(1, state["in_chans"], side, side)
-        with warnings.catch_warnings():
-            # TorchScript is deprecated upstream but still the one format that loads with
-            # torch alone, no Python class needed; the user asked for it by name.
-            warnings.simplefilter("ignore", FutureWarning)
-            scripted = torch.jit.trace(exported, example)
-            atomic_save(scripted, out, saver=torch.jit.save)
-        print(f"wrote TorchScript of sub-network {subnet} to {out} (load with torch.jit.load)")
-        return 0
-    atomic_save(exported.state_dict(), out)
-    note = ""
-    if cfg.model.name in CIFAR_DEPTHS and subnet.is_ordered and len(set(subnet.depths)) == 1:
-        named = {n: name for name, n in CIFAR_DEPTHS.items()}.get(subnet.depths[0])
-        if named:
-            note = f"; it loads into nestedtrain.create_model({named!r})"
-    print(f"wrote the state_dict of sub-network {subnet} to {out}{note}")
-    return 0
+    return export(args)
 
 
 # ---------------------------------------------------------------------------------- flops
@@ -205,6 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .deploy_commands import add_export_options
     from .engine.config import describe_fields
 
     parser = _Parser(
@@ -235,14 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subnets", default="all", help="none | all | sample:N | 3-2-4,2-2-2")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument(
+        "--memory-mb",
+        type=float,
+        metavar="MB",
+        help="MiB of activations sub-network evaluation caches at a time; images run in chunks "
+        "sized to fit, results do not change (default: the run's eval.memory_mb, 1024)",
+    )
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=cmd_eval)
 
-    p = sub.add_parser("export", help="cut a sub-network out as a plain model")
+    p = sub.add_parser(
+        "export",
+        help="cut a sub-network out as a state_dict, TorchScript or ONNX file",
+        description="Write a sub-network (BN statistics re-estimated for it) as a plain "
+        "state_dict, TorchScript or ONNX file, and OUT.json beside it: source run, sub-network, "
+        "input size and normalisation, classes, accuracy, FLOPs, parameters, how to load it.",
+    )
     p.add_argument("checkpoint", help="a run folder or a checkpoint .pt")
     p.add_argument("--subnet", required=True, help="e.g. 3-2-4")
     p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--torchscript", action="store_true", help="save TorchScript instead")
+    add_export_options(p)
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("flops", help="forward FLOPs per image (torch.utils.flop_counter)")
@@ -260,15 +262,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_demo)
 
     from .analysis.commands import register as register_analysis
+    from .deploy_commands import register as register_deploy
     from .motivation_commands import register as register_motivation
+    from .sweep_commands import register as register_sweep
 
     register_analysis(sub)  # analyze ..., report
     register_motivation(sub)  # efficiency, tune-k
+    register_deploy(sub)  # select
+    register_sweep(sub)  # sweep, compare
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for bad input)."""
+    # The library reports what a user should know (a checkpoint fallback, a stale lock) through
+    # the "nestedtrain" logger: one line each on stderr.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("nestedtrain: %(message)s"))
+    library_logger = logging.getLogger("nestedtrain")
+    if not library_logger.handlers:
+        library_logger.addHandler(handler)
+        library_logger.setLevel(logging.INFO)
     try:
         parser = build_parser()
         args = parser.parse_args(list(argv) if argv is not None else None)

@@ -7,15 +7,20 @@
 - :func:`destruct`: accuracy drops when deleting or permuting blocks;
 - :func:`kl_drift_snapshot` / :func:`append_kl_drift`: KL(main || sub-network) during training;
 - :func:`logit_norms`, :func:`effective_receptive_field`: logit amplitude and ERF (ST++);
-- :func:`write_report`: a run folder as Markdown and self-contained HTML.
+- :func:`write_report`: a run folder as Markdown and self-contained HTML;
+- :func:`select_subnet`: the most accurate sub-network inside a FLOPs, parameter or measured
+  latency budget, with its Pareto front; :func:`deploy_subnet`: a sub-network as a
+  state_dict, TorchScript or checked ONNX file with a JSON sidecar.
 """
 
+from .deploy import deploy_subnet, measure_latency
 from .destruct import deletion_subnets, destruct, permutation_subnets, swap_subnet
 from .erf import effective_receptive_field, erf_area_ratios
 from .kl_drift import append_kl_drift, kl_drift_snapshot, kl_drift_summary, read_kl_drift
 from .logits import logit_norms
 from .matrix import loafing_matrix
 from .report import write_report
+from .select import Budget, LatencySpec, pareto_front, pick_best, select_subnet
 from .subnets import (
     evaluate_space,
     evaluate_subnets_shared,
@@ -26,8 +31,11 @@ from .subnets import (
 )
 
 __all__ = [
+    "Budget",
+    "LatencySpec",
     "append_kl_drift",
     "deletion_subnets",
+    "deploy_subnet",
     "destruct",
     "effective_receptive_field",
     "erf_area_ratios",
@@ -38,8 +46,12 @@ __all__ = [
     "loafing_matrix",
     "logit_norms",
     "match_subnet",
+    "measure_latency",
+    "pareto_front",
     "permutation_subnets",
+    "pick_best",
     "read_kl_drift",
+    "select_subnet",
     "space_subnets",
     "subnet_logits",
     "subnet_stats",

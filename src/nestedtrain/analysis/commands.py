@@ -40,7 +40,7 @@ from .plots import (
     plot_subnet_accuracy,
 )
 from .report import write_report
-from .subnets import evaluate_space
+from .subnets import DEFAULT_MEMORY_MB, evaluate_space
 
 __all__ = ["register"]
 
@@ -244,6 +244,7 @@ def _subnets(args: argparse.Namespace) -> int:
             ("--seed", args.seed),
             ("--individual", args.individual),
             ("--chunk-images", args.chunk_images),
+            ("--memory-mb", args.memory_mb),
         ],
     )
     start = time.perf_counter()
@@ -256,6 +257,7 @@ def _subnets(args: argparse.Namespace) -> int:
         seed=args.seed,
         individual=individual,
         chunk_images=args.chunk_images,
+        memory_mb=args.memory_mb,
     )
     payload = {**_header("subnets", command, loaded, args, time.perf_counter() - start), **result}
     out = _out_dir(args, loaded, "subnets")
@@ -306,7 +308,9 @@ def _matrix(args: argparse.Namespace) -> int:
         _same_task(loaded[0], other)
     data = _data(loaded[0], args, device)
     command = _command(
-        args, ["analyze", "matrix", *args.checkpoints], [("--chunk-images", args.chunk_images)]
+        args,
+        ["analyze", "matrix", *args.checkpoints],
+        [("--chunk-images", args.chunk_images), ("--memory-mb", args.memory_mb)],
     )
     names = _labels(loaded)
     start = time.perf_counter()
@@ -317,6 +321,7 @@ def _matrix(args: argparse.Namespace) -> int:
         _calib_fn(data, args, loaded[0].cfg),
         architectures=[x.cfg.model.name for x in loaded],
         chunk_images=args.chunk_images,
+        memory_mb=args.memory_mb,
     )
     header = _header("matrix", command, loaded[0], args, time.perf_counter() - start)
     header["checkpoints"] = [str(x.path) for x in loaded]
@@ -368,6 +373,7 @@ def _destruct(args: argparse.Namespace) -> int:
             ("--stages", args.stages),
             ("--swap", args.swap),
             ("--chunk-images", args.chunk_images),
+            ("--memory-mb", args.memory_mb),
         ],
     )
     start = time.perf_counter()
@@ -383,6 +389,7 @@ def _destruct(args: argparse.Namespace) -> int:
         stages=_ints(args.stages, "--stages"),
         swaps=_swaps(args.swap),
         chunk_images=args.chunk_images,
+        memory_mb=args.memory_mb,
     )
     payload = {**_header("destruct", command, loaded, args, time.perf_counter() - start), **result}
     out = _out_dir(args, loaded, "destruct")
@@ -530,15 +537,33 @@ def _report(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------- parsers
+def _memory_mb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is no memory budget: give MiB > 0, e.g. 512")
+    return value
+
+
 def _data_options(parser: argparse.ArgumentParser, chunked: bool = False) -> None:
-    """The data/device options every analysis takes (and ``--chunk-images`` where it caches
-    activations of shared prefixes)."""
+    """The data/device options every analysis takes (and ``--memory-mb``, ``--chunk-images``
+    where it caches activations of shared prefixes)."""
     if chunked:
+        parser.add_argument(
+            "--memory-mb",
+            type=_memory_mb,
+            default=DEFAULT_MEMORY_MB,
+            metavar="MB",
+            help="cache at most about MB MiB of activations at a time: images run in chunks "
+            f"sized to fit; results do not change (default {DEFAULT_MEMORY_MB})",
+        )
         parser.add_argument(
             "--chunk-images",
             type=int,
             metavar="N",
-            help="cache activations of at most N eval images at a time (less memory)",
+            help="chunks of at most N images (at least one batch) instead of --memory-mb",
         )
     group = parser.add_argument_group("data and device")
     group.add_argument(

@@ -34,7 +34,13 @@ from torch import nn
 
 from ..elastic.stages import Stage, find_stages, unwrap
 from ..elastic.subnet import Subnet
-from .subnets import CalibBatches, EvalBatches, evaluate_subnets_shared, subnet_stats
+from .subnets import (
+    DEFAULT_MEMORY_MB,
+    CalibBatches,
+    EvalBatches,
+    evaluate_subnets_shared,
+    subnet_stats,
+)
 
 __all__ = [
     "BN_POLICIES",
@@ -384,6 +390,7 @@ def destruct(
     stages: Sequence[int] | None = None,
     swaps: Sequence[tuple[int, int, int]] = (),
     chunk_images: int | None = None,
+    memory_mb: float | None = DEFAULT_MEMORY_MB,
 ) -> dict[str, Any]:
     """Accuracy drops of a trained network when blocks are deleted or permuted.
 
@@ -400,7 +407,8 @@ def destruct(
             the paper's appendix C.2 says of every tested sub-network) or ``"own"``.
         stages: stage numbers (from 1) to destroy; all by default.
         swaps: extra single transpositions ``(stage, block, block)`` to evaluate.
-        chunk_images: see :func:`~nestedtrain.analysis.subnets.subnet_logits`.
+        chunk_images, memory_mb: bound the memory, not the result (see
+            :func:`~nestedtrain.analysis.subnets.subnet_logits`).
 
     Returns:
         ``intact`` accuracy, ``delete_one`` (per skippable block: its drop), ``delete`` and
@@ -438,7 +446,7 @@ def destruct(
     wanted.extend(s for _, s in swapped)
     wanted = list(dict.fromkeys(wanted))
     calib = calib_batches if bn == "recalibrate" else None
-    results = evaluate_subnets_shared(model, wanted, eval_batches, calib, chunk_images)
+    results = evaluate_subnets_shared(model, wanted, eval_batches, calib, chunk_images, memory_mb)
     acc = {subnet: r["acc"] for subnet, r in zip(wanted, results)}
     intact = acc[full]
     offsets = list(itertools.accumulate(len(stage) for stage in all_stages))

@@ -19,7 +19,13 @@ from torch import nn
 
 from ..elastic.stages import unwrap
 from ..elastic.subnet import Subnet
-from .subnets import CalibBatches, EvalBatches, subnet_logits, subnet_stats
+from .subnets import (
+    DEFAULT_MEMORY_MB,
+    CalibBatches,
+    EvalBatches,
+    subnet_logits,
+    subnet_stats,
+)
 
 __all__ = [
     "KL_DRIFT_FILE",
@@ -38,12 +44,16 @@ def kl_drift_snapshot(
     subnets: Sequence[Subnet | str],
     eval_batches: EvalBatches,
     calib_batches: CalibBatches,
+    chunk_images: int | None = None,
+    memory_mb: float | None = DEFAULT_MEMORY_MB,
 ) -> dict[str, float]:
     """Mean ``KL(p_main || p_sub)`` over the eval images, per sub-network.
 
     The main network runs with its own BN statistics; each sub-network with statistics
     re-estimated for it, as when it is evaluated. The model's statistics and train/eval mode
-    are restored afterwards. Sums are all-reduced when distributed.
+    are restored afterwards. Sums are all-reduced when distributed. The main network's
+    log-probabilities are kept for one chunk of images at a time (``chunk_images`` and
+    ``memory_mb`` as for :func:`~nestedtrain.analysis.subnets.subnet_logits`).
 
     Returns:
         ``{subnet string: mean KL in nats}``, in the order of ``subnets``.
@@ -51,24 +61,37 @@ def kl_drift_snapshot(
     model = unwrap(model)
     if not subnets:
         raise ValueError("kl_drift_snapshot got no sub-networks: pass at least one")
-    was_training = model.training
-    model.eval()
-    try:
-        main = [F.log_softmax(model(images).float(), dim=1) for images, _ in eval_batches()]
-    finally:
-        model.train(was_training)
-    if not main:
-        raise ValueError("kl_drift_snapshot got no eval images")
     sums = torch.zeros(len(subnets), dtype=torch.float64)
+    images = [0]
+    # Per eval batch: the main network's log-probabilities and how many sub-networks have
+    # yet to be compared with them (then they are dropped).
+    main: dict[int, list] = {}
+
+    def consume_main(t: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        main[t] = [F.log_softmax(logits.float(), dim=1), len(subnets)]
+        images[0] += logits.shape[0]
 
     def consume(indices: list[int], t: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        entry = main[t]
         sub = F.log_softmax(logits.float(), dim=1)
-        kl = F.kl_div(sub, main[t], log_target=True, reduction="sum").double().cpu()
+        kl = F.kl_div(sub, entry[0], log_target=True, reduction="sum").double().cpu()
         for i in indices:
             sums[i] += kl
+        entry[1] -= len(indices)
+        if entry[1] == 0:
+            del main[t]
 
-    subnet_logits(model, subnets, eval_batches, calib_batches, consume)
-    count = torch.tensor([float(sum(m.shape[0] for m in main))], dtype=torch.float64)
+    subnet_logits(
+        model,
+        subnets,
+        eval_batches,
+        calib_batches,
+        consume,
+        chunk_images,
+        memory_mb,
+        consume_main=consume_main,
+    )
+    count = torch.tensor([float(images[0])], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         device = next(model.parameters()).device
         reduced = torch.cat([sums, count]).to(device)

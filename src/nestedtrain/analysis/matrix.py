@@ -26,7 +26,13 @@ from .. import bn as bn_tools
 from ..elastic.stages import find_stages, unwrap
 from ..elastic.weightmap import inherit
 from ..engine.evaluate import evaluate
-from .subnets import CalibBatches, EvalBatches, evaluate_subnets_shared, match_subnet
+from .subnets import (
+    DEFAULT_MEMORY_MB,
+    CalibBatches,
+    EvalBatches,
+    evaluate_subnets_shared,
+    match_subnet,
+)
 
 __all__ = ["loafing_matrix"]
 
@@ -89,6 +95,7 @@ def loafing_matrix(
     calib_batches: CalibBatches,
     architectures: Sequence[str] | None = None,
     chunk_images: int | None = None,
+    memory_mb: float | None = DEFAULT_MEMORY_MB,
 ) -> dict[str, Any]:
     """Accuracy of every architecture of the list inside every trained model of the list.
 
@@ -98,7 +105,8 @@ def loafing_matrix(
         eval_batches, calib_batches: evaluation and calibration data, shared by all models.
         architectures: a column label per model (its architecture, e.g. ``"resnet32"``);
             models of identical architecture share a column. Defaults to ``names``.
-        chunk_images: see :func:`~nestedtrain.analysis.subnets.subnet_logits`.
+        chunk_images, memory_mb: bound the memory, not the result (see
+            :func:`~nestedtrain.analysis.subnets.subnet_logits`).
 
     Returns:
         ``models`` (row labels), ``architectures`` (column labels), ``acc`` (rows of
@@ -147,7 +155,12 @@ def loafing_matrix(
                 cells[j], kinds[j] = _inherited_accuracy(model, arch, eval_batches, calib_batches)
         if subnets:
             results = evaluate_subnets_shared(
-                model, [s for _, s in subnets], eval_batches, calib_batches, chunk_images
+                model,
+                [s for _, s in subnets],
+                eval_batches,
+                calib_batches,
+                chunk_images,
+                memory_mb,
             )
             for (j, subnet), result in zip(subnets, results):
                 cells[j], kinds[j] = result["acc"], f"subnet {subnet}"

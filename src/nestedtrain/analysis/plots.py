@@ -17,11 +17,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 __all__ = [
+    "plot_comparison",
     "plot_destruction",
     "plot_erf",
     "plot_kl_drift",
     "plot_logit_norms",
     "plot_loafing_matrix",
+    "plot_pareto",
     "plot_subnet_accuracy",
     "plot_training_curves",
     "save_figure",
@@ -205,3 +207,146 @@ def plot_training_curves(metrics: Sequence[dict[str, Any]], path: str | Path) ->
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
     return save_figure(figure, path)
+
+
+def _pareto_panel(
+    ax, result: dict[str, Any], cost: str, scale: float, label: str, limit: float | None
+) -> None:
+    acc = f"{result['selection_split']}_acc"
+    rows = [r for r in result["subnets"] if r.get(cost) is not None and r.get(acc) is not None]
+    flag = "on_front" if cost == "flops" else "on_latency_front"
+    ax.plot(
+        [r[cost] / scale for r in rows],
+        [r[acc] for r in rows],
+        "o",
+        ms=4,
+        color="tab:gray",
+        alpha=0.5,
+        label=f"sub-networks ({len(rows)})" if cost == "flops" else f"measured ({len(rows)})",
+    )
+    front = sorted((r for r in rows if r.get(flag)), key=lambda r: r[cost])
+    ax.plot(
+        [r[cost] / scale for r in front],
+        [r[acc] for r in front],
+        "o-",
+        ms=5,
+        lw=1.5,
+        color="tab:blue",
+        label="Pareto front",
+        drawstyle="steps-post",
+    )
+    main, pick = result["main"], result["pick"]
+    if main.get(cost) is not None:
+        ax.plot(main[cost] / scale, main[acc], "D", ms=8, color="black", label="main network")
+    if pick.get(cost) is not None:
+        ax.plot(
+            pick[cost] / scale,
+            pick[acc],
+            "*",
+            ms=16,
+            color="tab:red",
+            label=f"pick {pick['subnet']}",
+        )
+    if limit is not None:
+        ax.axvline(limit, ls="--", lw=1, color="tab:red", alpha=0.6, label="budget")
+    ax.set_xlabel(label)
+    ax.set_ylabel(f"top-1 on {result['selection_split']} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+
+
+def plot_pareto(result: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Selection accuracy against FLOPs (and measured latency, when there is any): every
+    sub-network a point, the Pareto front a line, the pick a star, the main network a
+    diamond, the budget a dashed line."""
+    timed = any(r.get("latency_ms") is not None for r in result["subnets"])
+    figure = _figure(11 if timed else 6.5, 4.5)
+    axes = figure.subplots(1, 2) if timed else [figure.add_subplot()]
+    budget = result.get("budget") or {}
+    _pareto_panel(
+        axes[0], result, "flops", 1e6, "forward MFLOPs per image", budget.get("max_mflops")
+    )
+    if timed:
+        spec = result.get("latency") or {}
+        where = f"{spec.get('device', '?')}, batch {spec.get('batch', '?')}, "
+        where += f"{spec.get('threads', '?')} thread(s)"
+        _pareto_panel(
+            axes[1],
+            result,
+            "latency_ms",
+            1.0,
+            f"measured latency, ms (median; {where})",
+            budget.get("max_latency_ms"),
+        )
+    figure.suptitle(title or f"pick {result['pick']['subnet']} for budget: {_budget_text(budget)}")
+    return save_figure(figure, path)
+
+
+def _budget_text(budget: dict[str, Any]) -> str:
+    units = {"max_mflops": "MFLOPs", "max_params_m": "M params", "max_latency_ms": "ms"}
+    parts = [f"<= {budget[k]:g} {unit}" for k, unit in units.items() if budget.get(k) is not None]
+    return ", ".join(parts) or "none"
+
+
+def _group_name(label: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in label.items()) or "all runs"
+
+
+def plot_comparison(result: dict[str, Any], folder: str | Path) -> list[Path]:
+    """Three figures of a comparison (``nestedtrain compare``), written into ``folder``:
+    test accuracy per epoch (mean line, ± std band) per group, the spread of sub-network
+    accuracies per group (when evaluated), and accuracy against training time."""
+    folder = Path(folder)
+    groups = result["groups"]
+    paths = []
+    figure = _figure(7.0, 4.2)
+    ax = figure.add_subplot()
+    for group in groups:
+        curve = group["curve"]
+        if not curve["epoch"]:
+            continue
+        epochs = np.asarray(curve["epoch"]) + 1
+        mean, std = np.asarray(curve["mean"]), np.asarray(curve["std"])
+        (line,) = ax.plot(
+            epochs, mean, lw=1.5, label=f"{_group_name(group['label'])} (n={group['n']})"
+        )
+        ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    ax.set_title("test accuracy per epoch: mean over seeds, ± std")
+    paths.append(save_figure(figure, folder / "accuracy_per_epoch.png"))
+
+    with_subnets = [g for g in groups if g.get("subnet_accs")]
+    if with_subnets:
+        figure = _figure(max(5.0, 1.2 * len(with_subnets) + 3), 4.2)
+        ax = figure.add_subplot()
+        ax.boxplot([g["subnet_accs"] for g in with_subnets], showmeans=True)
+        ax.set_xticks(range(1, len(with_subnets) + 1))
+        ax.set_xticklabels([_group_name(g["label"]) for g in with_subnets], rotation=20, fontsize=7)
+        ax.set_ylabel("sub-network test top-1 (%)")
+        ax.set_title("sub-network accuracies, all seeds")
+        paths.append(save_figure(figure, folder / "subnet_accuracy.png"))
+
+    figure = _figure(6.0, 4.2)
+    ax = figure.add_subplot()
+    for group in groups:
+        acc, wall = group["main_acc"], group["wall_seconds"]
+        if acc["mean"] is None or wall["mean"] is None:
+            continue
+        ax.errorbar(
+            wall["mean"],
+            acc["mean"],
+            xerr=wall["std"] or 0.0,
+            yerr=acc["std"] or 0.0,
+            fmt="o",
+            capsize=3,
+            label=_group_name(group["label"]),
+        )
+    ax.set_xlabel("training wall time (s), mean over seeds")
+    ax.set_ylabel("test top-1 (%)")
+    ax.legend(fontsize=7)
+    ax.set_title("accuracy against training cost")
+    paths.append(save_figure(figure, folder / "accuracy_vs_cost.png"))
+    return paths

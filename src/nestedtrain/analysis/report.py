@@ -288,6 +288,45 @@ def _render_erf(section: _Section, data: dict[str, Any]) -> None:
     )
 
 
+def _render_select(section: _Section, data: dict[str, Any]) -> None:
+    split = data["selection_split"]
+    section.notes.append(
+        f"{data['evaluated']}; selection on {split}, test beside it; budget: "
+        f"{data.get('budget_text', '–')}; BN {data['bn']}"
+    )
+    if data.get("latency"):
+        spec = data["latency"]
+        section.notes.append(
+            f"latency measured on {spec['device']}, batch {spec['batch']}, {spec['threads']} "
+            f"thread(s): median of {spec['repeats']} runs in {spec.get('rounds', 1)} interleaved rounds after {spec['warmup']} warm-up"
+        )
+    front = sorted((r for r in data["subnets"] if r["on_front"]), key=lambda r: r["flops"])
+    pick, main = data["pick"]["subnet"], data["main"]["subnet"]
+    section.tables.append(
+        (
+            f"Pareto front, {split} top-1 vs FLOPs (pick {pick}, main network {main})",
+            ["sub-network", "MFLOPs", "M params", "val (%)", "test (%)", "ms", "fits", ""],
+            [
+                [
+                    r["subnet"],
+                    r["flops"] / 1e6,
+                    r["params"] / 1e6,
+                    r["val_acc"],
+                    r["test_acc"],
+                    r.get("latency_ms"),
+                    r["fits_budget"],
+                    " ".join(
+                        word
+                        for word, flag in (("pick", r["subnet"] == pick), ("main", r["is_main"]))
+                        if flag
+                    ),
+                ]
+                for r in front
+            ],
+        )
+    )
+
+
 def _render_generic(section: _Section, data: dict[str, Any]) -> None:
     rows = [[k, v] for k, v in data.items() if isinstance(v, (int, float, str)) and k != "command"]
     section.tables.append(("", ["", "value"], rows))
@@ -300,6 +339,7 @@ _RENDERERS = {
     "kl-drift": _render_kl,
     "logits": _render_logits,
     "erf": _render_erf,
+    "select": _render_select,
 }
 
 

@@ -17,6 +17,14 @@ exactly, as long as train mode draws no random numbers (no dropout or drop-path 
 Children that continue the same stage are visited last, and a node's activations are released
 before its last child runs, so memory holds about one set of activations per stage.
 
+**Memory.** Both passes run on chunks of consecutive batches, the calibration images first,
+then the evaluation images. A node puts its BN statistics and its count of images seen away
+between chunks (train-mode BN outputs do not depend on them), so chunking changes nothing in
+the result. Chunks are sized from a budget (``memory_mb``) and from the activation sizes the
+model produced on a probe image, so memory does not grow with the number of images (ResNet-50
+at 224 px holds at most 6.7 MiB an image, its activations and the image itself: the default
+1024 MiB runs chunks of 152 images, whichever of its sub-networks are evaluated).
+
 The stem and the head are whatever the model's forward does before its first stage and after
 its last: a pre-hook on the first stage container stops the forward after the stem, and the
 head runs as the model's forward with every stage container emptied and the last one's output
@@ -26,6 +34,7 @@ that are not called, code between stages) is evaluated one sub-network at a time
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,6 +52,7 @@ from ..elastic.subnet import Subnet, export_subnet, swapped_blocks, use_subnet
 from ..engine.evaluate import batch_counts, evaluate, metrics_from_counts
 
 __all__ = [
+    "DEFAULT_MEMORY_MB",
     "evaluate_space",
     "evaluate_subnets_shared",
     "match_subnet",
@@ -55,6 +65,11 @@ EvalBatches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 CalibBatches = Callable[[], Iterable[Union[torch.Tensor, Sequence[torch.Tensor]]]]
 # consume(subnet indices, batch index, logits, labels): called once per leaf and eval batch.
 Consumer = Callable[[list[int], int, torch.Tensor, torch.Tensor], None]
+# consume_main(batch index, logits, labels): the main network's logits, once per eval batch.
+MainConsumer = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+# MiB of activations a shared-prefix evaluation caches at once, unless told otherwise.
+DEFAULT_MEMORY_MB = 1024
 
 
 # ------------------------------------------------------------------------------ the trie
@@ -66,6 +81,7 @@ class _Node:
     children: dict[tuple, _Node] = field(default_factory=dict)
     subnets: list[int] = field(default_factory=list)  # at a head: indices of its sub-networks
     stats: dict[int, tuple[torch.Tensor, ...]] | None = None  # its BNs after re-calibration
+    seen: int = 0  # calibration images its BNs have seen so far
     size: int = 1
 
     def ordered_children(self) -> list[_Node]:
@@ -107,6 +123,10 @@ class _StemDone(Exception):
         self.output = output
 
 
+def _bytes_per_image(x: torch.Tensor) -> int:
+    return x[0].numel() * x.element_size()
+
+
 def _first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         return value
@@ -126,7 +146,11 @@ class _Split:
     def __init__(self, model: nn.Module, stages: Sequence[Stage], probe: torch.Tensor):
         self.model = model
         self.stages = list(stages)
-        self.probe = probe[:1]
+        # A copy: a view would keep the whole batch it came from alive.
+        self.probe = probe[:1].clone()
+        self.probe_numel = probe[0].numel()
+        # Bytes per probe image of each piece's output: ("stem",), ("block", s, b), ("head",).
+        self.bytes_per_image: dict[tuple, int] = {}
         self._mode = "off"
         self._features: torch.Tensor | None = None
         self.stem_bns: list[_BatchNorm] = []
@@ -195,16 +219,25 @@ class _Split:
         self._check(probe, reference)
 
     def _check(self, probe: torch.Tensor, reference: torch.Tensor) -> None:
-        """The pieces must compute what the model's own forward computes."""
+        """The pieces must compute what the model's own forward computes.
+
+        Also records how many bytes per image each piece's output takes, for the memory
+        budget. A skippable block keeps its input's shape, so a block's output has the same
+        size in every sub-network that runs it.
+        """
         was_training = self.model.training
+        sizes = self.bytes_per_image
         try:
             with self.installed():
                 self.set_mode(False)
                 x = self.stem(probe)
-                for stage in self.stages:
-                    for block in stage.blocks:
+                sizes["stem",] = _bytes_per_image(x)
+                for s, stage in enumerate(self.stages):
+                    for b, block in enumerate(stage.blocks):
                         x = block(x)
+                        sizes["block", s, b] = _bytes_per_image(x)
                 logits = self.head(x)
+                sizes["head",] = _bytes_per_image(logits)
         finally:
             self.model.train(was_training)
         if not isinstance(reference, torch.Tensor) or logits.shape != reference.shape:
@@ -301,33 +334,88 @@ def _load(layers: Sequence[_BatchNorm], stats: dict[int, tuple[torch.Tensor | No
 
 
 class _Runner:
-    """One shared-prefix pass over a trie of sub-networks."""
+    """Shared-prefix passes over a trie of sub-networks, one chunk of images at a time."""
 
     def __init__(self, split: _Split, root: _Node, stages: Sequence[Stage]):
         self.split, self.root, self.stages = split, root, stages
+        self.held_per_image = self._held_per_image()
 
+    # ------------------------------------------------------------------- memory budget
+    def _held_per_image(self) -> int:
+        """The most activation bytes per probe image that a pass holds at once.
+
+        A pass keeps a node's outputs (for every image of the chunk) while its children run,
+        except while its last child runs: that child drops them as soon as it has its own.
+        So while node ``v`` computes, memory holds ``v``'s outputs, its inputs (its parent's
+        outputs) and the outputs of every ancestor with a child still to run. Walking the
+        trie in the order the pass runs gives the largest such sum exactly; for an ordered
+        space it is about one stage's activations per stage plus the current block's.
+        """
+        sizes = self.split.bytes_per_image
+
+        def peak(node: _Node, held: int, inputs: int, last: bool) -> int:
+            out = sizes[node.key] if node.key[0] == "block" else 0  # a head's logits go at once
+            kept = held if last else held + inputs
+            children = node.ordered_children()
+            return max(
+                [held + inputs + out]
+                + [peak(c, kept, out, i == len(children) - 1) for i, c in enumerate(children)]
+            )
+
+        stem = sizes["stem",]
+        children = self.root.ordered_children()
+        return max(
+            [stem] + [peak(c, 0, stem, i == len(children) - 1) for i, c in enumerate(children)]
+        )
+
+    def images_per_chunk(self, images: torch.Tensor, budget: float | None, extra: int = 0) -> int:
+        """How many images like ``images[0]`` a chunk may hold within ``budget`` bytes.
+
+        Per image: the image itself (a chunk keeps its images until its pass ends), the
+        activations :meth:`_held_per_image` counts, scaled from the probe to this image's
+        number of pixels (convolutions and token sequences grow with the pixels), and
+        ``extra`` bytes the caller keeps per image. The model, the BN statistics of the nodes
+        and the temporaries inside one block's forward of one batch come on top.
+        """
+        if budget is None:
+            return 0
+        per_image = _bytes_per_image(images) + extra
+        per_image += self.held_per_image * images[0].numel() / self.split.probe_numel
+        return max(1, int(budget // per_image))
+
+    # ---------------------------------------------------------------- calibration pass
     def _calibrated(
-        self, layers: Sequence[_BatchNorm], inputs: list[torch.Tensor], run: Callable
+        self, node: _Node, layers: Sequence[_BatchNorm], inputs: list[torch.Tensor], run: Callable
     ) -> list[torch.Tensor]:
-        """``run`` over the calibration batches in train mode, re-estimating ``layers`` as
-        ``bn.recalibrate`` does: reset, then momentum ``n / (seen + n)`` per batch."""
-        for m in layers:
-            m.reset_running_stats()
-        outputs, seen = [], 0
+        """``run`` over one chunk of calibration batches in train mode, re-estimating
+        ``layers`` for ``node`` as ``bn.recalibrate`` does: reset before the first batch,
+        then momentum ``n / (seen + n)`` per batch.
+
+        Train-mode BN outputs do not depend on the running statistics, so the node's
+        statistics and count can be put away between chunks and the result is the same as
+        one pass over every batch.
+        """
+        if node.seen == 0:
+            for m in layers:
+                m.reset_running_stats()
+        else:
+            _load(layers, node.stats)
+        outputs = []
         for x in inputs:
             n = x.shape[0]
             for m in layers:
-                m.momentum = n / (seen + n)
+                m.momentum = n / (node.seen + n)
             outputs.append(run(x))
-            seen += n
+            node.seen += n
+        node.stats = _save(layers)
         return outputs
 
-    # ---------------------------------------------------------------- calibration pass
     def calibrate(self, batches: list[torch.Tensor]) -> None:
+        """Run one chunk of calibration batches through the trie (in order, chunk after
+        chunk: each node's statistics continue from the previous chunk's)."""
         split = self.split
         split.set_mode(True)
-        holder = [self._calibrated(split.stem_bns, batches, split.stem)]
-        self.root.stats = _save(split.stem_bns)
+        holder = [self._calibrated(self.root, split.stem_bns, batches, split.stem)]
         self._calibrate_children(self.root, holder)
 
     def _calibrate_children(self, node: _Node, holder: list) -> None:
@@ -345,17 +433,15 @@ class _Runner:
         if node.key[0] == "head":
             inputs = holder.pop()
             if self.split.head_bns:
-                self._calibrated(self.split.head_bns, inputs, self.split.head)
-                node.stats = _save(self.split.head_bns)
+                self._calibrated(node, self.split.head_bns, inputs, self.split.head)
             return
         _, s, b = node.key
         block = self.stages[s].blocks[b]
-        layers = _block_bns(block)
         inputs = holder.pop()
-        outputs = self._calibrated(layers, inputs, block)
+        # Handed over in a list, never bound here: this frame lives while the subtree runs.
+        outputs = [self._calibrated(node, _block_bns(block), inputs, block)]
         del inputs
-        node.stats = _save(layers)
-        self._calibrate_children(node, [outputs])
+        self._calibrate_children(node, outputs)
 
     # --------------------------------------------------------------------- eval pass
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]], first: int, consume):
@@ -391,23 +477,32 @@ class _Runner:
         block = self.stages[s].blocks[b]
         if node.stats is not None:
             _load(_block_bns(block), node.stats)
-        outputs = [block(x) for x in inputs]
+        # Handed over in a list, never bound here: this frame lives while the subtree runs.
+        outputs = [[block(x) for x in inputs]]
         del inputs
-        self._eval_children(node, [outputs], labels, first, consume)
+        self._eval_children(node, outputs, labels, first, consume)
 
 
-def _chunks(
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_images: int | None
-) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+def _chunks(batches: Iterable[Any], max_images: int) -> Iterator[list]:
+    """Consecutive batches, at most ``max_images`` images a chunk but at least one batch
+    (``max_images=0``: everything in one chunk)."""
     chunk, count = [], 0
     for batch in batches:
-        chunk.append(batch)
-        count += batch[0].shape[0]
-        if max_images is not None and count >= max_images:
+        n = _images(batch).shape[0]
+        if chunk and max_images and count + n > max_images:
             yield chunk
             chunk, count = [], 0
+        chunk.append(batch)
+        count += n
     if chunk:
         yield chunk
+
+
+def _peek(batches: Iterable[Any]) -> tuple[Any, Iterator[Any]]:
+    """The first item (``None`` when there is none) and an iterator over all of them."""
+    iterator = iter(batches)
+    first = next(iterator, None)
+    return first, (iterator if first is None else itertools.chain([first], iterator))
 
 
 def _as_subnets(model: nn.Module, subnets: Sequence[Subnet | str]) -> list[Subnet]:
@@ -422,12 +517,19 @@ def subnet_logits(
     calib_batches: CalibBatches | None,
     consume: Consumer,
     chunk_images: int | None = None,
+    memory_mb: float | None = DEFAULT_MEMORY_MB,
+    consume_main: MainConsumer | None = None,
 ) -> str:
     """Feed every sub-network's logits on every eval batch to ``consume``, sharing prefixes.
 
     ``consume(indices, batch_index, logits, labels)`` receives the logits of the sub-networks
     ``subnets[i] for i in indices`` (equal sub-networks share one call) on eval batch number
-    ``batch_index``. Calls come in no particular order of sub-networks.
+    ``batch_index``. Calls come in no particular order of sub-networks, but each sub-network
+    gets its batches in order.
+
+    Images run in chunks of consecutive batches, calibration images first, then evaluation
+    images; a chunk's activations are dropped before the next chunk is read, so memory does
+    not grow with the number of images. The results do not depend on the chunks.
 
     Args:
         model: the main network; its BN statistics and train/eval mode are restored after.
@@ -436,55 +538,93 @@ def subnet_logits(
         calib_batches: returns a fresh iterable of training images each call, to re-estimate
             BN statistics for every sub-network (as ``bn.recalibrate``); ``None`` runs each
             sub-network with the model's own statistics.
-        chunk_images: cache activations for at most about this many eval images at a time
-            (``None``: all at once); a smaller chunk trades speed for memory.
+        chunk_images: at most this many images a chunk (but at least one batch); ``None``
+            sizes chunks from ``memory_mb``.
+        memory_mb: MiB of activations (and images) a chunk may hold; ``None``: one chunk of
+            everything, fastest when it fits. The model and one batch's temporaries come on
+            top.
+        consume_main: called as ``consume_main(batch_index, logits, labels)`` with the main
+            network's logits (its own BN statistics, eval mode) on every eval batch, before
+            any sub-network's logits on that batch.
 
     Returns:
         ``"shared"``, or ``"naive"`` when the model's forward could not be split into stem,
         blocks and head and each sub-network ran on its own.
 
     Raises:
-        ValueError: no sub-networks, a sub-network that does not fit the model, no batches.
+        ValueError: no sub-networks, a sub-network that does not fit the model, no batches,
+            a ``chunk_images`` or ``memory_mb`` that is not positive.
     """
     model = unwrap(model)
     if not subnets:
         raise ValueError("no sub-networks to evaluate: pass at least one")
     if chunk_images is not None and chunk_images < 1:
         raise ValueError(f"chunk_images={chunk_images} must be >= 1 or None")
+    if memory_mb is not None and not memory_mb > 0:
+        raise ValueError(f"memory_mb={memory_mb} must be > 0 (MiB) or None for no limit")
+    budget = None if memory_mb is None else memory_mb * 2**20
     stages = find_stages(model)
     subnets = _as_subnets(model, subnets)
     for subnet in subnets:
         subnet.validate(stages)
-    calib = [_images(b) for b in calib_batches()] if calib_batches is not None else None
-    if calib is not None and not calib:
-        raise ValueError("calibration got no batches: pass at least one batch of images")
     was_training = model.training
     saved = bn_tools.save_stats(model)
     momenta = [(m, m.momentum) for m in bn_tools.batchnorms(model)]
     try:
-        chunks = _chunks(eval_batches(), chunk_images)
-        first_chunk = next(chunks, None)
-        if first_chunk is None:
-            raise ValueError("evaluation got no images")
-        probe = (calib[0] if calib is not None else first_chunk[0][0])[:2]
+        calib = evals = None
+        if calib_batches is not None:
+            first, calib = _peek(_images(b) for b in calib_batches())
+            if first is None:
+                raise ValueError("calibration got no batches: pass at least one batch of images")
+        else:
+            first, evals = _peek(eval_batches())
+            if first is None:
+                raise ValueError("evaluation got no images")
+            first = first[0]
+        probe = first[:2]
+        del first
         try:
             split = _Split(model, stages, probe)
         except _SplitFailed:
-            _naive(model, subnets, eval_batches, calib_batches, consume)
+            del calib, evals  # nothing read but their first batch
+            _naive(model, subnets, eval_batches, calib_batches, consume, consume_main)
             return "naive"
-        root = _build_trie(subnets)
-        runner = _Runner(split, root, stages)
-        with split.installed():
-            if calib is not None:
-                runner.calibrate(calib)
-                del calib
-            first = 0
-            pending = [first_chunk]
-            del first_chunk
-            for chunk in _prepend(pending, chunks):
-                runner.evaluate(chunk, first, consume)
-                first += len(chunk)
-                del chunk  # a chunk's images are dropped before the next one is read
+        del probe
+        runner = _Runner(split, _build_trie(subnets), stages)
+
+        def chunks(batches: Iterator[Any], extra: int = 0) -> Iterator[list]:
+            first, batches = _peek(batches)
+            if first is None:
+                return iter(())
+            if chunk_images is not None:
+                size = chunk_images
+            else:
+                size = runner.images_per_chunk(_images(first), budget, extra)
+            del first
+            return _chunks(batches, size)
+
+        if calib is not None:
+            with split.installed():
+                for chunk in chunks(calib):
+                    runner.calibrate(chunk)
+                    del chunk  # dropped before the next chunk is read
+        if evals is None:
+            evals = iter(eval_batches())
+        # consume_main's caller keeps the main network's logits of a chunk's images.
+        extra = split.bytes_per_image["head",] if consume_main is not None else 0
+        first_batch = 0  # number of the chunk's first eval batch
+        for chunk in chunks(evals, extra):
+            if consume_main is not None:
+                bn_tools.load_stats(model, saved)
+                model.eval()
+                for t, (images, labels) in enumerate(chunk):
+                    consume_main(first_batch + t, model(images), labels)
+            with split.installed():
+                runner.evaluate(chunk, first_batch, consume)
+            first_batch += len(chunk)
+            del chunk
+        if not first_batch:
+            raise ValueError("evaluation got no images")
         return "shared"
     finally:
         for m, momentum in momenta:
@@ -493,21 +633,52 @@ def subnet_logits(
         model.train(was_training)
 
 
-def _prepend(pending: list, rest: Iterator[list]) -> Iterator[list]:
-    # Popped, not held: the generator keeps no reference to a chunk it has handed out.
-    yield pending.pop()
-    yield from rest
+def _naive(
+    model: nn.Module,
+    subnets: Sequence[Subnet],
+    eval_batches: EvalBatches,
+    calib_batches: CalibBatches | None,
+    consume: Consumer,
+    consume_main: MainConsumer | None,
+) -> None:
+    """One sub-network at a time (a model whose forward cannot be split).
 
-
-def _naive(model, subnets, eval_batches, calib_batches, consume) -> None:
-    """One sub-network at a time (a model whose forward cannot be split)."""
-    for index, subnet in enumerate(subnets):
-        if calib_batches is not None:
+    Nothing is cached: ``bn.recalibrate`` and the evaluation stream their batches. With
+    ``consume_main`` the loops turn around: the BN statistics re-estimated for each
+    sub-network are kept (no images), and each eval batch runs through the main network
+    and then through every sub-network.
+    """
+    seen = 0
+    if consume_main is None:
+        for index, subnet in enumerate(subnets):
+            if calib_batches is not None:
+                bn_tools.recalibrate(model, calib_batches(), subnet)
+            model.eval()
+            with use_subnet(model, subnet):
+                for t, (images, labels) in enumerate(eval_batches()):
+                    consume([index], t, model(images), labels)
+                    seen += 1
+            if not seen:
+                raise ValueError("evaluation got no images")
+        return
+    own = bn_tools.save_stats(model)
+    stats = []
+    if calib_batches is not None:
+        for subnet in subnets:
             bn_tools.recalibrate(model, calib_batches(), subnet)
-        model.eval()
-        with use_subnet(model, subnet):
-            for t, (images, labels) in enumerate(eval_batches()):
+            stats.append(bn_tools.save_stats(model))
+    model.eval()
+    for t, (images, labels) in enumerate(eval_batches()):
+        bn_tools.load_stats(model, own)
+        consume_main(t, model(images), labels)
+        for index, subnet in enumerate(subnets):
+            if stats:
+                bn_tools.load_stats(model, stats[index])
+            with use_subnet(model, subnet):
                 consume([index], t, model(images), labels)
+        seen += 1
+    if not seen:
+        raise ValueError("evaluation got no images")
 
 
 def evaluate_subnets_shared(
@@ -516,30 +687,27 @@ def evaluate_subnets_shared(
     eval_batches: EvalBatches,
     calib_batches: CalibBatches | None,
     chunk_images: int | None = None,
+    memory_mb: float | None = DEFAULT_MEMORY_MB,
 ) -> list[dict]:
     """Accuracy of each sub-network, BN re-calibrated for it, sharing common prefixes.
 
     A drop-in for :func:`nestedtrain.engine.evaluate.evaluate_subnets` with the same result:
     ``[{"subnet", "acc", "acc5", "loss"}]`` in the order of ``subnets`` (accuracies in percent,
     counts all-reduced when distributed). ``calib_batches=None`` keeps the model's own BN
-    statistics for every sub-network instead of re-estimating them.
+    statistics for every sub-network instead of re-estimating them. ``chunk_images`` and
+    ``memory_mb`` bound the memory (see :func:`subnet_logits`), not the result.
     """
     model = unwrap(model)
     subnets = _as_subnets(model, subnets)
+    # Each sub-network gets its batches in order, so each sum runs in evaluate's order.
     counts: dict[int, torch.Tensor] = {}
-    # Per leaf, batches arrive in order, so each sum runs in the same order as evaluate's.
-    pending: dict[int, list] = {}
 
     def consume(indices: list[int], t: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
         leaf = indices[0]
-        pending.setdefault(leaf, []).append((t, batch_counts(logits, labels)))
+        counts.setdefault(leaf, torch.zeros(4, dtype=torch.float64))
+        counts[leaf] += batch_counts(logits, labels)
 
-    subnet_logits(model, subnets, eval_batches, calib_batches, consume, chunk_images)
-    for leaf, items in pending.items():
-        total = torch.zeros(4, dtype=torch.float64)
-        for _, c in sorted(items, key=lambda item: item[0]):
-            total += c
-        counts[leaf] = total
+    subnet_logits(model, subnets, eval_batches, calib_batches, consume, chunk_images, memory_mb)
     first_index = {}
     for i, subnet in enumerate(subnets):
         first_index.setdefault(subnet, i)
@@ -647,6 +815,7 @@ def evaluate_space(
     seed: int = 0,
     individual: Sequence[tuple[str, nn.Module]] = (),
     chunk_images: int | None = None,
+    memory_mb: float | None = DEFAULT_MEMORY_MB,
 ) -> dict[str, Any]:
     """Accuracy of every sub-network of an ordered sampling space, BN re-calibrated for each.
 
@@ -658,7 +827,7 @@ def evaluate_space(
             architecture of one sub-network (see :func:`match_subnet`); each is evaluated
             with its own BN statistics, and its sub-network is evaluated inside ``model``
             even when the sample left it out.
-        chunk_images: see :func:`subnet_logits`.
+        chunk_images, memory_mb: bound the memory, not the result (see :func:`subnet_logits`).
 
     Returns:
         ``main`` (the model with its own BN statistics), ``subnets`` (per sub-network:
@@ -672,7 +841,9 @@ def evaluate_space(
     extra = [s for _, _, s in matched if s not in chosen]
     extra = list(dict.fromkeys(extra))
     subnets = chosen + extra
-    results = evaluate_subnets_shared(model, subnets, eval_batches, calib_batches, chunk_images)
+    results = evaluate_subnets_shared(
+        model, subnets, eval_batches, calib_batches, chunk_images, memory_mb
+    )
     rows = []
     for subnet, result in zip(subnets, results):
         rows.append(

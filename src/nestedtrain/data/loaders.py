@@ -64,12 +64,12 @@ class _Sharding:
     def steps(self) -> int:
         return self.n_train // self.batch_size  # the last partial batch is dropped
 
-    def rank_batches(self, epoch: int) -> Iterator[torch.Tensor]:
+    def rank_batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         # One permutation per epoch for all ranks; step s takes global batch s of it and each
         # rank its own contiguous slice, so the ranks' batches make up the one-rank batch.
         order = torch.randperm(self.n_train, generator=make_generator(self.seed, epoch, _SHUFFLE))
         local = self.batch_size // self.world_size
-        for step in range(self.steps):
+        for step in range(start, self.steps):
             start = step * self.batch_size + self.rank * local
             yield order[start : start + local]
 
@@ -143,9 +143,13 @@ class Data(abc.ABC):
         )
 
     @abc.abstractmethod
-    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's augmented training batches of ``epoch``: ``steps_per_epoch`` of them.
+    def train_batches(
+        self, epoch: int, start: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's augmented training batches of ``epoch``, from step ``start`` on.
 
+        ``steps_per_epoch - start`` batches, each exactly the one an iteration from step 0
+        yields at that step (so a run resumed mid-epoch sees the same images, augmented alike).
         Yields float32 normalised images ``(local_batch_size, C, img_size, img_size)`` and
         int64 labels, or float soft targets ``(N, num_classes)`` when ``mixup_active``.
         """
@@ -237,30 +241,39 @@ class _TensorData(Data):
             RandomErasing(cfg.reprob, mode="pixel", device="cpu") if cfg.reprob > 0 else None
         )
 
-    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(
+        self, epoch: int, start: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = self._tensors["train"]
         generator = make_generator(self.seed, epoch, self.rank, _AUGMENT)
-        for index in self._sharding.rank_batches(epoch):
+        for step, index in enumerate(self._sharding.rank_batches(epoch)):
             index = index.to(images.device)
             x = images[index].to(self.device, non_blocking=True)
-            y = labels[index].to(self.device, non_blocking=True)
             pil_seed, erase_seed, mix_seed = torch.randint(
                 2**62, (3,), generator=generator
             ).tolist()
+            if step < start:
+                # A skipped batch still draws its crops and flips, so that the generator is
+                # where an uninterrupted epoch has it at ``start``; the rest draws from seeds.
+                self._crop_flip(x, generator)
+                continue
+            y = labels[index].to(self.device, non_blocking=True)
             x = self._augment(x, generator, pil_seed, erase_seed)
             yield self._mix(x, y, mix_seed)
+
+    def _crop_flip(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.crop == "rrc":
+            return random_resized_crop_flip(x, self.img_size, self.hflip, generator)
+        if x.shape[-1] != self.img_size:
+            x = to_uint8(resize(x, self.img_size))
+        padding = self.crop_padding if self.crop == "pad" else 0
+        return random_pad_crop_flip(x, padding, self.hflip, generator)
 
     def _augment(
         self, x: torch.Tensor, generator: torch.Generator, pil_seed: int, erase_seed: int
     ) -> torch.Tensor:
         # Same order as timm's training transform: crop and flip, photometric, normalise, erase.
-        if self.crop == "rrc":
-            x = random_resized_crop_flip(x, self.img_size, self.hflip, generator)
-        else:
-            if x.shape[-1] != self.img_size:
-                x = to_uint8(resize(x, self.img_size))
-            padding = self.crop_padding if self.crop == "pad" else 0
-            x = random_pad_crop_flip(x, padding, self.hflip, generator)
+        x = self._crop_flip(x, generator)
         if self._pil_augment is not None:
             x = apply_pil_transform(x, self._pil_augment, pil_seed)
         x = normalize(x, self.mean, self.std)
@@ -318,19 +331,20 @@ class _TrainBatchSampler(Sampler):
         # workers to the garbage collector, which then waits seconds to stop them.
         self.sharding = sharding
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.sharding.steps
+        return self.sharding.steps - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         sharding = self.sharding
         seeds = torch.randint(
             2**62, (sharding.n_train,), generator=make_generator(sharding.seed, self.epoch, _SAMPLE)
         )
-        for index in sharding.rank_batches(self.epoch):
+        for index in sharding.rank_batches(self.epoch, self.start):
             # A sample's seed follows the image, so it is the same for any number of ranks.
             yield list(zip(index.tolist(), seeds[index].tolist()))
 
@@ -396,9 +410,15 @@ class _FolderData(Data):
             **self._loader_options(),
         )
 
-    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._train_sampler.set_epoch(epoch)
+    def train_batches(
+        self, epoch: int, start: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Images and their augmentation are a function of (seed, epoch, place in the epoch),
+        # so starting at ``start`` reads no skipped image; only the mix seeds are drawn.
+        self._train_sampler.set_epoch(epoch, start)
         generator = make_generator(self.seed, epoch, self.rank, _AUGMENT)
+        for _ in range(start):
+            torch.randint(2**62, (1,), generator=generator)
         for x, y in self._train_loader:
             mix_seed = int(torch.randint(2**62, (1,), generator=generator))
             x = x.to(self.device, non_blocking=True)

@@ -21,7 +21,10 @@ __all__ = [
     "build_model",
     "load_checkpoint",
     "load_model",
+    "load_resume_checkpoint",
+    "previous_path",
     "resolve_checkpoint",
+    "save_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "nestedtrain-checkpoint-v1"
@@ -41,13 +44,69 @@ def atomic_save(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             saver(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` with the permissions a plain ``open`` would give it
+    (``mkstemp`` makes files only their owner can read: a run folder or an exported model is
+    often read by other accounts)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+    return fd, tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the folder's entry is on disk too (POSIX).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where :func:`save_checkpoint` keeps the checkpoint it replaced: ``last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` to ``path`` atomically, keeping the file it replaces as ``*.prev.pt``.
+
+    The new file is complete and synced before the old one is moved aside, so at every moment
+    at least one whole checkpoint is on disk: ``path``, or (for the instant between the two
+    renames, or if ``path`` is later found damaged) the previous one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, previous_path(path))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -91,6 +150,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "give checkpoints/last.pt or best.pt of a run folder"
         )
     return state
+
+
+def load_resume_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], Path, str | None]:
+    """The checkpoint to resume from: ``path`` (``last.pt``), else the one it replaced.
+
+    Returns:
+        ``(state, the file read, a one-line note when it fell back, else None)``.
+
+    Raises:
+        ValueError: neither file is a readable nestedtrain checkpoint.
+    """
+    path = Path(path)
+    previous = previous_path(path)
+    try:
+        return load_checkpoint(path, map_location), path, None
+    except ValueError as err:
+        if not previous.is_file():
+            raise
+        reason = str(err)
+    state = load_checkpoint(previous, map_location)
+    note = f"resuming from {previous} instead: {reason}"
+    return state, previous, note
 
 
 def build_model(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Module:

@@ -97,6 +97,19 @@ class EvalConfig:
     )
     every: int = 1  # evaluate every E epochs (and after the last)
     batch_size: int = 512
+    # MiB of activations that sub-network evaluation caches at once (shared prefixes): the
+    # evaluation and calibration images are run in chunks sized to fit, so memory does not
+    # grow with the dataset; results are identical for every value
+    memory_mb: float = 1024.0
+
+
+@dataclass
+class CheckpointConfig:
+    # checkpoints/last.pt is written after every epoch, and within an epoch whenever either
+    # of these is due (it then holds the exact position in the epoch: a resumed run goes on
+    # as if it had never stopped)
+    every_steps: int = 0  # every N training steps; 0 = off
+    every_minutes: float = 30.0  # when this much wall time passed since the last one; 0 = off
 
 
 @dataclass
@@ -118,6 +131,7 @@ class TrainConfig:
     ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3)
     ema_decay: float = 0.9998
     loss: str = "ce"  # ce | bce (timm's A3 recipe trains with binary cross-entropy)
+    log_every: int = 50  # read the loss terms on the host every N steps (progress, NaN check)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -125,6 +139,7 @@ class TrainConfig:
     st: STConfig = field(default_factory=STConfig)
     motivation: MotivationConfig = field(default_factory=MotivationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
@@ -225,6 +240,16 @@ def validate(cfg: DictConfig) -> None:
         (cfg.st.num_subnets >= 0, f"st.num_subnets={cfg.st.num_subnets} must be >= 0"),
         (cfg.loss in ("ce", "bce"), f"loss={cfg.loss!r} must be 'ce' or 'bce'"),
         (cfg.eval.every >= 1, f"eval.every={cfg.eval.every} must be >= 1"),
+        (cfg.eval.memory_mb > 0, f"eval.memory_mb={cfg.eval.memory_mb} must be > 0 (MiB)"),
+        (cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1"),
+        (
+            cfg.checkpoint.every_steps >= 0,
+            f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be >= 0 (0 = off)",
+        ),
+        (
+            cfg.checkpoint.every_minutes >= 0,
+            f"checkpoint.every_minutes={cfg.checkpoint.every_minutes} must be >= 0 (0 = off)",
+        ),
         (
             cfg.sched.warmup_epochs >= 0,
             f"sched.warmup_epochs={cfg.sched.warmup_epochs} must be >= 0",

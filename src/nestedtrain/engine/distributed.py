@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_mean", "barrier", "init_distributed", "pick_device"]
+__all__ = [
+    "DistInfo",
+    "all_reduce_mean",
+    "barrier",
+    "control_group",
+    "init_distributed",
+    "pick_device",
+]
 
 
 @dataclass(frozen=True)
@@ -69,3 +76,14 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def control_group() -> dist.ProcessGroup | None:
+    """A gloo group for the host-side flags ranks agree on between steps (stop, save).
+
+    Its collectives run on CPU tensors, so agreeing never waits for a GPU stream; None when
+    not distributed. Every rank must call this, in the same order.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.new_group(backend="gloo")

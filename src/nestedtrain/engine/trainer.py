@@ -8,11 +8,14 @@ and a set of sub-networks each epoch, and writes the run folder.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import random
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +35,27 @@ from ..data import Data, build_data
 from ..elastic.sampling import build_sampler
 from ..methods import CommonTraining, MethodStep, Precision, StimulativeTraining
 from ..methods.motivation import build_motivation
-from .checkpoint import CHECKPOINT_FORMAT, atomic_save, build_model, load_checkpoint
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    atomic_save,
+    atomic_write_text,
+    build_model,
+    load_resume_checkpoint,
+    previous_path,
+    save_checkpoint,
+)
 from .config import plain, to_yaml
-from .distributed import all_reduce_mean, barrier, init_distributed
+from .distributed import all_reduce_mean, barrier, control_group, init_distributed
 from .evaluate import evaluate, select_subnets
+from .faults import RunLock, StopSignals, TrainingDiverged, TrainingInterrupted
 
 __all__ = ["METHOD_BUILDERS", "Trainer", "build_method", "criterion_from_config", "train"]
+
+logger = logging.getLogger("nestedtrain")
+
+# Below this float16 loss scale, GradScaler has skipped so many steps for non-finite
+# gradients (halving its scale from 2**16 each time) that training no longer progresses.
+_MIN_LOSS_SCALE = 2.0**-8
 
 
 def criterion_from_config(
@@ -201,7 +219,8 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.resume = resume
-        if resume and not (self.out_dir / "checkpoints" / "last.pt").is_file():
+        last = self.out_dir / "checkpoints" / "last.pt"
+        if resume and not (last.is_file() or previous_path(last).is_file()):
             raise ValueError(
                 f"--resume: {str(self.out_dir)!r} has no checkpoints/last.pt to resume from"
             )
@@ -211,6 +230,9 @@ class Trainer:
                 "it, or choose another --out"
             )
         self.dist, self.device = init_distributed(cfg.device)
+        # Stop requests and time-based checkpoints are agreed on the host, between steps,
+        # so that every rank stops (or saves) after the same step without a device sync.
+        self._control = control_group()
         _seed_everything(cfg.seed)
         self.data: Data = build_data(
             cfg.data,
@@ -240,6 +262,13 @@ class Trainer:
         self.start_epoch = 0
         self.best: dict[str, Any] = {"epoch": None, "val_acc": None}
         self.writer = None
+        self.progress_state: _EpochProgress | None = None  # a mid-epoch checkpoint's
+        self.wall_before = 0.0  # seconds of the run before this process (resumed runs)
+        self._signals: StopSignals | None = None
+        self._watch = _FiniteWatch()
+        self._last_save = time.monotonic()
+        self._last_checkpoint: Path | None = None
+        self._wall_start = time.perf_counter()
 
     # ------------------------------------------------------------------------------ setup
     def _build_model(self) -> nn.Module:
@@ -342,12 +371,23 @@ class Trainer:
         # The run's facts go in comments so that config.yaml stays a valid recipe to rerun.
         header = "".join(f"# {key}: {value}\n" for key, value in meta.items())
         text = header + to_yaml(self.cfg)
-        (self.out_dir / "config.yaml").write_text(text)
+        atomic_write_text(self.out_dir / "config.yaml", text)
 
-    def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
+    def _checkpoint_state(self, position: tuple[int, int], partial: _EpochProgress | None):
+        """Everything to continue exactly after ``position`` = (epoch, steps done in it):
+        at the next epoch's start when ``partial`` is None (the epoch's end is done), else
+        within the epoch."""
+        epoch, step = position
+        if partial is None:
+            resume_at = {"epoch": epoch + 1, "step": 0}
+        else:
+            resume_at = {"epoch": epoch, "step": step}
         return {
             "format": CHECKPOINT_FORMAT,
-            "epoch": epoch,
+            # the last epoch whose end (evaluation, log line) is done
+            "epoch": epoch if partial is None else epoch - 1,
+            "position": resume_at,
+            "partial": partial.state_dict() if partial is not None else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "num_classes": self.data.num_classes,
             "in_chans": self.data.in_chans,
@@ -358,11 +398,16 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": _rng_state(),
             "best": dict(self.best),
+            "wall_seconds": self.wall_before + time.perf_counter() - self._wall_start,
             "versions": {"nestedtrain": __version__, "torch": torch.__version__},
         }
 
     def _restore(self) -> None:
-        state = load_checkpoint(self.out_dir / "checkpoints" / "last.pt", map_location=self.device)
+        state, path, note = load_resume_checkpoint(
+            self.out_dir / "checkpoints" / "last.pt", map_location=self.device
+        )
+        if note and self.dist.is_main:
+            logger.warning(note)
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -371,17 +416,17 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
         self.best = state["best"]
-        self.start_epoch = state["epoch"] + 1
+        self.wall_before = float(state.get("wall_seconds", 0.0))
+        # checkpoints from before step checkpoints hold only the finished epoch
+        position = state.get("position") or {"epoch": state["epoch"] + 1, "step": 0}
+        self.start_epoch = position["epoch"]
+        if state.get("partial") is not None:
+            self.progress_state = _EpochProgress.from_state(state["partial"], self.device)
+        self._last_checkpoint = path
         if self.dist.is_main:
-            # drop log lines of epochs after the checkpoint (a crash between log and save)
-            metrics = self.out_dir / "metrics.jsonl"
-            if metrics.exists():
-                lines = [
-                    line
-                    for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["epoch"] <= state["epoch"]
-                ]
-                metrics.write_text("".join(line + "\n" for line in lines))
+            # Drop what was logged after the checkpoint (a kill between a log and a save).
+            for name in ("metrics.jsonl", "analysis/kl_drift.jsonl"):
+                _truncate_log(self.out_dir / name, before_epoch=self.start_epoch)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -391,7 +436,10 @@ class Trainer:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            # A resumed run drops the events logged after its checkpoint.
+            self.writer = SummaryWriter(
+                str(self.out_dir / "tensorboard"), purge_step=record["epoch"]
+            )
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "epoch" and value is not None:
                 self.writer.add_scalar(key, value, record["epoch"])
@@ -402,21 +450,34 @@ class Trainer:
         self.writer.flush()
 
     # ----------------------------------------------------------------------------- epochs
-    def train_epoch(self, epoch: int, progress: bool) -> dict[str, float]:
+    def train_epoch(
+        self,
+        epoch: int,
+        progress: bool,
+        step_hook: Callable[[int, int], None] | None = None,
+    ) -> dict[str, float]:
+        """Train epoch ``epoch`` (from a mid-epoch checkpoint's step on, if one is loaded).
+
+        Nothing in a step waits for the device: loss terms are summed as tensors and read on
+        the host every ``log_every`` steps, at checkpoints and at the epoch's end.
+        """
+        state = self.progress_state or _EpochProgress(epoch)
+        self.progress_state = None
         model = self.method.model
         model.train()
-        sums: dict[str, float] = {}
-        steps = 0
-        num_updates = epoch * self.data.steps_per_epoch
+        steps_per_epoch = self.data.steps_per_epoch
+        log_every = self.cfg.log_every
+        num_updates = epoch * steps_per_epoch + state.step
         bar = tqdm(
-            total=self.data.steps_per_epoch,
+            total=steps_per_epoch,
+            initial=state.step,
             desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
             disable=not progress,
             leave=False,
             file=sys.stderr,
         )
         start = time.perf_counter()
-        for images, labels in self.data.train_batches(epoch):
+        for images, labels in self.data.train_batches(epoch, state.step):
             if self.device.type == "cuda" and self.cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             info = self.method.step(images, labels)
@@ -430,21 +491,92 @@ class Trainer:
                 self._sync_lr()
             if self.ema is not None:
                 self.ema.update(self.model, step=num_updates)
-            for key, value in info.items():
-                if isinstance(value, (int, float)):
-                    sums[key] = sums.get(key, 0.0) + float(value)
-            steps += 1
+            state.step += 1
+            state.add(info)
+            self._watch.observe(epoch, state.step, info)
             bar.update(1)
-            bar.set_postfix(loss=f"{info['loss']:.3f}")
+            if state.step % log_every == 0:
+                self._check_finite()
+                bar.set_postfix(loss=f"{float(info['loss']):.3f}")
+            if step_hook is not None:
+                step_hook(epoch, state.step)
+            stop, due = self._control_flags(num_updates, state.step == steps_per_epoch)
+            if stop or due:
+                now = time.perf_counter()
+                state.seconds += now - start
+                start = now
+                self._save_progress(state)
+                if stop:
+                    bar.close()
+                    raise TrainingInterrupted(
+                        self._signal_name(), epoch, state.step, self._last_checkpoint
+                    )
         bar.close()
-        seconds = time.perf_counter() - start
+        state.seconds += time.perf_counter() - start
+        self._check_finite()
         if self.scheduler is not None:
             self.scheduler.step(epoch + 1)
             self._sync_lr()
         self.method.on_epoch_end(epoch)
-        means = all_reduce_mean({k: v / max(steps, 1) for k, v in sums.items()}, self.device)
-        images_seen = steps * self.cfg.batch_size
-        return {**means, "train_seconds": seconds, "images_per_second": images_seen / seconds}
+        means = all_reduce_mean(state.means(), self.device)
+        images_seen = steps_per_epoch * self.cfg.batch_size
+        return {
+            **means,
+            "train_seconds": state.seconds,
+            "images_per_second": images_seen / max(state.seconds, 1e-9),
+        }
+
+    def _control_flags(self, num_updates: int, epoch_done: bool) -> tuple[bool, bool]:
+        """Whether to stop (a signal), and whether a mid-epoch checkpoint is due, agreed by
+        all ranks. The epoch's last step saves at the epoch's end anyway."""
+        every = self.cfg.checkpoint
+        stop = self._signals is not None and self._signals.requested is not None
+        due = bool(every.every_steps) and num_updates % every.every_steps == 0
+        minutes = (time.monotonic() - self._last_save) / 60.0
+        due = due or bool(every.every_minutes) and minutes >= every.every_minutes
+        if self._control is not None:
+            flags = torch.tensor([int(stop), int(due)])
+            torch.distributed.all_reduce(
+                flags, op=torch.distributed.ReduceOp.MAX, group=self._control
+            )
+            stop, due = bool(flags[0]), bool(flags[1])
+        return stop, due and not epoch_done
+
+    def _signal_name(self) -> str:
+        requested = self._signals.requested if self._signals is not None else None
+        return requested or "a stop signal to another rank"
+
+    def _check_finite(self) -> None:
+        """Raise :class:`TrainingDiverged` if a loss term was non-finite since the last check
+        (one host sync), or if float16's loss scale collapsed."""
+        bad = self._watch.first_bad()
+        if bad is not None:
+            epoch, step, term, value = bad
+            raise TrainingDiverged(epoch, step, term, value, self._last_checkpoint)
+        scaler = self.precision.scaler
+        if scaler is not None and scaler.get_scale() < _MIN_LOSS_SCALE:
+            epoch, step = self._watch.last
+            raise TrainingDiverged(
+                epoch,
+                step,
+                f"gradients (float16 loss scale fell to {scaler.get_scale():.2g})",
+                math.inf,
+                self._last_checkpoint,
+            )
+
+    def _save_progress(self, state: _EpochProgress) -> None:
+        """A mid-epoch checkpoint: the weights and everything needed to go on from here."""
+        self._check_finite()  # never save a non-finite state
+        if self.dist.is_main:
+            path = self.out_dir / "checkpoints" / "last.pt"
+            save_checkpoint(self._checkpoint_state((state.epoch, state.step), state), path)
+        self._after_save()
+
+    def _after_save(self) -> None:
+        self._last_checkpoint = self.out_dir / "checkpoints" / "last.pt"
+        self._last_save = time.monotonic()
+        # Under torchrun an exiting rank ends the others: they wait until the file is whole.
+        barrier()
 
     def _sync_lr(self) -> None:
         """The schedule drives the first optimizer; the others follow it group by group."""
@@ -483,7 +615,11 @@ class Trainer:
             from ..analysis.subnets import evaluate_subnets_shared
 
             results = evaluate_subnets_shared(
-                self.model, self.eval_subnets, self._eval_batches("test"), self._calib
+                self.model,
+                self.eval_subnets,
+                self._eval_batches("test"),
+                self._calib,
+                memory_mb=self.cfg.eval.memory_mb,
             )
             out["subnets"] = [{"subnet": r["subnet"], "acc": r["acc"]} for r in results]
         return out
@@ -495,25 +631,67 @@ class Trainer:
         from ..analysis.kl_drift import append_kl_drift, kl_drift_snapshot
 
         snapshot = kl_drift_snapshot(
-            self.model, self.kl_drift_subnets, self._eval_batches("test"), self._calib
+            self.model,
+            self.kl_drift_subnets,
+            self._eval_batches("test"),
+            self._calib,
+            memory_mb=self.cfg.eval.memory_mb,
         )
         if self.dist.is_main:
             append_kl_drift(self.out_dir, epoch, snapshot)
 
     # -------------------------------------------------------------------------------- fit
-    def fit(self, progress: bool | None = None) -> dict[str, Any]:
-        """Train, evaluate and write the run folder; returns the summary (rank 0's)."""
+    def fit(
+        self,
+        progress: bool | None = None,
+        step_hook: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Train, evaluate and write the run folder; returns the summary (rank 0's).
+
+        Args:
+            progress: show a progress bar (default: on a terminal, rank 0).
+            step_hook: called as ``step_hook(epoch, step)`` after every training step (step
+                counts from 1 within the epoch); tests use it to stop a run anywhere.
+
+        Raises:
+            TrainingInterrupted: SIGTERM, SIGUSR1 or SIGINT arrived; a checkpoint to resume
+                from was written after the step it arrived in.
+            TrainingDiverged: a loss term became non-finite; no checkpoint holds it.
+            ValueError: another live process is writing the run folder.
+        """
         if progress is None:
             progress = self.dist.is_main and sys.stderr.isatty()
+        lock = RunLock(self.out_dir) if self.dist.is_main else None
+        if lock is not None:
+            lock.acquire()
+            if lock.took_over is not None:
+                owner = lock.took_over
+                logger.warning(
+                    f"took over the stale lock of pid {owner.get('pid')} on {owner.get('host')}"
+                )
+        try:
+            with StopSignals() as signals:
+                self._signals = signals
+                return self._fit(progress, step_hook)
+        finally:
+            self._signals = None
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, progress: bool, step_hook: Callable[[int, int], None] | None) -> dict:
+        self._wall_start = time.perf_counter()
         self._prepare_folder()
         if self.resume:
             self._restore()
         barrier()
-        wall_start = time.perf_counter()
+        self._last_save = time.monotonic()
         record: dict[str, Any] = {}
         for epoch in range(self.start_epoch, self.cfg.epochs):
             epoch_start = time.perf_counter()
-            train_stats = self.train_epoch(epoch, progress)
+            train_stats = self.train_epoch(epoch, progress, step_hook)
             final = epoch == self.cfg.epochs - 1
             record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
             record.update({k: v for k, v in train_stats.items() if k != "train_seconds"})
@@ -526,9 +704,16 @@ class Trainer:
             record["epoch_seconds"] = time.perf_counter() - epoch_start
             self._log(record)
             self._save(epoch, is_best)
-        summary = self._summary(record, time.perf_counter() - wall_start)
-        if self.writer is not None:
-            self.writer.close()
+            stop, _ = self._control_flags(0, True)
+            if stop and not final:
+                raise TrainingInterrupted(
+                    self._signal_name(), epoch, self.data.steps_per_epoch, self._last_checkpoint
+                )
+        if not record and self.dist.is_main:
+            # resumed from the final checkpoint: the summary comes from the last log line
+            record = _last_record(self.out_dir / "metrics.jsonl")
+        wall = self.wall_before + time.perf_counter() - self._wall_start
+        summary = self._summary(record, wall)
         barrier()
         return summary
 
@@ -542,13 +727,13 @@ class Trainer:
         return False
 
     def _save(self, epoch: int, is_best: bool) -> None:
-        if not self.dist.is_main:
-            return
-        state = self._checkpoint_state(epoch)
-        ckpt = self.out_dir / "checkpoints"
-        atomic_save(state, ckpt / "last.pt")
-        if is_best:
-            atomic_save(state, ckpt / "best.pt")
+        if self.dist.is_main:
+            state = self._checkpoint_state((epoch, 0), None)
+            ckpt = self.out_dir / "checkpoints"
+            save_checkpoint(state, ckpt / "last.pt")
+            if is_best:
+                atomic_save(state, ckpt / "best.pt")
+        self._after_save()
 
     def _summary(self, last: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
         if not self.dist.is_main:
@@ -594,8 +779,120 @@ class Trainer:
             atomic_save(model.state_dict(), self.out_dir / f"{name}.pt")
         summary.update(self.method.summary_extras(summary))
         atomic_save(self.model.state_dict(), self.out_dir / "weights.pt")
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+@dataclass
+class _EpochProgress:
+    """What an epoch has accumulated so far; a mid-epoch checkpoint holds it."""
+
+    epoch: int
+    step: int = 0  # steps done in this epoch
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # loss terms, on the device
+    host_sums: dict[str, float] = field(default_factory=dict)  # numbers a method gives as such
+    seconds: float = 0.0  # training time spent on this epoch so far
+
+    def add(self, info: dict[str, Any]) -> None:
+        for key, value in info.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().double()
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.host_sums[key] = self.host_sums.get(key, 0.0) + float(value)
+
+    def means(self) -> dict[str, float]:
+        steps = max(self.step, 1)
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).tolist() if keys else []
+        means = {k: v / steps for k, v in zip(keys, values)}
+        means.update({k: v / steps for k, v in self.host_sums.items()})
+        return means
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "sums": {k: v.cpu() for k, v in self.sums.items()},
+            "host_sums": dict(self.host_sums),
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> _EpochProgress:
+        return cls(
+            state["epoch"],
+            state["step"],
+            {k: v.to(device) for k, v in state["sums"].items()},
+            dict(state["host_sums"]),
+            float(state["seconds"]),
+        )
+
+
+class _FiniteWatch:
+    """Remembers, on the device, the first step whose loss terms were not all finite.
+
+    ``observe`` launches a few tiny kernels and never waits; ``first_bad`` reads the result
+    (one host sync), so the loop calls it only every ``log_every`` steps and before saving.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.where: torch.Tensor | None = None  # (epoch, step) of the first bad step, or -1s
+        self.values: torch.Tensor | None = None  # its loss terms
+        self.last = (0, 0)  # (epoch, step) last observed
+
+    def observe(self, epoch: int, step: int, info: dict[str, Any]) -> None:
+        self.last = (epoch, step)
+        # the total last, so that the term that went bad is named rather than the sum
+        keys = sorted((k for k, v in info.items() if isinstance(v, torch.Tensor)), key=_term_order)
+        if not keys:
+            return
+        values = torch.stack([info[k].detach().float().reshape(()) for k in keys])
+        if self.where is None or keys != self.keys:
+            self.keys = keys
+            self.where = torch.full((2,), -1, dtype=torch.long, device=values.device)
+            self.values = torch.zeros_like(values)
+        new = (self.where[0] < 0) & ~torch.isfinite(values).all()
+        # Python scalars go to the kernels as arguments: no host-to-device copy.
+        self.where = torch.stack(
+            [torch.where(new, epoch, self.where[0]), torch.where(new, step, self.where[1])]
+        )
+        self.values = torch.where(new, values, self.values)
+
+    def first_bad(self) -> tuple[int, int, str, float] | None:
+        """``(epoch, step, term, value)`` of the first non-finite step, or None."""
+        if self.where is None:
+            return None
+        epoch, step = self.where.tolist()
+        if epoch < 0:
+            return None
+        values = self.values.tolist()
+        index = next(i for i, v in enumerate(values) if not math.isfinite(v))
+        return epoch, step, self.keys[index], values[index]
+
+
+def _term_order(key: str) -> tuple[bool, str]:
+    return (key == "loss", key)
+
+
+def _truncate_log(path: Path, before_epoch: int) -> None:
+    """Keep the JSON lines of ``path`` whose ``epoch`` is below ``before_epoch``."""
+    if not path.exists():
+        return
+    lines = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["epoch"] < before_epoch
+    ]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _last_record(path: Path) -> dict[str, Any]:
+    lines = (
+        [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
+    return json.loads(lines[-1]) if lines else {}
 
 
 def train(

@@ -14,6 +14,9 @@ __all__ = ["CommonTraining"]
 class CommonTraining(MethodStep):
     """One forward and one backward of the main network per step.
 
+    ``step`` returns the loss terms as detached 0-dim tensors on the model's device, so that
+    it never waits for the device; read them (``float(info["loss"])``) only when logging.
+
     Args:
         model: the network (optionally DDP-wrapped).
         optimizer: its optimizer.
@@ -27,5 +30,5 @@ class CommonTraining(MethodStep):
             logits = self.model(images)
         ce = self.criterion(logits.float(), labels)
         self.precision.backward(ce)
-        value = ce.item()
-        return {"loss": value, "ce": value, "kl": 0.0, "subnets": []}
+        ce = ce.detach()  # loss terms stay on the device: reading them would stall the step
+        return {"loss": ce, "ce": ce, "kl": torch.zeros_like(ce), "subnets": []}

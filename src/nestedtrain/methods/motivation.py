@@ -146,7 +146,7 @@ class MotivationTraining(MethodStep):
         loss = self.criterion(logits.float(), labels)
         self.precision.backward(loss)
         info: dict[str, Any] = {
-            "loss": loss.item(),
+            "loss": loss.detach(),
             "model": "motivated" if self.motivated else "base",
         }
         if "grad_norm" in self.condition.needs:
@@ -157,6 +157,8 @@ class MotivationTraining(MethodStep):
         """Count the step, update the condition, and switch models if it says so (lines
         19-37)."""
         self._count("motivated_steps" if self.motivated else "base_steps")
+        # Algorithm 1 branches on the loss after every step, so motivation training reads it
+        # on the host here: the one device synchronisation per step this method needs.
         values = {"loss": float(info["loss"])}
         if "grad_norm" in self.condition.needs:
             values["grad_norm"] = float(info["grad_norm"])

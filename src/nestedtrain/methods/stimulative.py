@@ -33,6 +33,10 @@ SUB_TARGETS = ("teacher", "label")
 class StimulativeTraining(MethodStep):
     """ST / ST++ step.
 
+    ``step`` returns ``loss``, ``ce`` and ``kl`` (the mean over the step's sub-networks) as
+    detached 0-dim tensors on the model's device, and the drawn sub-networks' strings; nothing
+    in it waits for the device.
+
     Args:
         model: the main network (optionally DDP-wrapped).
         optimizer: its optimizer.
@@ -138,8 +142,9 @@ class StimulativeTraining(MethodStep):
                 main_logits = normalize_logits(logits, self.kl_norm, self.amplitude)
             ce = self.criterion(main_logits, labels)
             self.precision.backward(ce)
+        ce = ce.detach()  # loss terms stay on the device: reading them would stall the step
         if not sampling:
-            return {"loss": ce.item(), "ce": ce.item(), "kl": 0.0, "subnets": []}
+            return {"loss": ce, "ce": ce, "kl": torch.zeros_like(ce), "subnets": []}
 
         teacher = logits.detach()
         terms, drawn = [], []
@@ -160,9 +165,10 @@ class StimulativeTraining(MethodStep):
                 else:
                     term = self.criterion(sub_logits, labels)
                 self.precision.backward(self.lam * term)
-            terms.append(term.item())
-        loss = ce.item() + self.lam * sum(terms)
-        return {"loss": loss, "ce": ce.item(), "kl": sum(terms) / len(terms), "subnets": drawn}
+            terms.append(term.detach())
+        kl = torch.stack(terms)
+        loss = ce + self.lam * kl.sum()
+        return {"loss": loss, "ce": ce, "kl": kl.mean(), "subnets": drawn}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "generator": self.generator.get_state()}

@@ -1,0 +1,443 @@
+"""Deploy a sub-network: a plain state_dict, TorchScript or ONNX file, with a JSON sidecar.
+
+:func:`deploy_subnet` cuts a sub-network out of the main network (``export_subnet``) with the
+BN statistics it was evaluated with (re-estimated for it, as every sub-network evaluation does;
+the main network keeps its own), measures the accuracy of exactly that standalone module, and
+writes one of :data:`FORMATS` plus ``<file>.json``: what a serving engineer needs (source run,
+sub-network, input size and normalisation, classes, accuracy, FLOPs, parameters, and how to
+rebuild the module in Python).
+
+- ``state_dict``: loads with ``strict=True`` into the plain model of the sub-network's depths:
+  our CIFAR ResNets (resnet56 ``5-5-5`` is a resnet32), timm ResNets (``layers=...``) and timm
+  ViTs (``depth=...``); any family also through ``export_subnet`` of a freshly built main
+  network. The sidecar's ``rebuild`` holds the exact Python, checked when the file is written.
+- ``torchscript``: ``torch.jit.trace``; loads with ``torch.jit.load``, no Python class needed.
+- ``onnx``: ``torch.onnx.export`` (the TorchScript-based exporter, which needs no package
+  beyond onnx; batch dimension dynamic), then ``onnx.checker`` and a run in onnxruntime on real
+  images: the file is written only if the largest absolute logit difference from PyTorch is at
+  most :data:`ONNX_TOLERANCE`. Needs the ``deploy`` extra (``pip install 'nestedtrain[deploy]'``).
+
+:func:`measure_latency` times a module on a device: warm-up runs, then the median of timed runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import bn as bn_tools
+from ..elastic.stages import unwrap
+from ..elastic.subnet import Subnet, export_subnet
+from ..engine.checkpoint import atomic_save, atomic_write_text
+from ..engine.evaluate import evaluate
+from ..flops import count_flops, count_params
+from ..models import CIFAR_DEPTHS, CifarResNet
+
+__all__ = [
+    "FORMATS",
+    "ONNX_OPSET",
+    "ONNX_TOLERANCE",
+    "deploy_subnet",
+    "export_onnx",
+    "format_for",
+    "measure_latency",
+    "plain_constructor",
+    "require_onnx",
+    "sidecar_path",
+]
+
+FORMATS = ("state_dict", "torchscript", "onnx")
+ONNX_OPSET = 17
+ONNX_TOLERANCE = 1e-4
+_ONNX_INPUT, _ONNX_OUTPUT = "images", "logits"
+_INSTALL_HINT = "pip install 'nestedtrain[deploy]' (onnx and onnxruntime)"
+
+
+def format_for(path: str | Path, fmt: str | None = None) -> str:
+    """``fmt``, else guessed from the suffix: ``.onnx``, ``.ts``/``.torchscript``, else
+    ``state_dict``.
+
+    Raises:
+        ValueError: an unknown format.
+    """
+    if fmt is None:
+        suffix = Path(path).suffix.lower()
+        return {".onnx": "onnx", ".ts": "torchscript", ".torchscript": "torchscript"}.get(
+            suffix, "state_dict"
+        )
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """Where the JSON sidecar of an exported file goes: ``small.onnx`` -> ``small.onnx.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def require_onnx() -> tuple[Any, Any]:
+    """``(onnx, onnxruntime)``, or a one-line ValueError that says what to install."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as err:
+        raise ValueError(f"ONNX export needs {err.name}: {_INSTALL_HINT}") from None
+    return onnx, onnxruntime
+
+
+# --------------------------------------------------------------------------- rebuilding
+def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
+    return "".join(f", {key}={value!r}" for key, value in kwargs.items())
+
+
+def plain_constructor(
+    model: nn.Module,
+    model_name: str,
+    subnet: Subnet,
+    num_classes: int,
+    in_chans: int,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> str | None:
+    """A Python expression that builds the plain model of ``subnet``'s depths, or ``None``.
+
+    Its ``state_dict`` keys and shapes are those of ``export_subnet(model, subnet)``, so the
+    exported weights load with ``strict=True``. Known for our CIFAR ResNets
+    (``nestedtrain.create_model("resnet32", ...)`` or ``CifarResNet((3, 2, 4), ...)``), timm
+    ResNets (``timm.create_model("resnet50", layers=(3, 4, 4, 3))``) and timm ViTs
+    (``depth=d``). timm builds MobileNetV3 and EfficientNet from architecture strings that
+    ``create_model`` does not take: there, ``None``.
+    """
+    import timm.models.resnet
+    import timm.models.vision_transformer
+
+    model = unwrap(model)
+    depths = tuple(len(kept) for kept in subnet.blocks)
+    rest = f"num_classes={num_classes}, in_chans={in_chans}" + _kwargs_text(model_kwargs or {})
+    if isinstance(model, CifarResNet):
+        names = {n: name for name, n in CIFAR_DEPTHS.items()}
+        if len(set(depths)) == 1 and depths[0] in names:
+            return f"nestedtrain.create_model({names[depths[0]]!r}, {rest})"
+        return f"nestedtrain.models.CifarResNet({depths!r}, {rest})"
+    if isinstance(model, timm.models.resnet.ResNet):
+        return f"timm.create_model({model_name!r}, {rest}, layers={depths!r})"
+    if isinstance(model, timm.models.vision_transformer.VisionTransformer):
+        return f"timm.create_model({model_name!r}, {rest}, depth={depths[0]})"
+    return None
+
+
+def _builds(expression: str, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``expression`` builds a model that ``state`` loads into with ``strict=True``."""
+    import timm
+
+    import nestedtrain
+
+    try:
+        plain = eval(expression, {"nestedtrain": nestedtrain, "timm": timm})  # our own text
+        plain.load_state_dict(state, strict=True)
+    except Exception:  # any failure means: do not publish this recipe
+        return False
+    return True
+
+
+def _rebuild(
+    model: nn.Module,
+    model_name: str,
+    subnet: Subnet,
+    num_classes: int,
+    in_chans: int,
+    model_kwargs: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    fmt: str,
+    file_name: str,
+) -> dict[str, Any]:
+    if fmt == "torchscript":
+        return {"python": f"model = torch.jit.load({file_name!r}).eval()"}
+    if fmt == "onnx":
+        return {
+            "python": f"session = onnxruntime.InferenceSession({file_name!r}); "
+            f"logits = session.run(None, {{{_ONNX_INPUT!r}: images}})[0]"
+        }
+    load = f"model.load_state_dict(torch.load({file_name!r}), strict=True)"
+    out: dict[str, Any] = {}
+    plain = plain_constructor(model, model_name, subnet, num_classes, in_chans, model_kwargs)
+    if plain is not None and _builds(plain, state):
+        out["plain_model"] = f"model = {plain}; {load}"
+    main = (
+        f"nestedtrain.create_model({model_name!r}, num_classes={num_classes}, in_chans={in_chans}"
+    )
+    main += _kwargs_text(model_kwargs) + ")"
+    out["any_family"] = f"model = nestedtrain.export_subnet({main}, {str(subnet)!r}); {load}"
+    return out
+
+
+# ------------------------------------------------------------------------------ writing
+@contextmanager
+def _quiet_trace() -> Iterator[None]:
+    """Silence tracing chatter (TracerWarnings on timm's shape asserts, TorchScript and
+    legacy-exporter deprecation notices, constant-folding notes): the checks after writing
+    are what tells the user whether the file is right."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _legacy_exporter() -> dict[str, Any]:
+    # torch >= 2.5 has a torch.export-based exporter (the default from 2.9) that needs
+    # onnxscript; the TorchScript-based one needs nothing beyond onnx, and is all older
+    # versions have (they take no ``dynamo`` argument).
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        return {"dynamo": False}
+    return {}
+
+
+def export_onnx(
+    module: nn.Module,
+    path: str | Path,
+    images: torch.Tensor,
+    opset: int = ONNX_OPSET,
+    tolerance: float = ONNX_TOLERANCE,
+) -> dict[str, Any]:
+    """Write ``module`` as ONNX after checking it: ``onnx.checker``, then onnxruntime on
+    ``images`` against PyTorch.
+
+    The export runs on the CPU in float32 with a dynamic batch dimension (input ``images``,
+    output ``logits``); nothing is written when a check fails.
+
+    Returns:
+        ``opset``, ``checker``, ``onnxruntime`` (its version), ``parity_images`` and
+        ``max_abs_diff`` (largest absolute logit difference from PyTorch).
+
+    Raises:
+        ValueError: onnx/onnxruntime missing, or the model's ONNX logits differ by more than
+            ``tolerance``.
+    """
+    onnx, ort = require_onnx()
+    module = module.cpu().float().eval()
+    images = images.detach().cpu().float()
+    buffer = io.BytesIO()
+    with _quiet_trace(), torch.no_grad():
+        torch.onnx.export(
+            module,
+            (images[:1],),
+            buffer,
+            **_legacy_exporter(),
+            input_names=[_ONNX_INPUT],
+            output_names=[_ONNX_OUTPUT],
+            dynamic_axes={_ONNX_INPUT: {0: "batch"}, _ONNX_OUTPUT: {0: "batch"}},
+            opset_version=opset,
+        )
+    data = buffer.getvalue()
+    onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run([_ONNX_OUTPUT], {_ONNX_INPUT: images.numpy()})[0])
+    with torch.no_grad():
+        want = module(images)
+    diff = float((got - want).abs().max())
+    if not diff <= tolerance:
+        raise ValueError(
+            f"ONNX parity check failed: max |logits difference| vs PyTorch is {diff:.3g} on "
+            f"{len(images)} images, above {tolerance:g}; no file written"
+        )
+    atomic_save(data, path, saver=lambda blob, f: f.write(blob))
+    return {
+        "opset": opset,
+        "checker": "passed",
+        "onnxruntime": ort.__version__,
+        "input_name": _ONNX_INPUT,
+        "output_name": _ONNX_OUTPUT,
+        "dynamic_batch": True,
+        "parity_images": len(images),
+        "max_abs_diff": diff,
+        "tolerance": tolerance,
+    }
+
+
+def _write(module: nn.Module, path: Path, fmt: str, images: torch.Tensor) -> dict[str, Any]:
+    if fmt == "state_dict":
+        # CPU tensors: the file loads anywhere, with or without a GPU.
+        state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        atomic_save(state, path)
+        return {}
+    if fmt == "torchscript":
+        module = module.cpu().float().eval()
+        # TorchScript is deprecated upstream but still loads with torch alone, no class.
+        with _quiet_trace(), torch.no_grad():
+            scripted = torch.jit.trace(module, images[:1].detach().cpu().float())
+            atomic_save(scripted, path, saver=torch.jit.save)
+        return {}
+    return {"onnx": export_onnx(module, path, images)}
+
+
+def deploy_subnet(
+    model: nn.Module,
+    subnet: Subnet | str,
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    input_size: int,
+    in_chans: int,
+    num_classes: int,
+    model_name: str,
+    model_kwargs: Mapping[str, Any] | None = None,
+    calib_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
+    eval_batches: Mapping[str, Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]]
+    | None = None,
+    check_images: torch.Tensor | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``subnet`` of ``model`` as ``fmt`` to ``path`` and its JSON sidecar beside it.
+
+    Args:
+        model: the main network (its BN statistics are left as they were).
+        subnet: the sub-network (a Subnet or its string form).
+        path: the file to write; the sidecar goes to :func:`sidecar_path`.
+        fmt: one of :data:`FORMATS`; ``None`` guesses from the suffix (:func:`format_for`).
+        input_size, in_chans, num_classes: what the model takes and predicts.
+        model_name, model_kwargs: how the main network was built (for the rebuild recipe).
+        calib_batches: training images to re-estimate the sub-network's BN statistics, as its
+            evaluation did; ``None`` keeps the main network's. The full network keeps its own.
+        eval_batches: ``{"val": fn, "test": fn}``: the exported module's accuracy on each.
+        check_images: normalised images for the ONNX parity check (default: 8 random ones).
+        meta: merged into the sidecar first (source run, checkpoint, normalisation, ...).
+
+    Returns:
+        The sidecar, as written.
+    """
+    model = unwrap(model)
+    subnet = Subnet.parse(model, subnet) if isinstance(subnet, str) else subnet
+    fmt = format_for(path, fmt)
+    if fmt == "onnx":
+        require_onnx()  # before any work
+    path = Path(path)
+    is_main = subnet.is_full(model)
+    device = next(model.parameters()).device
+    saved = bn_tools.save_stats(model)
+    try:
+        if calib_batches is not None and not is_main:
+            bn_tools.recalibrate(model, calib_batches(), subnet)
+        standalone = export_subnet(model, subnet).eval()
+    finally:
+        bn_tools.load_stats(model, saved)
+    accuracy = {}
+    for split, batches in (eval_batches or {}).items():
+        accuracy[split] = evaluate(standalone, batches())["acc"]
+    flops = count_flops(standalone, input_size, in_chans)
+    params = count_params(standalone)
+    if check_images is None:
+        generator = torch.Generator().manual_seed(0)
+        check_images = torch.randn(8, in_chans, input_size, input_size, generator=generator)
+    state = {k: v.detach().cpu() for k, v in standalone.state_dict().items()}
+    written = _write(standalone, path, fmt, check_images.to(device))
+    meta = dict(meta or {})
+    sidecar = {
+        "file": path.name,
+        "format": fmt,
+        "model": model_name,
+        "subnet": str(subnet),
+        "depths": [len(kept) for kept in subnet.blocks],
+        "is_main_network": is_main,
+        "bn": "the main network's own statistics"
+        if is_main or calib_batches is None
+        else "re-estimated for this sub-network from training images",
+        "num_classes": num_classes,
+        "input": {
+            "shape": [None, in_chans, input_size, input_size],
+            "dtype": "float32",
+            "layout": "NCHW",
+            **meta.pop("input", {}),
+        },
+        "accuracy": accuracy,
+        "flops": flops,
+        "mflops": flops / 1e6,
+        "params": params,
+        **meta,
+        "rebuild": _rebuild(
+            model,
+            model_name,
+            subnet,
+            num_classes,
+            in_chans,
+            dict(model_kwargs or {}),
+            state,
+            fmt,
+            path.name,
+        ),
+        "torch": torch.__version__,
+        **written,
+    }
+    atomic_write_text(sidecar_path(path), _json(sidecar))
+    return sidecar
+
+
+def _json(payload: Mapping[str, Any]) -> str:
+    return json.dumps(payload, indent=2) + "\n"
+
+
+# ------------------------------------------------------------------------------ latency
+@torch.inference_mode()
+def measure_latency(
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    device: str | torch.device = "cpu",
+    warmup: int = 10,
+    repeats: int = 30,
+) -> dict[str, Any]:
+    """Wall-clock time of one forward of ``module`` on a batch of ``input_shape``.
+
+    ``warmup`` forwards first (allocator, kernel selection, caches), then ``repeats`` timed
+    forwards, each synchronised on CUDA; the median resists the odd slow run on a shared
+    machine. ``module`` is moved to ``device`` and put in eval mode.
+
+    Returns:
+        ``ms`` (median), ``samples_ms`` (every timed run), ``min_ms``, ``max_ms``,
+        ``device``, ``batch``, ``threads`` (torch's intra-op threads), ``warmup``, ``repeats``.
+
+    Raises:
+        ValueError: ``warmup < 0`` or ``repeats < 1``, or an unavailable device.
+    """
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup={warmup}, repeats={repeats}: need warmup >= 0, repeats >= 1")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"latency device {str(device)!r}: CUDA is not available here; use cpu")
+    module = module.to(device).eval()
+    images = torch.randn(*input_shape, device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        module(images)
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        module(images)
+        sync()
+        times.append(time.perf_counter() - start)
+    return {
+        "ms": 1e3 * statistics.median(times),
+        "samples_ms": [1e3 * t for t in times],
+        "min_ms": 1e3 * min(times),
+        "max_ms": 1e3 * max(times),
+        "device": str(device),
+        "batch": input_shape[0],
+        "threads": torch.get_num_threads(),
+        "warmup": warmup,
+        "repeats": repeats,
+    }

@@ -1,0 +1,293 @@
+"""Sub-network evaluation in chunks sized from a memory budget: exact, and bounded in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import perturb_norms
+from torch import nn
+
+import nestedtrain as nt
+from nestedtrain import bn
+from nestedtrain.analysis import (
+    evaluate_space,
+    evaluate_subnets_shared,
+    kl_drift_snapshot,
+    space_subnets,
+    subnet_logits,
+)
+from nestedtrain.analysis import subnets as subnets_module
+from nestedtrain.analysis.subnets import DEFAULT_MEMORY_MB
+from nestedtrain.cli import main
+from nestedtrain.engine.config import load_config
+from nestedtrain.engine.evaluate import evaluate_subnets
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batches(n_eval: int = 150, n_calib: int = 100, side: int = 8):
+    """Fixed random data: eval batches of 32, calibration batches of 24."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n_eval, 1, side, side, generator=g)
+    y = torch.randint(0, 10, (n_eval,), generator=g)
+    c = torch.randn(n_calib, 1, side, side, generator=g)
+    return (
+        lambda: ((x[i : i + 32], y[i : i + 32]) for i in range(0, n_eval, 32)),
+        lambda: (c[i : i + 24] for i in range(0, n_calib, 24)),
+    )
+
+
+def resnet(name: str = "resnet20") -> nn.Module:
+    torch.manual_seed(0)
+    return perturb_norms(nt.create_model(name, num_classes=10, in_chans=1))
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """How many chunks the calibration and evaluation passes ran."""
+    counts = {"calibrate": 0, "evaluate": 0}
+    for name in counts:
+        original = getattr(subnets_module._Runner, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(subnets_module._Runner, name, counted)
+    return counts
+
+
+# ------------------------------------------------------------------------ exactness
+def test_a_tiny_budget_runs_one_batch_a_chunk_with_identical_results(passes):
+    model = resnet()
+    eval_fn, calib_fn = batches()
+    subnets = [*space_subnets(model, sample=6, seed=1), nt.Subnet.parse(model, "0.2.1-0.2-3")]
+    naive = evaluate_subnets(model, subnets, eval_fn, calib_fn)
+    before = bn.save_stats(model)
+    tiny = evaluate_subnets_shared(model, subnets, eval_fn, calib_fn, memory_mb=1e-3)
+    # at least one batch a chunk: 5 eval batches, 5 calibration batches
+    assert passes == {"calibrate": 5, "evaluate": 5}
+    assert tiny == naive
+    assert evaluate_subnets_shared(model, subnets, eval_fn, calib_fn, memory_mb=None) == naive
+    assert passes == {"calibrate": 6, "evaluate": 6}
+    assert all(torch.equal(v, bn.save_stats(model)[k]) for k, v in before.items())
+
+
+def test_chunk_images_wins_over_the_budget_and_takes_whole_batches(passes):
+    model = resnet()
+    eval_fn, calib_fn = batches()
+    subnets = space_subnets(model, [1, 1, 1])
+    naive = evaluate_subnets(model, subnets, eval_fn, calib_fn)
+    shared = evaluate_subnets_shared(model, subnets, eval_fn, calib_fn, 70, memory_mb=1e-3)
+    assert shared == naive
+    # at most 70 images a chunk: eval 32+32 | 32+32 | 22, calibration 24+24 | 24+24+4
+    assert passes == {"calibrate": 2, "evaluate": 3}
+    own = evaluate_subnets_shared(model, subnets, eval_fn, None, memory_mb=1e-3)
+    assert own == evaluate_subnets_shared(model, subnets, eval_fn, None, memory_mb=None)
+
+
+def test_the_budget_sizes_chunks_from_the_activations(passes):
+    model = resnet()
+    eval_fn, calib_fn = batches(n_eval=256, n_calib=96)
+    subnet = nt.Subnet.parse(model, "3-3-3")
+    # One sub-network is a chain: while block b runs, its input and output are held. Every
+    # resnet20 block at 8x8 keeps 16x8x8, 32x4x4 or 64x2x2 floats: 4 KiB an image at most.
+    largest = 16 * 8 * 8 * 4
+    per_image = 8 * 8 * 4 + 2 * largest  # the image, one block's input and output
+    memory_mb = 64 * per_image / 2**20  # room for 64 images: two eval batches a chunk
+    subnet_logits(model, [subnet], eval_fn, calib_fn, lambda *a: None, memory_mb=memory_mb)
+    assert passes == {"calibrate": 2, "evaluate": 4}  # calibration: 2 x 24 of 96 a chunk
+
+
+def test_bad_budgets_are_refused():
+    model = resnet()
+    eval_fn, calib_fn = batches()
+    for bad in (0, -5.0, float("nan")):
+        with pytest.raises(ValueError, match="memory_mb"):
+            evaluate_subnets_shared(model, ["1-1-1"], eval_fn, calib_fn, memory_mb=bad)
+
+
+def test_the_recipe_field_is_checked():
+    assert load_config(None, []).eval.memory_mb == DEFAULT_MEMORY_MB
+    assert load_config(None, ["eval.memory_mb=256"]).eval.memory_mb == 256
+    with pytest.raises(ValueError, match="eval.memory_mb=0.0 must be > 0"):
+        load_config(None, ["eval.memory_mb=0"])
+
+
+def _direct_kl(model: nn.Module, subnet: str, eval_fn, calib_fn) -> float:
+    model.eval()
+    with torch.no_grad():
+        main_logp = torch.cat([F.log_softmax(model(x), 1) for x, _ in eval_fn()])
+    saved = bn.save_stats(model)
+    bn.recalibrate(model, calib_fn(), subnet)
+    with nt.use_subnet(model, subnet), torch.no_grad():
+        sub_logp = torch.cat([F.log_softmax(model(x), 1) for x, _ in eval_fn()])
+    bn.load_stats(model, saved)
+    return (main_logp.exp() * (main_logp - sub_logp)).sum(1).mean().item()
+
+
+def test_kl_drift_in_chunks_equals_one_chunk_and_a_direct_computation(passes):
+    model = resnet()
+    eval_fn, calib_fn = batches()
+    subnets = ["1-1-1", "3-3-3", "2-1-3", "1-1-1"]
+    tiny = kl_drift_snapshot(model, subnets, eval_fn, calib_fn, memory_mb=1e-3)
+    assert passes["evaluate"] == 5
+    assert tiny == kl_drift_snapshot(model, subnets, eval_fn, calib_fn, memory_mb=None)
+    assert tiny["1-1-1"] == pytest.approx(_direct_kl(model, "1-1-1", eval_fn, calib_fn), rel=1e-5)
+
+
+class ListStageNet(nn.Module):
+    """A stage its forward loops over: it cannot be split, so each sub-network runs alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            for _ in range(3)
+        )
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.stage:
+            x = x + block(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_one_at_a_time_fallback_streams_and_stays_exact():
+    nt.declare_stages(ListStageNet, ["stage"], skippable=[[0, 1, 2]])
+    torch.manual_seed(0)
+    model = perturb_norms(ListStageNet())
+    eval_fn, calib_fn = batches()
+    subnets = ["1", "3", "0.2"]
+    assert subnet_logits(model, subnets, eval_fn, calib_fn, lambda *a: None) == "naive"
+    assert evaluate_subnets_shared(model, subnets, eval_fn, calib_fn) == evaluate_subnets(
+        model, [nt.Subnet.parse(model, s) for s in subnets], eval_fn, calib_fn
+    )
+    before = bn.save_stats(model)
+    snapshot = kl_drift_snapshot(model, subnets, eval_fn, calib_fn)
+    assert all(torch.equal(v, bn.save_stats(model)[k]) for k, v in before.items())
+    for subnet in subnets:
+        assert snapshot[subnet] == pytest.approx(
+            _direct_kl(model, subnet, eval_fn, calib_fn), rel=1e-5
+        )
+
+
+def test_evaluate_space_passes_the_budget_on():
+    model = resnet()
+    eval_fn, calib_fn = batches()
+    tiny = evaluate_space(model, eval_fn, calib_fn, space=[1, 0, 1], memory_mb=1e-3)
+    assert tiny == evaluate_space(model, eval_fn, calib_fn, space=[1, 0, 1], memory_mb=None)
+
+
+# --------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("memory") / "run"
+    recipe = out.parent / "tiny.yaml"
+    recipe.write_text("method: ct\nmodel:\n  name: resnet20\ndata:\n  name: digits\n")
+    tiny = ["data.train_subset=128", "batch_size=64", "epochs=1", "eval.subnets=none"]
+    assert main(["train", str(recipe), *tiny, "--out", str(out)]) == 0
+    return out
+
+
+def test_eval_memory_budget_changes_nothing_but_memory(run_dir, tmp_path, capsys):
+    reports = []
+    for budget in ([], ["--memory-mb", "0.01"]):
+        out = tmp_path / f"eval{len(reports)}.json"
+        args = ["eval", str(run_dir), "--subnets", "sample:5", "--batch-size", "64"]
+        assert main([*args, *budget, "--json", str(out)]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["subnets"] == reports[1]["subnets"]
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--memory-mb", "0"]) == 2
+    assert "--memory-mb 0.0 must be > 0" in capsys.readouterr().err
+
+
+def test_analyze_takes_a_memory_budget(run_dir, tmp_path, capsys):
+    out = tmp_path / "subnets"
+    args = ["analyze", "subnets", str(run_dir), "--space", "1", "--memory-mb", "0.05"]
+    assert main([*args, "--calib-images", "64", "--out", str(out)]) == 0
+    payload = json.loads((out / "subnets.json").read_text())
+    assert "--memory-mb 0.05" in payload["command"]
+    capsys.readouterr()
+    assert main(["analyze", "subnets", str(run_dir), "--memory-mb", "none"]) == 2
+    assert "'none' is no memory budget" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- measured
+# A child process per size, so that each peak RSS is its own: timm resnet50 at 96x96 (two
+# sub-networks, 64 calibration images, batches of 32) evaluated on 64 or 384 random images.
+_CHILD = """
+import json, resource, sys
+import timm, torch
+from nestedtrain.analysis import evaluate_subnets_shared
+
+torch.set_num_threads(1)
+n_eval, memory_mb = int(sys.argv[1]), float(sys.argv[2])
+torch.manual_seed(0)
+model = timm.create_model("resnet50", num_classes=10)
+g = torch.Generator().manual_seed(0)
+images = torch.randn(n_eval, 3, 96, 96, generator=g)
+labels = torch.randint(0, 10, (n_eval,), generator=g)
+calib = torch.randn(64, 3, 96, 96, generator=g)
+eval_batches = lambda: ((images[i : i + 32], labels[i : i + 32]) for i in range(0, n_eval, 32))
+calib_batches = lambda: (calib[i : i + 32] for i in range(0, 64, 32))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+evaluate_subnets_shared(
+    model, ["3-4-6-3", "1-2-3-1"], eval_batches, calib_batches, memory_mb=memory_mb
+)
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))
+"""
+
+
+def _peak_growth_mb(sizes: list[int], memory_mb: float) -> list[float]:
+    """How far evaluation raised each child's peak RSS (ru_maxrss is in KiB on Linux)."""
+    # glibc's default keeps freed blocks of up to 32 MiB cached, so peak RSS would wander by
+    # ±100 MiB from run to run; a fixed mmap threshold hands every freed activation back to
+    # the OS, and the peak RSS is then what the code holds (to 0.1 MiB between runs).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(n_eval), str(memory_mb)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for n_eval in sizes
+    ]
+    growth = []
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err
+        growth.append(json.loads(out.strip().splitlines()[-1]))
+    return growth
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB: Linux")
+def test_peak_memory_does_not_grow_with_the_eval_set():
+    # 64 MiB holds about 50 images' activations here (≈1.2 MiB an image: the image and the
+    # block outputs the trie holds at once), so every chunk is one batch of 32 for both
+    # sizes, and six times the images may add no more than one batch: 40 MiB, about what a
+    # batch of 32 holds. Measured (peak RSS growth, 64 -> 384 images): 103 -> 103 MiB with
+    # this budget; 139 -> 499 MiB with memory_mb=None (one chunk of everything); 300 -> 1,538
+    # MiB for the code before budgets (one chunk, and it also kept every ancestor's
+    # activations alive while a subtree ran).
+    small, large = _peak_growth_mb([64, 384], memory_mb=64)
+    assert large - small < 40, (small, large)

@@ -79,7 +79,7 @@ def main() -> None:
     motivation += ["+", "method=ct", "model.name=resnet20,resnet32", "--out", f"{out}/motivation"]
     for sweep in (loafing, ablation, motivation):
         _run([*sweep, *jobs])
-    minutes = (time.time() - start) / 60
+    print(f"sweeps took {(time.time() - start) / 60:.0f} minutes this time", flush=True)
 
     st_runs = sorted(str(p) for p in (out / "loafing").glob("method=st,*") if p.is_dir())
     comparisons = {
@@ -95,14 +95,22 @@ def main() -> None:
             "--out",
             f"{out}/ablation/compare",
         ],
-        "motivation": ["compare", f"{out}/motivation", "--by", "method,model.name"],
+        "motivation": [
+            "compare",
+            f"{out}/motivation",
+            "--by",
+            "method,model.name",
+            "--baseline",
+            "method=ct,model.name=resnet20",
+        ],
     }
     printed = {name: _run(args) for name, args in comparisons.items()}
     results = {
         name: json.loads((Path(_out_of(a)) / "compare.json").read_text())
         for name, a in comparisons.items()
     }
-    _write_doc(args, printed, results, comparisons, [loafing, ablation, motivation], minutes)
+    compute = sum(json.loads(p.read_text())["wall_seconds"] for p in out.glob("*/*/summary.json"))
+    _write_doc(args, printed, results, comparisons, [loafing, ablation, motivation], compute / 60)
 
 
 def _out_of(compare_args: list[str]) -> str:
@@ -121,7 +129,8 @@ def _write_doc(args, printed, results, comparisons, sweeps, minutes) -> None:
         "",
         "Written by `python bench/results.py "
         + f"--seeds {args.seeds} --epochs {args.epochs} --train {args.train} --jobs {args.jobs}`"
-        + f" in {minutes:.0f} minutes on {platform.machine()} ({threads}); {versions}.",
+        + f" on {platform.machine()} ({threads}); {versions}. The runs' wall times add up to "
+        + f"{minutes:.0f} minutes.",
         "",
         f"Fashion-MNIST, {args.train} training images (seeded subset), the 10,000 test images, "
         f"{args.epochs} epochs, {args.seeds} seeds. Mean ± sample standard deviation over seeds; "
@@ -175,15 +184,22 @@ def _section(title, sweep, compare, printed, note) -> list[str]:
 
 
 def _cost_table(results) -> list[str]:
-    rows = ["| method | wall s (mean) | ÷ CT |", "|---|---|---|"]
+    header = "| method | training images/s | CT ÷ it | run wall s | ÷ CT |"
+    rows = [header, "|---|---|---|---|---|"]
     groups = results["loafing"]["groups"]
-    ct = next(g for g in groups if g["label"].get("method") == "ct")["wall_seconds"]["mean"]
+    ct = next(g for g in groups if g["label"].get("method") == "ct")
+    ct_rate, ct_wall = ct["images_per_second"]["mean"], ct["wall_seconds"]["mean"]
     for group in groups:
-        wall = group["wall_seconds"]["mean"]
-        rows.append(f"| {group['label']['method']} | {wall:.0f} | {wall / ct:.2f} |")
+        rate, wall = group["images_per_second"]["mean"], group["wall_seconds"]["mean"]
+        rows.append(
+            f"| {group['label']['method']} | {rate:.0f} | {ct_rate / rate:.2f} | {wall:.0f} | "
+            f"{wall / ct_wall:.2f} |"
+        )
     return [
-        "Wall time of whole runs (training and the final evaluation), from section 1's sweep, "
-        "two runs sharing the machine at a time:",
+        "From section 1's sweep, mean over seeds: training throughput (median over epochs of "
+        "images/s; CT ÷ it is the cost of a step relative to CT), and the wall time of whole "
+        "runs, which add the final evaluation of all 27 sub-networks (the same for every method)."
+        " Runs shared the 2-core machine with another run, one thread each:",
         "",
         *rows,
     ]

@@ -40,6 +40,26 @@ def perturb_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+class ListStageNet(nn.Module):
+    """A user model whose stage is a ModuleList its forward loops over (no container call):
+    its forward cannot be split into stem, blocks and head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            for _ in range(3)
+        )
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.stage:
+            x = x + block(x)
+        return self.fc(x.mean((2, 3)))
+
+
 def make_model(family: str, seed: int = 0) -> tuple[nn.Module, int]:
     name, kwargs, side = FAMILIES[family]
     torch.manual_seed(seed)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, perturb_norms
+from conftest import ListStageNet, make_model, perturb_norms
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -189,25 +189,6 @@ def test_shared_handles_any_subnet_order_duplicates_chunks_and_own_statistics():
     for subnet, result in zip(subnets, own):
         with nt.use_subnet(model, subnet):
             assert result == {"subnet": str(subnet), **evaluate(model, eval_fn())}
-
-
-class ListStageNet(nn.Module):
-    """A user model whose stage is a ModuleList its forward loops over (no container call)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.stage = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-            for _ in range(3)
-        )
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        x = self.stem(x)
-        for block in self.stage:
-            x = x + block(x)
-        return self.fc(x.mean((2, 3)))
 
 
 def test_model_that_cannot_be_split_falls_back_to_one_at_a_time():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_norms
+from conftest import ListStageNet, perturb_norms
 from torch import nn
 
 import nestedtrain as nt
@@ -147,25 +147,6 @@ def test_kl_drift_in_chunks_equals_one_chunk_and_a_direct_computation(passes):
     assert passes["evaluate"] == 5
     assert tiny == kl_drift_snapshot(model, subnets, eval_fn, calib_fn, memory_mb=None)
     assert tiny["1-1-1"] == pytest.approx(_direct_kl(model, "1-1-1", eval_fn, calib_fn), rel=1e-5)
-
-
-class ListStageNet(nn.Module):
-    """A stage its forward loops over: it cannot be split, so each sub-network runs alone."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.stage = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-            for _ in range(3)
-        )
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        x = self.stem(x)
-        for block in self.stage:
-            x = x + block(x)
-        return self.fc(x.mean((2, 3)))
 
 
 def test_one_at_a_time_fallback_streams_and_stays_exact():

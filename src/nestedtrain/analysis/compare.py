@@ -121,8 +121,8 @@ def parse_baseline(text: str | None) -> dict[str, str]:
 def _group_keys(runs: Sequence[_Run]) -> list[str]:
     """The fields that tell the runs' settings apart, in a stable order."""
     if all(run.overrides is not None for run in runs):
+        # a field one run overrides and another does not still tells them apart
         keys = list(dict.fromkeys(k for run in runs for k in run.overrides))
-        # a field set by some runs and not others still tells them apart
     else:
         keys = sorted({k for run in runs for k in run.config})
     return [
@@ -185,7 +185,7 @@ def _paired(group: Sequence[_Run], baseline: Sequence[_Run], key: str) -> dict[s
 
 
 def _motivation_efficiency(
-    label: dict[str, str], runs: Sequence[_Run], groups: dict[tuple, list[_Run]], keys: list[str]
+    runs: Sequence[_Run], groups: dict[tuple, list[_Run]]
 ) -> dict[str, Any] | None:
     """ACC/FLOPs and ACC/F_Ratio of a motivation group against the classical groups of its
     base (X) and motivated (Y) models, when the comparison holds them."""
@@ -288,7 +288,7 @@ def compare_runs(
             if "subnet_acc_mean" in stats:
                 stats["paired_subnet_acc_mean"] = _paired(members, base, "subnet_acc_mean")
         if members[0].config.get("method") == "motivation":
-            stats["efficiency"] = _motivation_efficiency(named, members, groups, keys)
+            stats["efficiency"] = _motivation_efficiency(members, groups)
         stats["curve"] = _accuracy_curve(members)
         result_groups.append(stats)
     return {

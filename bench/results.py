@@ -31,7 +31,7 @@ import timm
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-NESTEDTRAIN = [sys.executable, "-m", "nestedtrain.cli"]
+NESTEDTRAIN = [sys.executable, "-m", "nestedtrain"]
 
 
 def _run(args: list[str]) -> str:

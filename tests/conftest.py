@@ -71,3 +71,35 @@ def make_model(family: str, seed: int = 0) -> tuple[nn.Module, int]:
 def family_model(request):
     model, side = make_model(request.param)
     return request.param, model, side
+
+
+class UserBlock(nn.Module):
+    """A residual block of a user's model: identity shortcut, so it can be skipped."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
+class UserResNet(nn.Module):
+    """A user's two-stage residual model that nestedtrain knows only through declare_stages
+    (see declare_user_resnet); the second stage starts with a down-sampling convolution."""
+
+    def __init__(self, depths: tuple[int, int] = (2, 2), width: int = 8, in_chans: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1), nn.BatchNorm2d(width))
+        self.first = nn.Sequential(*(UserBlock(width) for _ in range(depths[0])))
+        down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.second = nn.Sequential(down, *(UserBlock(2 * width) for _ in range(depths[1] - 1)))
+        self.head = nn.Linear(2 * width, 10)
+
+    def forward(self, x):
+        return self.head(self.second(self.first(self.stem(x))).mean((2, 3)))
+
+
+def declare_user_resnet() -> None:
+    nt.declare_stages(UserResNet, ["first", "second"], skippable=lambda b: isinstance(b, UserBlock))

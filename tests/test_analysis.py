@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ListStageNet, make_model, perturb_norms
+from conftest import ListStageNet, UserResNet, declare_user_resnet, make_model, perturb_norms
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -370,6 +370,21 @@ def test_loafing_matrix_of_densenets_inherits_weights():
     assert result["acc"][1][0] == evaluate(reference, eval_fn())["acc"]
 
 
+def test_loafing_matrix_of_declared_models_runs_ordered_subnets():
+    declare_user_resnet()
+    torch.manual_seed(0)
+    small = perturb_norms(UserResNet((2, 2), in_chans=1), 1)
+    large = perturb_norms(UserResNet((3, 4), in_chans=1), 2)
+    eval_fn, calib_fn = batches(8)
+    result = loafing_matrix([small, large], ["small", "large"], eval_fn, calib_fn)
+    assert result["depths"] == {"small": [2, 2], "large": [3, 4]}
+    assert result["acc"][0][1] is None and result["how"][1][0] == "subnet 2-2"
+    inside = evaluate_subnets(large, ["2-2"], eval_fn, calib_fn)[0]["acc"]
+    assert result["acc"][1][0] == inside
+    with pytest.raises(ValueError, match="declare_stages"):
+        loafing_matrix([nn.Sequential(nn.Flatten(), nn.Linear(64, 10))], ["x"], eval_fn, calib_fn)
+
+
 # -------------------------------------------------------------------------- KL drift
 def test_kl_drift_snapshot_matches_a_direct_computation():
     model = resnet()
@@ -514,7 +529,7 @@ def test_report_embeds_every_plot(run, capsys):
 def test_all_cli_subcommands_are_registered():
     import argparse
 
-    from nestedtrain.analysis.commands import register
+    from nestedtrain.cli.analyze import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

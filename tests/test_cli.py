@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,10 @@ def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "CT" in out and "ST" in out and "subnets mean" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if "subnets mean" in line)
+    assert set(lines[header + 1]) == {"-", " "}  # printed by the CLI's one table layout
+    assert lines[header + 2].split()[0] == "CT" and lines[header + 3].split()[0] == "ST"
     assert (tmp_path / "demo" / "st" / "summary.json").is_file()
 
 
@@ -152,3 +157,92 @@ def test_bad_checkpoints_and_subnets_exit_2(run_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and message in err, (args, err)
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("model=resnet20", "did you mean model.name=resnet20?"),
+        ("data=digits", "did you mean data.name=digits?"),
+        ("st=5", "set one of its fields: st."),
+    ],
+)
+def test_a_value_for_a_group_of_settings_says_what_to_write(tmp_path, capsys, override, hint):
+    out = tmp_path / "run"
+    assert main(["train", str(_recipe(tmp_path)), override, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    key = override.split("=")[0]
+    assert f"override {override}: '{key}' is a group of settings; {hint}" in err
+    assert "Merge error" not in err and not out.exists()
+    sweep = ["sweep", str(_recipe(tmp_path)), override, "--out", str(tmp_path / "s"), "--print"]
+    assert main(sweep) == 2 and hint in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["analyze", "subnets", "a run", "--space", "1", "--individual", "x.pt", "y.pt"],
+        ["analyze", "destruct", "c.pt", "--permute-k", "", "--memory-mb", "0.05", "--bn", "own"],
+        ["analyze", "kl-drift", "r", "--out", "o"],
+        ["select", "r", "--max-mflops", "512", "--max-params", "0.123456789", "--seed", "3"],
+        ["compare", "a", "b", "--by", "method", "--baseline", "method=ct"],
+        ["train", "r.yaml", "epochs=3", "st.lam=5", "--resume"],
+    ],
+)
+def test_recorded_command_line_reads_back_as_the_same_command(argv):
+    import shlex
+
+    from nestedtrain.cli import build_parser
+    from nestedtrain.cli.common import command_line
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    words = shlex.split(command_line(args))
+    assert words[0] == "nestedtrain" and words[1] == argv[0]
+    assert vars(parser.parse_args(words[1:])) == vars(args)
+    # defaults are left out: only what was given is written
+    assert "--split" not in words and "--device" not in words
+
+
+def test_recorded_command_line_leaves_out_defaults():
+    from nestedtrain.cli import build_parser
+    from nestedtrain.cli.common import command_line
+
+    args = build_parser().parse_args(["select", "r", "--max-mflops", "512.0", "--seed", "0"])
+    assert command_line(args) == "nestedtrain select r --max-mflops 512"
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    import nestedtrain.cli.train as train_commands
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not bad input")
+
+    monkeypatch.setattr(train_commands, "count_flops", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["flops", "resnet20"])
+
+
+def test_python_dash_m_nestedtrain_is_the_command():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "nestedtrain", "flops", "resnet20", "--subnet", "1-1-1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "resnet20 sub-network 1-1-1 at 32x32x3:" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "nestedtrain", "flops", "resnet7"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("nestedtrain: error: unknown model")

@@ -23,11 +23,11 @@ from nestedtrain.analysis import (
     space_subnets,
     subnet_logits,
 )
-from nestedtrain.analysis import subnets as subnets_module
-from nestedtrain.analysis.subnets import DEFAULT_MEMORY_MB
 from nestedtrain.cli import main
+from nestedtrain.engine import subnet_eval as subnets_module
 from nestedtrain.engine.config import load_config
 from nestedtrain.engine.evaluate import evaluate_subnets
+from nestedtrain.engine.subnet_eval import DEFAULT_MEMORY_MB
 
 
 @pytest.fixture(autouse=True, scope="module")

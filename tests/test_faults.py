@@ -178,7 +178,7 @@ def test_sigterm_stops_after_the_step_and_resume_is_exact(tmp_path):
 def _cli(*args, timeout=300, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "nestedtrain.cli", *args],
+        [sys.executable, "-m", "nestedtrain", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -47,7 +47,7 @@ def imagenet_folder(tmp_path_factory) -> Path:
 
 def _train(out: Path, recipe: str, overrides: list[str], resume: bool = False):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "nestedtrain.cli", "train", str(REPO / "recipes" / recipe)]
+    command = [sys.executable, "-m", "nestedtrain", "train", str(REPO / "recipes" / recipe)]
     command += [*overrides, "--out", str(out)] + (["--resume"] if resume else [])
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env

@@ -17,17 +17,16 @@ import torch
 import torch.nn.functional as F
 
 import nestedtrain as nt
+from nestedtrain.analysis.motivation import efficiency
 from nestedtrain.cli import main
 from nestedtrain.data import DataConfig, build_data
 from nestedtrain.data.datasets import FASHION_MNIST_SYSTEM_DIR
 from nestedtrain.data.loaders import _split_train
 from nestedtrain.elastic.weightmap import WeightMap
-from nestedtrain.engine.checkpoint import build_model
+from nestedtrain.engine.build import build_model, build_motivated_model, build_optimizer
 from nestedtrain.engine.trainer import Trainer
 from nestedtrain.methods import MotivationTraining
 from nestedtrain.methods.conditions import Condition, LossDecrease
-from nestedtrain.methods.motivation import build_motivated_model
-from nestedtrain.motivation_commands import efficiency
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DIGITS = RECIPES / "motivation_digits_resnet20_32.yaml"
@@ -125,7 +124,7 @@ def test_library_equals_a_plain_algorithm_1(tmp_path, optim):
     trainer = Trainer(cfg, tmp_path / "run")
     base = copy.deepcopy(trainer.model)
     motivated = copy.deepcopy(trainer.method.motivated_model)
-    opt_base, opt_motivated = trainer.make_optimizer(base), trainer.make_optimizer(motivated)
+    opt_base, opt_motivated = build_optimizer(cfg, base), build_optimizer(cfg, motivated)
     trainer.fit(progress=False)
 
     counts = naive_algorithm_1(base, motivated, opt_base, opt_motivated, trainer.data, 3, k=1)

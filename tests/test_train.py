@@ -249,6 +249,10 @@ def test_init_from_checkpoint_with_new_classifier(tmp_path):
     bad = _cfg("model.name=resnet32", f"model.init_from={tmp_path / 'src' / 'weights.pt'}")
     with pytest.raises(ValueError, match="does not fit CifarResNet"):
         Trainer(bad, tmp_path / "bad")
+    # A whole checkpoint (RNG states and all, not a plain state_dict) works as well.
+    last = tmp_path / "src" / "checkpoints" / "last.pt"
+    trainer = Trainer(_cfg("epochs=1", f"model.init_from={last}"), tmp_path / "ft2")
+    assert torch.equal(trainer.model.conv1.weight, source["conv1.weight"])
 
 
 # ---------------------------------------------------------------------------------- torchrun
@@ -319,6 +323,10 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     losses_one = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
     assert losses_two == pytest.approx(losses_one, rel=1e-4)
     assert not (two / "rank1").exists()
+    # The ST step computed the shared prefixes once and all-reduced the gradients itself.
+    for run in (one, two):
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["st_shared_prefix"].startswith("on:"), summary["st_shared_prefix"]
 
 
 def test_every_recipe_loads_and_cpu_recipes_build(tmp_path):

@@ -5,12 +5,14 @@ import functools
 
 import pytest
 import torch
+from conftest import UserResNet, declare_user_resnet
 from timm.optim import Lamb, RMSpropTF
 from torch import nn
 
 import nestedtrain as nt
+from nestedtrain.elastic.stages import model_family
 from nestedtrain.elastic.subnet import use_subnet
-from nestedtrain.elastic.weightmap import WeightMap, inherit
+from nestedtrain.elastic.weightmap import WeightMap, block_depths, inherit
 
 VIT = {"img_size": 32}
 PAIRS = {
@@ -115,6 +117,44 @@ def test_mapped_base_runs_exactly_inside_the_motivated_model(pair, subnet, zero_
                 got = motivated(x)
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_declared_models_map_leading_blocks_and_channels():
+    # A model known only through declare_stages: the family comes from elastic.stages, the
+    # stages from the declaration, and blocks and channels match by their leading entries.
+    declare_user_resnet()
+    torch.manual_seed(0)
+    base = randomize_norms(UserResNet((2, 2), width=4), 1)
+    motivated = randomize_norms(UserResNet((3, 4), width=8), 2)
+    assert model_family(base) == "declared" and block_depths(motivated) == (3, 4)
+    weight_map = WeightMap(base, motivated)
+    assert weight_map.family == "declared" and weight_map.unmatched == []
+    rename = {n: t.motivated_name for n, t in weight_map.tensors.items()}
+    assert rename["first.1.conv.weight"] == "first.1.conv.weight"  # not the last block
+    assert rename["second.1.bn.running_var"] == "second.1.bn.running_var"
+    weight_map.copy_to_motivated(base, motivated)
+    zero_differential_weights(weight_map, motivated)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = base(x)
+        with use_subnet(motivated, "2-2"):
+            got = motivated(x)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    small = UserResNet((1, 2), width=4)
+    inherit(motivated, small)
+    assert torch.equal(small.second[1].conv.weight, motivated.second[1].conv.weight[:8, :8])
+
+
+def test_families_weightmap_does_not_map_are_refused_by_name():
+    assert model_family(nt.create_model("resnet20", num_classes=10)) == "cifar-resnet"
+    assert model_family(nn.Sequential(nn.Linear(2, 2))) is None
+    small = nt.create_model("mobilenetv3_small_050", num_classes=10)
+    large = nt.create_model("mobilenetv3_small_100", num_classes=10)
+    with pytest.raises(ValueError, match=r"MobileNetV3 \(family timm-mobilenetv3\).*declare"):
+        WeightMap(small, large)
+    with pytest.raises(ValueError, match="Sequential, which WeightMap does not map"):
+        WeightMap(nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 4)))
 
 
 def test_vit_qkv_split_keeps_q_k_v_apart_and_literal_does_not():

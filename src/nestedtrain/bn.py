@@ -16,14 +16,18 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .elastic.stages import Stage, find_stages, unwrap
 from .elastic.subnet import Subnet, use_subnet
+from .errors import ConfigError
 
 __all__ = [
     "batchnorms",
     "calibration_mode",
     "frozen_stats",
+    "load_layer_stats",
     "load_stats",
     "recalibrate",
+    "save_layer_stats",
     "save_stats",
+    "set_cumulative_momentum",
 ]
 
 
@@ -69,7 +73,7 @@ def save_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for bn in batchnorms(model):
         prefix = names[id(bn)]
-        for key in ("running_mean", "running_var", "num_batches_tracked"):
+        for key in _BUFFERS:
             buf = getattr(bn, key, None)
             if buf is not None:
                 out[f"{prefix}.{key}" if prefix else key] = buf.detach().clone()
@@ -82,6 +86,39 @@ def load_stats(model: nn.Module, stats: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in stats.items():
             buffers[name].copy_(value)
+
+
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def save_layer_stats(layers: Sequence[_BatchNorm]) -> list[tuple[torch.Tensor | None, ...]]:
+    """A copy of the buffers of ``layers``, in their order (for :func:`load_layer_stats`)."""
+    return [
+        tuple(
+            None if getattr(m, key) is None else getattr(m, key).detach().clone()
+            for key in _BUFFERS
+        )
+        for m in layers
+    ]
+
+
+def load_layer_stats(
+    layers: Sequence[_BatchNorm], stats: Sequence[tuple[torch.Tensor | None, ...]]
+) -> None:
+    """Put back buffers taken by :func:`save_layer_stats` from the same ``layers``."""
+    with torch.no_grad():
+        for m, saved in zip(layers, stats):
+            for key, value in zip(_BUFFERS, saved):
+                if value is not None:
+                    getattr(m, key).copy_(value)
+
+
+def set_cumulative_momentum(layers: Sequence[_BatchNorm], seen: int, n: int) -> None:
+    """Momentum ``n / (seen + n)`` for the next batch of ``n`` images after ``seen`` images:
+    the running update then keeps the exact mean over every image, weighted by batch size
+    (torch's ``momentum=None`` averages batches unweighted)."""
+    for bn in layers:
+        bn.momentum = n / (seen + n)
 
 
 def _skipped_batchnorms(stages: Sequence[Stage], subnet: Subnet) -> set[int]:
@@ -130,10 +167,7 @@ def recalibrate(
         for batch in batches:
             images = batch if isinstance(batch, torch.Tensor) else batch[0]
             n = images.shape[0]
-            # Momentum n / (seen + n) turns the running update into an exact running mean
-            # weighted by batch size (torch's momentum=None averages batches unweighted).
-            for bn in layers:
-                bn.momentum = n / (seen + n)
+            set_cumulative_momentum(layers, seen, n)
             if subnet is None:
                 model(images)
             else:
@@ -145,5 +179,5 @@ def recalibrate(
             bn.momentum = momentum
         model.eval()
     if seen == 0:
-        raise ValueError("recalibrate got no batches: pass at least one batch of images")
+        raise ConfigError("recalibrate got no batches: pass at least one batch of images")
     return model

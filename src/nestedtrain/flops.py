@@ -31,6 +31,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .elastic.stages import unwrap
+from .errors import ConfigError
+from .modes import eval_mode
 
 __all__ = [
     "count_flops",
@@ -67,11 +69,11 @@ def count_flops(
             or per-stage block indices).
 
     Raises:
-        ValueError: a non-positive input size or channel count.
+        ConfigError: a non-positive input size or channel count.
     """
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     if min(height, width, in_chans) < 1:
-        raise ValueError(
+        raise ConfigError(
             f"input size and channels must be positive, got input_size={input_size!r}, "
             f"in_chans={in_chans!r}"
         )
@@ -80,22 +82,15 @@ def count_flops(
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     image = torch.zeros(1, in_chans, height, width, device=device, dtype=dtype)
-    # Record each module's own mode: a model may deliberately keep some parts in eval mode.
-    modes = [(m, m.training) for m in model.modules()]
     counter = FlopCounterMode(display=False)
-    try:
-        model.eval()
-        with torch.no_grad(), counter:
-            if subnet is None:
-                model(image)
-            else:
-                from .elastic.subnet import use_subnet
+    with eval_mode(model), torch.no_grad(), counter:
+        if subnet is None:
+            model(image)
+        else:
+            from .elastic.subnet import use_subnet
 
-                with use_subnet(model, subnet):
-                    model(image)
-    finally:
-        for module, training in modes:
-            module.training = training
+            with use_subnet(model, subnet):
+                model(image)
     return int(counter.get_total_flops())
 
 
@@ -121,7 +116,7 @@ def motivation_flops(n_base: float, n_mot: float, f_base: float, f_mot: float) -
         f_mot: forward FLOPs of the motivated model.
     """
     if n_base < 0 or n_mot < 0 or n_base + n_mot <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"step counts must be >= 0 and not both 0, got n_base={n_base!r}, n_mot={n_mot!r}"
         )
     return (n_base * f_base + n_mot * f_mot) / (n_base + n_mot)
@@ -131,10 +126,10 @@ def acc_per_flops(acc: float, acc_ref: float, flops: float, flops_ref: float) ->
     """Accuracy gained per FLOP added: ``(acc - acc_ref) / (flops - flops_ref)``.
 
     Raises:
-        ValueError: when ``flops == flops_ref`` (no FLOPs added, the ratio is undefined).
+        ConfigError: when ``flops == flops_ref`` (no FLOPs added, the ratio is undefined).
     """
     if flops == flops_ref:
-        raise ValueError(
+        raise ConfigError(
             f"flops and flops_ref are both {flops!r}: accuracy per added FLOP needs a model "
             "that costs more than the reference"
         )
@@ -168,12 +163,12 @@ def acc_flops_ratio(
         flops_yc: forward FLOPs of Y.
 
     Raises:
-        ValueError: equal FLOPs in a difference, or Y no more accurate than X (ratio undefined).
+        ConfigError: equal FLOPs in a difference, or Y no more accurate than X (ratio undefined).
     """
     motivated_training = acc_per_flops(acc_xyb, acc_xc, flops_xy, flops_xc)
     larger_model = acc_per_flops(acc_yc, acc_xc, flops_yc, flops_xc)
     if larger_model == 0:
-        raise ValueError(
+        raise ConfigError(
             f"acc_yc equals acc_xc ({acc_yc!r}): the larger model gains nothing, so the ratio "
             "is undefined"
         )

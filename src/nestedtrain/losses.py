@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 __all__ = ["KL_NORMS", "cross_entropy", "kl_loss", "normalize_logits"]
 
 KL_NORMS = ("none", "std", "l2")
@@ -25,7 +27,7 @@ def normalize_logits(
         return F.layer_norm(logits, logits.shape[-1:], eps=1e-7) * amplitude
     if norm == "l2":
         return F.normalize(logits, p=2, dim=-1) * amplitude
-    raise ValueError(f"unknown logit norm {norm!r}: use one of {', '.join(KL_NORMS)}")
+    raise ConfigError(f"unknown logit norm {norm!r}: use one of {', '.join(KL_NORMS)}")
 
 
 def kl_loss(
@@ -41,7 +43,7 @@ def kl_loss(
     temperature T, and the loss is multiplied by T² so its gradient scale does not depend on T.
     """
     if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
+        raise ConfigError(f"temperature={temperature} must be > 0")
     student = normalize_logits(student_logits, norm, amplitude) / temperature
     teacher = normalize_logits(teacher_logits.detach(), norm, amplitude) / temperature
     kl = F.kl_div(

@@ -23,7 +23,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ..engine.sweep import read_sweep
+from ..errors import ConfigError
 from ..flops import acc_flops_ratio
+from ..runlog import read_metrics
 
 __all__ = [
     "compare_rows",
@@ -61,8 +63,7 @@ class _Run:
         self.config = _flatten(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")))
         self.summary = json.loads((folder / "summary.json").read_text())
         metrics = folder / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.is_file() else []
-        self.metrics = [json.loads(line) for line in lines if line.strip()]
+        self.metrics = read_metrics(metrics) if metrics.is_file() else []
         self.overrides = overrides  # from the sweep that made it, if any
 
     @property
@@ -71,7 +72,7 @@ class _Run:
 
     def field(self, key: str) -> str:
         if key not in self.config:
-            raise ValueError(
+            raise ConfigError(
                 f"--by {key}: no such recipe field in {self.folder}/config.yaml (fields look "
                 "like method, model.name, st.lam)"
             )
@@ -82,7 +83,7 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     """Run folders named, or the finished run folders directly inside the folders named.
 
     Raises:
-        ValueError: a path that is neither, or no finished run at all.
+        ConfigError: a path that is neither, or no finished run at all.
     """
     runs: list[Path] = []
     for path in map(Path, paths):
@@ -93,15 +94,15 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
                 p for p in path.iterdir() if (p / "summary.json").is_file() and p.is_dir()
             )
             if not inside and not any((p / "config.yaml").is_file() for p in path.iterdir()):
-                raise ValueError(
+                raise ConfigError(
                     f"{str(path)!r} is no run folder and holds none: give finished run folders "
                     "or the --out of a sweep"
                 )
             runs.extend(inside)
         else:
-            raise ValueError(f"{str(path)!r} does not exist: give run folders or a sweep folder")
+            raise ConfigError(f"{str(path)!r} does not exist: give run folders or a sweep folder")
     if not runs:
-        raise ValueError("no finished runs (with summary.json) to compare")
+        raise ConfigError("no finished runs (with summary.json) to compare")
     return runs
 
 
@@ -113,7 +114,7 @@ def parse_baseline(text: str | None) -> dict[str, str]:
     for item in text.split(","):
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise ValueError(f"--baseline {text!r}: write key=value[,key=value], e.g. method=ct")
+            raise ConfigError(f"--baseline {text!r}: write key=value[,key=value], e.g. method=ct")
         pairs[key.strip()] = value.strip()
     return pairs
 
@@ -248,7 +249,7 @@ def compare_runs(
         ``{"by": [...], "groups": [{"label": {field: value}, ...stats}], "baseline": ...}``.
 
     Raises:
-        ValueError: no runs, an unknown field, runs of different data or epochs in one group,
+        ConfigError: no runs, an unknown field, runs of different data or epochs in one group,
             a baseline that matches no group or several.
     """
     folders = find_runs(paths)
@@ -272,7 +273,7 @@ def compare_runs(
             values = {_value_text(run.config.get(field)) for run in members}
             if len(values) > 1:
                 named = ", ".join(f"{k}={v}" for k, v in zip(keys, label)) or "all runs"
-                raise ValueError(
+                raise ConfigError(
                     f"group {named} mixes runs with different {field} ({', '.join(sorted(values))}):"
                     f" add {field} to --by"
                 )
@@ -310,9 +311,9 @@ def _find_baseline(
     ]
     text = ",".join(f"{k}={v}" for k, v in wanted.items())
     if not matches:
-        raise ValueError(f"--baseline {text} matches no group of runs")
+        raise ConfigError(f"--baseline {text} matches no group of runs")
     if len(matches) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"--baseline {text} matches {len(matches)} groups: name more fields, e.g. "
             + ",".join(f"{k}={v}" for k, v in zip(keys, matches[0]))
         )

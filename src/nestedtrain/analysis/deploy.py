@@ -37,12 +37,13 @@ import torch
 from torch import nn
 
 from .. import bn as bn_tools
-from ..elastic.stages import unwrap
+from ..elastic.stages import model_family, unwrap
 from ..elastic.subnet import Subnet, export_subnet
 from ..engine.checkpoint import atomic_save, atomic_write_text
 from ..engine.evaluate import evaluate
+from ..errors import ConfigError
 from ..flops import count_flops, count_params
-from ..models import CIFAR_DEPTHS, CifarResNet
+from ..models import CIFAR_DEPTHS
 
 __all__ = [
     "FORMATS",
@@ -69,7 +70,7 @@ def format_for(path: str | Path, fmt: str | None = None) -> str:
     ``state_dict``.
 
     Raises:
-        ValueError: an unknown format.
+        ConfigError: an unknown format.
     """
     if fmt is None:
         suffix = Path(path).suffix.lower()
@@ -77,7 +78,7 @@ def format_for(path: str | Path, fmt: str | None = None) -> str:
             suffix, "state_dict"
         )
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     return fmt
 
 
@@ -88,12 +89,12 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def require_onnx() -> tuple[Any, Any]:
-    """``(onnx, onnxruntime)``, or a one-line ValueError that says what to install."""
+    """``(onnx, onnxruntime)``, or a ConfigError that says what to install."""
     try:
         import onnx
         import onnxruntime
     except ImportError as err:
-        raise ValueError(f"ONNX export needs {err.name}: {_INSTALL_HINT}") from None
+        raise ConfigError(f"ONNX export needs {err.name}: {_INSTALL_HINT}") from None
     return onnx, onnxruntime
 
 
@@ -119,20 +120,18 @@ def plain_constructor(
     (``depth=d``). timm builds MobileNetV3 and EfficientNet from architecture strings that
     ``create_model`` does not take: there, ``None``.
     """
-    import timm.models.resnet
-    import timm.models.vision_transformer
-
     model = unwrap(model)
+    family = model_family(model)
     depths = tuple(len(kept) for kept in subnet.blocks)
     rest = f"num_classes={num_classes}, in_chans={in_chans}" + _kwargs_text(model_kwargs or {})
-    if isinstance(model, CifarResNet):
+    if family == "cifar-resnet":
         names = {n: name for name, n in CIFAR_DEPTHS.items()}
         if len(set(depths)) == 1 and depths[0] in names:
             return f"nestedtrain.create_model({names[depths[0]]!r}, {rest})"
         return f"nestedtrain.models.CifarResNet({depths!r}, {rest})"
-    if isinstance(model, timm.models.resnet.ResNet):
+    if family == "timm-resnet":
         return f"timm.create_model({model_name!r}, {rest}, layers={depths!r})"
-    if isinstance(model, timm.models.vision_transformer.VisionTransformer):
+    if family == "timm-vit":
         return f"timm.create_model({model_name!r}, {rest}, depth={depths[0]})"
     return None
 
@@ -220,7 +219,7 @@ def export_onnx(
         ``max_abs_diff`` (largest absolute logit difference from PyTorch).
 
     Raises:
-        ValueError: onnx/onnxruntime missing, or the model's ONNX logits differ by more than
+        ConfigError: onnx/onnxruntime missing, or the model's ONNX logits differ by more than
             ``tolerance``.
     """
     onnx, ort = require_onnx()
@@ -248,7 +247,7 @@ def export_onnx(
         want = module(images)
     diff = float((got - want).abs().max())
     if not diff <= tolerance:
-        raise ValueError(
+        raise ConfigError(
             f"ONNX parity check failed: max |logits difference| vs PyTorch is {diff:.3g} on "
             f"{len(images)} images, above {tolerance:g}; no file written"
         )
@@ -325,34 +324,31 @@ def deploy_subnet(
     path = Path(path)
     is_main = subnet.is_full(model)
     device = next(model.parameters()).device
-    saved = bn_tools.save_stats(model)
-    try:
-        if calib_batches is not None and not is_main:
-            bn_tools.recalibrate(model, calib_batches(), subnet)
-        standalone = export_subnet(model, subnet).eval()
-    finally:
-        bn_tools.load_stats(model, saved)
-    accuracy = {}
-    for split, batches in (eval_batches or {}).items():
-        accuracy[split] = evaluate(standalone, batches())["acc"]
-    flops = count_flops(standalone, input_size, in_chans)
-    params = count_params(standalone)
+    # 1. The standalone module, with the BN statistics its evaluation used.
+    standalone = _standalone(model, subnet, None if is_main else calib_batches)
+    # 2. What that very module scores and costs.
+    measured = _measure(standalone, eval_batches or {}, input_size, in_chans)
+    # 3. The file, and the sidecar that says how to use it.
     if check_images is None:
         generator = torch.Generator().manual_seed(0)
         check_images = torch.randn(8, in_chans, input_size, input_size, generator=generator)
     state = {k: v.detach().cpu() for k, v in standalone.state_dict().items()}
     written = _write(standalone, path, fmt, check_images.to(device))
+    rebuild = _rebuild(
+        model,
+        model_name,
+        subnet,
+        num_classes,
+        in_chans,
+        dict(model_kwargs or {}),
+        state,
+        fmt,
+        path.name,
+    )
     meta = dict(meta or {})
+    recalibrated = not is_main and calib_batches is not None
     sidecar = {
-        "file": path.name,
-        "format": fmt,
-        "model": model_name,
-        "subnet": str(subnet),
-        "depths": [len(kept) for kept in subnet.blocks],
-        "is_main_network": is_main,
-        "bn": "the main network's own statistics"
-        if is_main or calib_batches is None
-        else "re-estimated for this sub-network from training images",
+        **_what_is_written(path, fmt, model_name, subnet, is_main, recalibrated),
         "num_classes": num_classes,
         "input": {
             "shape": [None, in_chans, input_size, input_size],
@@ -360,27 +356,66 @@ def deploy_subnet(
             "layout": "NCHW",
             **meta.pop("input", {}),
         },
-        "accuracy": accuracy,
-        "flops": flops,
-        "mflops": flops / 1e6,
-        "params": params,
+        **measured,
         **meta,
-        "rebuild": _rebuild(
-            model,
-            model_name,
-            subnet,
-            num_classes,
-            in_chans,
-            dict(model_kwargs or {}),
-            state,
-            fmt,
-            path.name,
-        ),
+        "rebuild": rebuild,
         "torch": torch.__version__,
         **written,
     }
     atomic_write_text(sidecar_path(path), _json(sidecar))
     return sidecar
+
+
+def _what_is_written(
+    path: Path, fmt: str, model_name: str, subnet: Subnet, is_main: bool, recalibrated: bool
+) -> dict[str, Any]:
+    """The sidecar's first entries: the file, and which network with which BN statistics."""
+    return {
+        "file": path.name,
+        "format": fmt,
+        "model": model_name,
+        "subnet": str(subnet),
+        "depths": [len(kept) for kept in subnet.blocks],
+        "is_main_network": is_main,
+        "bn": "re-estimated for this sub-network from training images"
+        if recalibrated
+        else "the main network's own statistics",
+    }
+
+
+def _standalone(
+    model: nn.Module,
+    subnet: Subnet,
+    calib_batches: Callable[[], Iterable[torch.Tensor]] | None,
+) -> nn.Module:
+    """``export_subnet`` with BN statistics re-estimated from ``calib_batches`` (if given);
+    the main network's own statistics are restored afterwards."""
+    saved = bn_tools.save_stats(model)
+    try:
+        if calib_batches is not None:
+            bn_tools.recalibrate(model, calib_batches(), subnet)
+        return export_subnet(model, subnet).eval()
+    finally:
+        bn_tools.load_stats(model, saved)
+
+
+def _measure(
+    module: nn.Module,
+    eval_batches: Mapping[str, Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]],
+    input_size: int,
+    in_chans: int,
+) -> dict[str, Any]:
+    """The sidecar's ``accuracy`` (per split), ``flops``, ``mflops`` and ``params``."""
+    accuracy = {
+        split: evaluate(module, batches())["acc"] for split, batches in eval_batches.items()
+    }
+    flops = count_flops(module, input_size, in_chans)
+    return {
+        "accuracy": accuracy,
+        "flops": flops,
+        "mflops": flops / 1e6,
+        "params": count_params(module),
+    }
 
 
 def _json(payload: Mapping[str, Any]) -> str:
@@ -407,13 +442,13 @@ def measure_latency(
         ``device``, ``batch``, ``threads`` (torch's intra-op threads), ``warmup``, ``repeats``.
 
     Raises:
-        ValueError: ``warmup < 0`` or ``repeats < 1``, or an unavailable device.
+        ConfigError: ``warmup < 0`` or ``repeats < 1``, or an unavailable device.
     """
     if warmup < 0 or repeats < 1:
-        raise ValueError(f"warmup={warmup}, repeats={repeats}: need warmup >= 0, repeats >= 1")
+        raise ConfigError(f"warmup={warmup}, repeats={repeats}: need warmup >= 0, repeats >= 1")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"latency device {str(device)!r}: CUDA is not available here; use cpu")
+        raise ConfigError(f"latency device {str(device)!r}: CUDA is not available here; use cpu")
     module = module.to(device).eval()
     images = torch.randn(*input_shape, device=device)
 

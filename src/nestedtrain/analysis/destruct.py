@@ -34,6 +34,7 @@ from torch import nn
 
 from ..elastic.stages import Stage, find_stages, unwrap
 from ..elastic.subnet import Subnet
+from ..errors import ConfigError
 from .subnets import (
     DEFAULT_MEMORY_MB,
     CalibBatches,
@@ -203,7 +204,7 @@ def _select_stages(stages: Sequence[Stage], selected: Sequence[int] | None) -> l
     out = []
     for number in selected:
         if not 1 <= number <= len(stages):
-            raise ValueError(
+            raise ConfigError(
                 f"stage {number} does not exist: the model has stages 1..{len(stages)} "
                 f"({', '.join(stage.name for stage in stages)})"
             )
@@ -272,16 +273,16 @@ def _choose(
 
 def _check_k(k: int, limit: int, what: str, stages, selected) -> None:
     if k < 0:
-        raise ValueError(f"k={k}: {what} needs k >= 0")
+        raise ConfigError(f"k={k}: {what} needs k >= 0")
     if k > limit:
-        raise ValueError(
+        raise ConfigError(
             f"k={k}: at most {limit} {what} in {_describe(stages, selected)}; use k <= {limit}"
         )
 
 
 def _check_max(max_combinations: int | None) -> None:
     if max_combinations is not None and max_combinations < 1:
-        raise ValueError(f"max_combinations={max_combinations} must be >= 1 (or None for all)")
+        raise ConfigError(f"max_combinations={max_combinations} must be >= 1 (or None for all)")
 
 
 def deletion_subnets(
@@ -298,17 +299,9 @@ def deletion_subnets(
     deletions to those stages.
 
     Raises:
-        ValueError: ``k`` larger than the blocks that can be deleted (every stage keeps one).
+        ConfigError: ``k`` larger than the blocks that can be deleted (every stage keeps one).
     """
-    all_stages = find_stages(unwrap(model))
-    selected = _select_stages(all_stages, stages)
-    _check_max(max_combinations)
-    units = _deletion_units(all_stages, selected)
-    _check_k(
-        k, sum(u.max_k for u in units), "skippable blocks can be deleted", all_stages, selected
-    )
-    rng = random.Random(f"nestedtrain-destruct:delete:{k}:{seed}")
-    return _choose(units, all_stages, k, max_combinations, rng)
+    return _destroyed_subnets(model, "delete", k, max_combinations, seed, stages)
 
 
 def permutation_subnets(
@@ -324,19 +317,36 @@ def permutation_subnets(
     ``k`` transpositions and no fewer; every one, or a seeded sample of ``max_combinations``.
 
     Raises:
-        ValueError: no stage (of ``stages``) has two blocks to swap, or ``k`` is too large.
+        ConfigError: no stage (of ``stages``) has two blocks to swap, or ``k`` is too large.
     """
+    return _destroyed_subnets(model, "permute", k, max_combinations, seed, stages)
+
+
+def _destroyed_subnets(
+    model: nn.Module,
+    kind: str,
+    k: int,
+    max_combinations: int | None,
+    seed: int,
+    stages: Sequence[int] | None,
+) -> tuple[list[Subnet], int]:
+    """Deletions (``kind="delete"``) or permutations (``"permute"``) of ``k``: see above."""
     all_stages = find_stages(unwrap(model))
     selected = _select_stages(all_stages, stages)
     _check_max(max_combinations)
-    units = _permutation_units(all_stages, selected)
-    if not units:
-        raise ValueError(
-            f"nothing to permute in {_describe(all_stages, selected)}: a permutation needs a "
-            "stage with two skippable blocks side by side"
-        )
-    _check_k(k, sum(u.max_k for u in units), "transpositions fit", all_stages, selected)
-    rng = random.Random(f"nestedtrain-destruct:permute:{k}:{seed}")
+    if kind == "delete":
+        units = _deletion_units(all_stages, selected)
+        what = "skippable blocks can be deleted"
+    else:
+        units = _permutation_units(all_stages, selected)
+        if not units:
+            raise ConfigError(
+                f"nothing to permute in {_describe(all_stages, selected)}: a permutation needs "
+                "a stage with two skippable blocks side by side"
+            )
+        what = "transpositions fit"
+    _check_k(k, sum(u.max_k for u in units), what, all_stages, selected)
+    rng = random.Random(f"nestedtrain-destruct:{kind}:{k}:{seed}")
     return _choose(units, all_stages, k, max_combinations, rng)
 
 
@@ -344,7 +354,7 @@ def swap_subnet(model: nn.Module, stage: int, first: int, second: int) -> Subnet
     """The network with blocks ``first`` and ``second`` of stage ``stage`` (from 1) swapped.
 
     Raises:
-        ValueError: a one-block stage, a block swapped with itself, an index out of range,
+        ConfigError: a one-block stage, a block swapped with itself, an index out of range,
             or a block that is not skippable (or would cross one that is not).
     """
     stages = find_stages(unwrap(model))
@@ -352,12 +362,12 @@ def swap_subnet(model: nn.Module, stage: int, first: int, second: int) -> Subnet
     st = stages[s]
     where = f"stage {stage} ({st.name})"
     if len(st) < 2:
-        raise ValueError(f"{where} has one block: there is nothing to permute in it")
+        raise ConfigError(f"{where} has one block: there is nothing to permute in it")
     for i in (first, second):
         if not 0 <= i < len(st):
-            raise ValueError(f"{where} has blocks 0..{len(st) - 1}; block {i} does not exist")
+            raise ConfigError(f"{where} has blocks 0..{len(st) - 1}; block {i} does not exist")
     if first == second:
-        raise ValueError(
+        raise ConfigError(
             f"swapping block {first} of {where} with itself changes nothing: give two "
             "different blocks"
         )
@@ -369,15 +379,11 @@ def swap_subnet(model: nn.Module, stage: int, first: int, second: int) -> Subnet
     try:
         subnet.validate(stages)
     except ValueError as err:
-        raise ValueError(f"cannot swap blocks {first} and {second} of {where}: {err}") from None
+        raise ConfigError(f"cannot swap blocks {first} and {second} of {where}: {err}") from None
     return subnet
 
 
 # ---------------------------------------------------------------------------- analysis
-def _drop_rows(subnets: Sequence[Subnet], acc: dict[Subnet, float], intact: float) -> list[dict]:
-    return [{"subnet": str(s), "acc": acc[s], "drop": intact - acc[s]} for s in subnets]
-
-
 def destruct(
     model: nn.Module,
     eval_batches: EvalBatches,
@@ -416,86 +422,112 @@ def destruct(
         statistics), ``swaps``; drops in percentage points (intact minus destroyed).
 
     Raises:
-        ValueError: an unknown ``bn``, ``k`` too large, nothing skippable, a bad swap.
+        ConfigError: an unknown ``bn``, ``k`` too large, nothing skippable, a bad swap.
     """
     model = unwrap(model)
-    if bn not in BN_POLICIES:
-        raise ValueError(f"bn={bn!r}: use one of {list(BN_POLICIES)}")
-    if bn == "recalibrate" and calib_batches is None:
-        raise ValueError("bn='recalibrate' needs calib_batches (training images)")
+    _check_bn(bn, calib_batches)
     all_stages = find_stages(model)
     selected = _select_stages(all_stages, stages)
-    units = _deletion_units(all_stages, selected)
-    if not units and (delete_k or not permute_k):
-        raise ValueError(
-            f"nothing can be deleted from {type(model).__name__}: {_describe(all_stages, selected)}"
-            " have no skippable block that is not a stage's only block"
-        )
-    full = Subnet.full(model)
-    single = [
-        (unit.stage, b, _subnet(all_stages, [(unit, (b,))])) for unit in units for b in unit.blocks
-    ]
+    # 1. Every network to evaluate: each single deletion, every k, the swaps asked for.
+    single = _single_deletions(model, all_stages, selected, delete_k, permute_k)
     deletions = [(k, *deletion_subnets(model, k, max_combinations, seed, stages)) for k in delete_k]
     permutations = [
         (k, *permutation_subnets(model, k, max_combinations, seed, stages)) for k in permute_k
     ]
     swapped = [(swap, swap_subnet(model, *swap)) for swap in swaps]
+    full = Subnet.full(model)
     wanted = [full, *(s for *_, s in single)]
     for _, subnets, _ in deletions + permutations:
         wanted.extend(subnets)
     wanted.extend(s for _, s in swapped)
     wanted = list(dict.fromkeys(wanted))
+    # 2. All of them in one shared-prefix pass.
     calib = calib_batches if bn == "recalibrate" else None
     results = evaluate_subnets_shared(model, wanted, eval_batches, calib, chunk_images, memory_mb)
     acc = {subnet: r["acc"] for subnet, r in zip(wanted, results)}
+    # 3. Drops against the intact network.
     intact = acc[full]
-    offsets = list(itertools.accumulate(len(stage) for stage in all_stages))
-    offsets = [0, *offsets[:-1]]
-
-    def per_k(entries) -> list[dict]:
-        out = []
-        for k, subnets, total in entries:
-            rows = _drop_rows(subnets, acc, intact)
-            drops = [row["drop"] for row in rows]
-            out.append(
-                {
-                    "k": k,
-                    "total": total,
-                    "evaluated": len(subnets),
-                    "sampled": len(subnets) < total,
-                    "stats": subnet_stats(drops),
-                    "results": rows,
-                }
-            )
-        return out
-
     return {
         "bn": bn,
         "intact": {"subnet": str(full), "acc": intact},
         "max_combinations": max_combinations,
         "seed": seed,
         "stages": [s + 1 for s in selected],
-        "delete_one": [
-            {
-                "stage": s + 1,
-                "stage_name": all_stages[s].name,
-                "block": b,
-                "index": offsets[s] + b + 1,
-                "subnet": str(subnet),
-                "acc": acc[subnet],
-                "drop": intact - acc[subnet],
-            }
-            for s, b, subnet in single
-        ],
-        "delete": per_k(deletions),
-        "permute": per_k(permutations),
+        "delete_one": _delete_one_rows(all_stages, single, acc, intact),
+        "delete": _per_k(deletions, acc, intact),
+        "permute": _per_k(permutations, acc, intact),
         "swaps": [
-            {
-                "swap": f"{stage}:{i}:{j}",
-                "subnet": str(subnet),
-                "acc": acc[subnet],
-                "drop": intact - acc[subnet],
-            }
+            {"swap": f"{stage}:{i}:{j}", **_drop_row(subnet, acc, intact)}
             for (stage, i, j), subnet in swapped
         ],
     }
+
+
+def _check_bn(bn: str, calib_batches: CalibBatches | None) -> None:
+    if bn not in BN_POLICIES:
+        raise ConfigError(f"bn={bn!r}: use one of {list(BN_POLICIES)}")
+    if bn == "recalibrate" and calib_batches is None:
+        raise ConfigError("bn='recalibrate' needs calib_batches (training images)")
+
+
+def _single_deletions(
+    model: nn.Module,
+    all_stages: Sequence[Stage],
+    selected: Sequence[int],
+    delete_k: Sequence[int],
+    permute_k: Sequence[int],
+) -> list[tuple[int, int, Subnet]]:
+    """``(stage, block, sub-network)`` for each skippable block deleted alone."""
+    units = _deletion_units(all_stages, selected)
+    if not units and (delete_k or not permute_k):
+        raise ConfigError(
+            f"nothing can be deleted from {type(model).__name__}: {_describe(all_stages, selected)}"
+            " have no skippable block that is not a stage's only block"
+        )
+    return [
+        (unit.stage, b, _subnet(all_stages, [(unit, (b,))])) for unit in units for b in unit.blocks
+    ]
+
+
+def _drop_row(subnet: Subnet, acc: dict[Subnet, float], intact: float) -> dict[str, Any]:
+    return {"subnet": str(subnet), "acc": acc[subnet], "drop": intact - acc[subnet]}
+
+
+def _delete_one_rows(
+    all_stages: Sequence[Stage],
+    single: Sequence[tuple[int, int, Subnet]],
+    acc: dict[Subnet, float],
+    intact: float,
+) -> list[dict[str, Any]]:
+    # "index" numbers the blocks of the whole network from 1, stage after stage.
+    offsets = [0, *itertools.accumulate(len(stage) for stage in all_stages)]
+    return [
+        {
+            "stage": s + 1,
+            "stage_name": all_stages[s].name,
+            "block": b,
+            "index": offsets[s] + b + 1,
+            **_drop_row(subnet, acc, intact),
+        }
+        for s, b, subnet in single
+    ]
+
+
+def _per_k(
+    entries: Sequence[tuple[int, list[Subnet], int]], acc: dict[Subnet, float], intact: float
+) -> list[dict[str, Any]]:
+    """Per ``k``: how many combinations there are, those evaluated, their drops."""
+    out = []
+    for k, subnets, total in entries:
+        rows = [_drop_row(s, acc, intact) for s in subnets]
+        out.append(
+            {
+                "k": k,
+                "total": total,
+                "evaluated": len(subnets),
+                "sampled": len(subnets) < total,
+                "stats": subnet_stats([row["drop"] for row in rows]),
+                "results": rows,
+            }
+        )
+    return out

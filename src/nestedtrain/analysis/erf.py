@@ -19,6 +19,8 @@ from torch import nn
 from .. import bn as bn_tools
 from ..elastic.stages import unwrap
 from ..elastic.subnet import Subnet, use_subnet
+from ..errors import ConfigError
+from ..modes import kept_modes
 from .subnets import CalibBatches
 
 __all__ = ["effective_receptive_field", "erf_area_ratios"]
@@ -44,50 +46,49 @@ def effective_receptive_field(
         calib_batches: training images, required with ``subnet``.
 
     Raises:
-        ValueError: no ``forward_features``, a feature map that is not 4-D, no images, a
+        ConfigError: no ``forward_features``, a feature map that is not 4-D, no images, a
             ``subnet`` without ``calib_batches``, a bad size.
     """
     model = unwrap(model)
     if not callable(getattr(model, "forward_features", None)):
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no forward_features(): the ERF needs the last feature "
             "map (timm models and nestedtrain's CIFAR ResNets have it)"
         )
     if input_size is not None and input_size < 1:
-        raise ValueError(f"input_size={input_size} must be >= 1")
+        raise ConfigError(f"input_size={input_size} must be >= 1")
     if num_images is not None and num_images < 1:
-        raise ValueError(f"num_images={num_images} must be >= 1")
+        raise ConfigError(f"num_images={num_images} must be >= 1")
     if subnet is not None and calib_batches is None:
-        raise ValueError("an ERF of a sub-network needs calib_batches to re-estimate its BNs")
-    was_training = model.training
+        raise ConfigError("an ERF of a sub-network needs calib_batches to re-estimate its BNs")
     saved = bn_tools.save_stats(model)
     total: torch.Tensor | None = None
     seen = 0
-    try:
-        if subnet is not None:
-            bn_tools.recalibrate(model, calib_batches(), subnet)
-        model.eval()
-        for batch in batches:
-            images = batch if isinstance(batch, torch.Tensor) else batch[0]
-            if num_images is not None:
-                images = images[: num_images - seen]
-            if images.shape[0] == 0:
-                break
-            if input_size is not None and images.shape[-1] != input_size:
-                images = F.interpolate(
-                    images, size=(input_size, input_size), mode="bilinear", align_corners=False
-                )
-            grad = _input_gradient(model, images, subnet)
-            part = grad.abs().sum(dim=1).sum(dim=0).double().cpu()
-            total = part if total is None else total + part
-            seen += images.shape[0]
-            if num_images is not None and seen >= num_images:
-                break
-    finally:
-        bn_tools.load_stats(model, saved)
-        model.train(was_training)
+    with kept_modes(model):
+        try:
+            if subnet is not None:
+                bn_tools.recalibrate(model, calib_batches(), subnet)
+            model.eval()
+            for batch in batches:
+                images = batch if isinstance(batch, torch.Tensor) else batch[0]
+                if num_images is not None:
+                    images = images[: num_images - seen]
+                if images.shape[0] == 0:
+                    break
+                if input_size is not None and images.shape[-1] != input_size:
+                    images = F.interpolate(
+                        images, size=(input_size, input_size), mode="bilinear", align_corners=False
+                    )
+                grad = _input_gradient(model, images, subnet)
+                part = grad.abs().sum(dim=1).sum(dim=0).double().cpu()
+                total = part if total is None else total + part
+                seen += images.shape[0]
+                if num_images is not None and seen >= num_images:
+                    break
+        finally:
+            bn_tools.load_stats(model, saved)
     if total is None:
-        raise ValueError("effective_receptive_field got no images")
+        raise ConfigError("effective_receptive_field got no images")
     return (total / seen).numpy()
 
 
@@ -103,7 +104,7 @@ def _input_gradient(
                 features = model.forward_features(x)
         if not isinstance(features, torch.Tensor) or features.dim() != 4:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)
-            raise ValueError(
+            raise ConfigError(
                 f"{type(model).__name__}.forward_features returned {shape}; the ERF needs a "
                 "convolutional (N, C, h, w) feature map"
             )

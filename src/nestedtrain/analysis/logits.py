@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from ..elastic.stages import unwrap
+from ..errors import ConfigError
+from ..modes import eval_mode
 
 __all__ = ["logit_norms"]
 
@@ -29,10 +31,8 @@ def logit_norms(
         ``{"mean_norm", "std_norm", "acc", "images"}`` (accuracy in percent).
     """
     model = unwrap(model)
-    was_training = model.training
-    model.eval()
     total = total_sq = correct = count = 0.0
-    try:
+    with eval_mode(model):
         for images, labels in batches:
             logits = model(images).float()
             norms = logits.norm(dim=1).double()
@@ -40,10 +40,8 @@ def logit_norms(
             total_sq += (norms**2).sum().item()
             correct += (logits.argmax(dim=1) == labels).sum().item()
             count += labels.numel()
-    finally:
-        model.train(was_training)
     if count == 0:
-        raise ValueError("logit_norms got no images")
+        raise ConfigError("logit_norms got no images")
     mean = total / count
     return {
         "mean_norm": mean,

@@ -16,6 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..engine.checkpoint import atomic_save
+
 __all__ = [
     "plot_comparison",
     "plot_destruction",
@@ -42,7 +44,7 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     """Write ``figure`` as a PNG (creating its folder) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    atomic_save(figure, path, saver=lambda fig, f: fig.savefig(f, format="png"))
     return path
 
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.checkpoint import atomic_write_text
+from ..errors import ConfigError
+from ..runlog import read_metrics
 from .kl_drift import KL_DRIFT_FILE, kl_drift_summary, read_kl_drift
 from .plots import plot_kl_drift, plot_training_curves
 
@@ -35,6 +38,16 @@ class _Section:
     images: list[Path] = field(default_factory=list)
     code: str | None = None
 
+    def table(self, caption: str, headers: Sequence[str], rows: list[list[Any]]) -> None:
+        self.tables.append((caption, list(headers), rows))
+
+    def records(
+        self, caption: str, records: Sequence[dict[str, Any]] | None, columns: Mapping[str, str]
+    ) -> None:
+        """A table of ``records`` with a column per ``header: key``; none without records."""
+        if records:
+            self.table(caption, list(columns), _fields(records, *columns.values()))
+
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -52,18 +65,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {str(path)!r}: {err}") from None
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                raise ValueError(f"{str(path)!r} line {number} is not JSON") from None
-    return records
+        raise ConfigError(f"cannot read {str(path)!r}: {err}") from None
 
 
 # ------------------------------------------------------------------------ sections
@@ -92,33 +94,29 @@ def _training(run: Path, out: Path) -> list[_Section]:
             "wall_seconds",
         ]
         rows = [[key, summary[key]] for key in keys if key in summary]
-        section.tables.append(("", ["", "value"], rows))
+        section.table("", ["", "value"], rows)
         if summary.get("subnets"):
-            section.tables.append(
-                (
-                    "Sub-networks evaluated after the last epoch (BN re-calibrated)",
-                    ["sub-network", "top-1 (%)", "FLOPs", "params"],
-                    [
-                        [s["subnet"], s["acc"], s.get("flops"), s.get("params")]
-                        for s in summary["subnets"]
-                    ],
-                )
+            section.table(
+                "Sub-networks evaluated after the last epoch (BN re-calibrated)",
+                ["sub-network", "top-1 (%)", "FLOPs", "params"],
+                [
+                    [s["subnet"], s["acc"], s.get("flops"), s.get("params")]
+                    for s in summary["subnets"]
+                ],
             )
         sections.append(section)
     if metrics_path.is_file():
-        metrics = _read_metrics(metrics_path)
+        metrics = read_metrics(metrics_path)
         if metrics:
             section = _Section("Training curves", command=origin)
             section.images.append(plot_training_curves(metrics, out / "training.png"))
             last = metrics[-1]
             keys = ["epoch", "lr", "loss", "ce", "kl", "val_acc", "test_acc", "test_acc5"]
             keys += ["epoch_seconds", "images_per_second"]
-            section.tables.append(
-                (
-                    "Last epoch",
-                    ["", "value"],
-                    [[key, last[key]] for key in keys if last.get(key) is not None],
-                )
+            section.table(
+                "Last epoch",
+                ["", "value"],
+                [[key, last[key]] for key in keys if last.get(key) is not None],
             )
             sections.append(section)
     return sections
@@ -133,7 +131,7 @@ def _kl_from_training(run: Path, out: Path) -> _Section | None:
         command="nestedtrain train with analysis.kl_drift_every (analysis/kl_drift.jsonl)",
     )
     section.images.append(plot_kl_drift(records, out / "kl_drift.png"))
-    section.tables.append(_kl_table(kl_drift_summary(records)))
+    section.table(*_kl_table(kl_drift_summary(records)))
     return section
 
 
@@ -143,6 +141,11 @@ def _kl_table(summary: Sequence[dict[str, Any]]) -> tuple[str, list[str], list[l
         ["epoch", "sub-networks", "min", "median", "mean", "max"],
         [[s["epoch"] + 1, s["count"], s["min"], s["median"], s["mean"], s["max"]] for s in summary],
     )
+
+
+def _fields(records: Sequence[dict[str, Any]], *keys: str) -> list[list[Any]]:
+    """Table rows: the values of ``keys`` in each record."""
+    return [[record[key] for key in keys] for record in records]
 
 
 def _stats_row(stats: dict[str, Any]) -> list[Any]:
@@ -175,101 +178,80 @@ def _render_subnets(section: _Section, data: dict[str, Any]) -> None:
         f"space {data['space']} ({data['space_size']} sub-networks), BN {data['bn']}; main "
         f"network with its own BN statistics: {_fmt(data['main']['acc'])}%"
     )
-    section.tables.append(
-        ("Top-1 over the sub-networks (%)", _STATS_HEADERS, [_stats_row(data["stats"])])
-    )
+    section.table("Top-1 over the sub-networks (%)", _STATS_HEADERS, [_stats_row(data["stats"])])
     rows = sorted(data["subnets"], key=lambda r: r["acc"])
     if len(rows) > 20:
         rows = rows[:10] + rows[-10:]
         title = "Ten lowest and ten highest sub-networks"
     else:
         title = "Every sub-network"
-    section.tables.append(
-        (
-            title,
-            ["sub-network", "blocks", "top-1 (%)", "top-5 (%)"],
-            [[r["subnet"], r["blocks"], r["acc"], r["acc5"]] for r in rows],
-        )
+    section.table(
+        title,
+        ["sub-network", "blocks", "top-1 (%)", "top-5 (%)"],
+        _fields(rows, "subnet", "blocks", "acc", "acc5"),
     )
-    if data.get("individual"):
-        section.tables.append(
-            (
-                "Trained individually vs. inside the main network",
-                ["model", "sub-network", "alone (%)", "inside (%)"],
-                [[r["label"], r["subnet"], r["acc"], r["acc_inside"]] for r in data["individual"]],
-            )
-        )
+    section.records(
+        "Trained individually vs. inside the main network",
+        data.get("individual"),
+        {"model": "label", "sub-network": "subnet", "alone (%)": "acc", "inside (%)": "acc_inside"},
+    )
 
 
 def _render_matrix(section: _Section, data: dict[str, Any]) -> None:
     section.notes.append(
         f"rows: trained models; columns: architectures run inside them; {data['bn']}"
     )
-    section.tables.append(
-        (
-            "Top-1 (%)",
-            ["trained model", *data["architectures"]],
-            [[name, *row] for name, row in zip(data["models"], data["acc"])],
-        )
+    section.table(
+        "Top-1 (%)",
+        ["trained model", *data["architectures"]],
+        [[name, *row] for name, row in zip(data["models"], data["acc"])],
     )
 
 
 def _render_destruct(section: _Section, data: dict[str, Any]) -> None:
     section.notes.append(f"intact network: {_fmt(data['intact']['acc'])}%, BN {data['bn']}")
-    section.tables.append(
-        (
-            "Deleting one block",
-            ["block", "stage", "index in stage", "top-1 (%)", "drop"],
-            [[r["index"], r["stage"], r["block"], r["acc"], r["drop"]] for r in data["delete_one"]],
-        )
+    section.table(
+        "Deleting one block",
+        ["block", "stage", "index in stage", "top-1 (%)", "drop"],
+        _fields(data["delete_one"], "index", "stage", "block", "acc", "drop"),
     )
     for key, what in (
         ("delete", "Deleting k blocks"),
         ("permute", "Permuting by k transpositions"),
     ):
         if data.get(key):
-            section.tables.append(
-                (
-                    f"{what}: drop in points",
-                    ["k", "combinations", "evaluated", "max", "mean", "std", "min"],
+            section.table(
+                f"{what}: drop in points",
+                ["k", "combinations", "evaluated", "max", "mean", "std", "min"],
+                [
                     [
-                        [
-                            g["k"],
-                            g["total"],
-                            g["evaluated"],
-                            g["stats"]["max"],
-                            g["stats"]["mean"],
-                            g["stats"]["std"],
-                            g["stats"]["min"],
-                        ]
-                        for g in data[key]
-                    ],
-                )
+                        g["k"],
+                        g["total"],
+                        g["evaluated"],
+                        g["stats"]["max"],
+                        g["stats"]["mean"],
+                        g["stats"]["std"],
+                        g["stats"]["min"],
+                    ]
+                    for g in data[key]
+                ],
             )
-    if data.get("swaps"):
-        section.tables.append(
-            (
-                "Swaps",
-                ["swap", "sub-network", "top-1 (%)", "drop"],
-                [[r["swap"], r["subnet"], r["acc"], r["drop"]] for r in data["swaps"]],
-            )
-        )
+    section.records(
+        "Swaps",
+        data.get("swaps"),
+        {"swap": "swap", "sub-network": "subnet", "top-1 (%)": "acc", "drop": "drop"},
+    )
 
 
 def _render_kl(section: _Section, data: dict[str, Any]) -> None:
-    section.tables.append(_kl_table(data["summary"]))
+    section.table(*_kl_table(data["summary"]))
 
 
 def _render_logits(section: _Section, data: dict[str, Any]) -> None:
-    section.tables.append(
-        (
-            "",
-            ["model", "mean L2 norm", "std", "top-1 (%)", "images"],
-            [
-                [r["label"], r["mean_norm"], r["std_norm"], r["acc"], r["images"]]
-                for r in data["models"]
-            ],
-        )
+    section.table(
+        "",
+        ["model", "mean L2 norm", "std", "top-1 (%)", "images"],
+        _fields(data["models"], "label", "mean_norm", "std_norm", "acc", "images"),
     )
 
 
@@ -279,12 +261,10 @@ def _render_erf(section: _Section, data: dict[str, Any]) -> None:
         f"sub-network {data.get('subnet') or 'main network'}"
     )
     ratios = data["area_ratios"]
-    section.tables.append(
-        (
-            "Area of the smallest centred square holding a share t of the contribution",
-            [f"t = {t}" for t in ratios],
-            [list(ratios.values())],
-        )
+    section.table(
+        "Area of the smallest centred square holding a share t of the contribution",
+        [f"t = {t}" for t in ratios],
+        [list(ratios.values())],
     )
 
 
@@ -302,34 +282,32 @@ def _render_select(section: _Section, data: dict[str, Any]) -> None:
         )
     front = sorted((r for r in data["subnets"] if r["on_front"]), key=lambda r: r["flops"])
     pick, main = data["pick"]["subnet"], data["main"]["subnet"]
-    section.tables.append(
-        (
-            f"Pareto front, {split} top-1 vs FLOPs (pick {pick}, main network {main})",
-            ["sub-network", "MFLOPs", "M params", "val (%)", "test (%)", "ms", "fits", ""],
+    section.table(
+        f"Pareto front, {split} top-1 vs FLOPs (pick {pick}, main network {main})",
+        ["sub-network", "MFLOPs", "M params", "val (%)", "test (%)", "ms", "fits", ""],
+        [
             [
-                [
-                    r["subnet"],
-                    r["flops"] / 1e6,
-                    r["params"] / 1e6,
-                    r["val_acc"],
-                    r["test_acc"],
-                    r.get("latency_ms"),
-                    r["fits_budget"],
-                    " ".join(
-                        word
-                        for word, flag in (("pick", r["subnet"] == pick), ("main", r["is_main"]))
-                        if flag
-                    ),
-                ]
-                for r in front
-            ],
-        )
+                r["subnet"],
+                r["flops"] / 1e6,
+                r["params"] / 1e6,
+                r["val_acc"],
+                r["test_acc"],
+                r.get("latency_ms"),
+                r["fits_budget"],
+                " ".join(
+                    word
+                    for word, flag in (("pick", r["subnet"] == pick), ("main", r["is_main"]))
+                    if flag
+                ),
+            ]
+            for r in front
+        ],
     )
 
 
 def _render_generic(section: _Section, data: dict[str, Any]) -> None:
     rows = [[k, v] for k, v in data.items() if isinstance(v, (int, float, str)) and k != "command"]
-    section.tables.append(("", ["", "value"], rows))
+    section.table("", ["", "value"], rows)
 
 
 _RENDERERS = {
@@ -418,11 +396,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         The paths of the Markdown and the HTML file.
 
     Raises:
-        ValueError: not a folder, or a folder with nothing to report.
+        ConfigError: not a folder, or a folder with nothing to report.
     """
     run = Path(run_dir)
     if not run.is_dir():
-        raise ValueError(
+        raise ConfigError(
             f"run folder {str(run)!r} does not exist: give a folder that `nestedtrain train` wrote"
         )
     out = run / REPORT_FILES
@@ -441,12 +419,12 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         if kl is not None:
             sections.append(kl)
     if not sections and config is None:
-        raise ValueError(
+        raise ConfigError(
             f"{str(run)!r} holds no config.yaml, metrics.jsonl, summary.json or analysis/: "
             "give a run folder that `nestedtrain train` wrote"
         )
     title = f"nestedtrain run {run.resolve().name}"
     md_path, html_path = run / "report.md", run / "report.html"
-    md_path.write_text(_markdown(title, config, sections, run))
-    html_path.write_text(_html(title, config, sections))
+    atomic_write_text(md_path, _markdown(title, config, sections, run))
+    atomic_write_text(html_path, _html(title, config, sections))
     return md_path, html_path

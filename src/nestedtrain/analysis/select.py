@@ -32,6 +32,7 @@ from torch import nn
 from ..elastic.stages import unwrap
 from ..elastic.subnet import Subnet, export_subnet
 from ..engine.evaluate import evaluate
+from ..errors import ConfigError
 from ..flops import count_flops, count_params
 from .deploy import measure_latency
 from .subnets import evaluate_subnets_shared
@@ -54,7 +55,7 @@ class Budget:
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"budget {name}={value!r}: give a positive number, or no bound")
+                raise ConfigError(f"budget {name}={value!r}: give a positive number, or no bound")
 
     def describe(self) -> str:
         """``<= 4.00 MFLOPs, <= 0.10 M parameters`` or ``none``."""
@@ -96,18 +97,18 @@ class LatencySpec:
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.warmup < 0 or self.repeats < 1 or self.rounds < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"latency batch={self.batch}, warmup={self.warmup}, repeats={self.repeats}, "
                 f"rounds={self.rounds}: need batch >= 1, warmup >= 0, repeats >= 1, rounds >= 1"
             )
         try:
             device = torch.device(self.device)
         except RuntimeError:
-            raise ValueError(
+            raise ConfigError(
                 f"latency device {self.device!r} is not a device: use cpu, cuda or cuda:N"
             ) from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
+            raise ConfigError(
                 f"latency device {self.device!r}: CUDA is not available on this machine; use cpu"
             )
 
@@ -133,17 +134,17 @@ def _cost_text(row: dict[str, Any]) -> str:
     return text
 
 
-def _nothing_fits(rows: Sequence[dict[str, Any]], budget: Budget) -> ValueError:
+def _nothing_fits(rows: Sequence[dict[str, Any]], budget: Budget) -> ConfigError:
     if budget.max_latency_ms is not None and any(budget.fits_cost(r) for r in rows):
         measured = [r for r in rows if r.get("latency_ms") is not None and budget.fits_cost(r)]
         fastest = min(measured, key=lambda r: (r["latency_ms"], r["flops"]))
-        return ValueError(
+        return ConfigError(
             f"no sub-network fits the budget ({budget.describe()}): the fastest measured, "
             f"{fastest['subnet']}, takes {fastest['latency_ms']:.3f} ms "
             f"({fastest['flops'] / 1e6:.2f} MFLOPs)"
         )
     smallest = min(rows, key=lambda r: (r["flops"], r["params"]))
-    return ValueError(
+    return ConfigError(
         f"no sub-network fits the budget ({budget.describe()}): the smallest, "
         f"{smallest['subnet']}, costs {_cost_text(smallest)}"
     )
@@ -154,7 +155,7 @@ def pick_best(rows: Sequence[dict[str, Any]], budget: Budget, acc: str) -> int:
     parameters, then the first listed.
 
     Raises:
-        ValueError: nothing fits; the message names the smallest (or fastest measured)
+        ConfigError: nothing fits; the message names the smallest (or fastest measured)
             sub-network's cost.
     """
     fitting = [i for i, r in enumerate(rows) if budget.fits(r) and r.get(acc) is not None]
@@ -220,46 +221,92 @@ def select_subnet(
         included).
 
     Raises:
-        ValueError: a bad split choice, a latency bound without a way to measure it, or a
+        ConfigError: a bad split choice, a latency bound without a way to measure it, or a
             budget nothing meets (one line naming the smallest sub-network's cost).
     """
     model = unwrap(model)
     budget = budget or Budget()
-    if select_on not in ("val", "test"):
-        raise ValueError(f"select_on={select_on!r}: use 'val' (default) or 'test'")
-    if select_on == "val" and val_batches is None:
-        raise ValueError(
-            "no validation split to select on: selecting on test would make its accuracy an "
-            "optimistic estimate; pass select_on='test' to do it anyway"
-        )
-    if budget.max_latency_ms is not None and latency is None:
-        raise ValueError("a latency budget needs latency measurement: pass latency=LatencySpec()")
+    _check_request(budget, select_on, val_batches, latency)
     acc_key = f"{select_on}_acc"
     full = Subnet.full(model)
     parsed = [Subnet.parse(model, s) if isinstance(s, str) else s for s in subnets]
     candidates = list(dict.fromkeys([*parsed, full]))
-    rows = []
-    for subnet in candidates:
-        is_main = subnet == full
-        rows.append(
-            {
-                "subnet": str(subnet),
-                "depths": [len(kept) for kept in subnet.blocks],
-                "blocks": subnet.num_blocks,
-                "is_main": is_main,
-                "bn": "own" if is_main else "re-estimated",
-                "val_acc": None,
-                "test_acc": None,
-                "flops": count_flops(model, input_size, in_chans, subnet=subnet),
-                "params": count_params(model, subnet=subnet),
-                "latency_ms": None,
-            }
-        )
+    main_index = candidates.index(full)
+    # 1. Costs; a budget nothing meets fails here, before any evaluation.
+    rows = [_cost_row(model, subnet, subnet == full, input_size, in_chans) for subnet in candidates]
     if not any(budget.fits_cost(r) for r in rows):
         raise _nothing_fits(rows, budget)
+    time_rows = None
+    if latency is not None or latency_fn is not None:
+        shape = (latency.batch if latency else 1, in_chans, input_size, input_size)
+        time_rows = _row_timer(model, candidates, rows, latency, latency_fn, shape)
+    if budget.max_latency_ms is not None:
+        _stop_if_cheapest_is_too_slow(rows, budget, time_rows)
+    # 2. Accuracy: the main network with its own BN statistics, the others re-estimated.
+    splits = {"test": test_batches, **({"val": val_batches} if val_batches is not None else {})}
+    for split, batches in splits.items():
+        _evaluate_split(
+            model, rows, candidates, main_index, split, batches, calib_batches, chunk_images
+        )
+    # 3. The fronts (latency measured for the front inside the budget), then the pick.
+    front, latency_front = _fronts(rows, budget, acc_key, main_index, time_rows)
+    pick = pick_best(rows, budget, acc_key)
+    return {
+        "selection_split": select_on,
+        "bn": "re-estimated per sub-network from training images; the main network keeps its own",
+        "budget": asdict(budget),
+        "latency": None
+        if latency is None
+        else {**asdict(latency), "threads": torch.get_num_threads()},
+        "main": rows[main_index],
+        "pick": rows[pick],
+        "front": [rows[i]["subnet"] for i in front],
+        "latency_front": [rows[i]["subnet"] for i in latency_front],
+        "subnets": rows,
+    }
 
-    timed = latency is not None or latency_fn is not None
-    shape = (latency.batch if latency else 1, in_chans, input_size, input_size)
+
+def _check_request(
+    budget: Budget, select_on: str, val_batches: Batches | None, latency: LatencySpec | None
+) -> None:
+    if select_on not in ("val", "test"):
+        raise ConfigError(f"select_on={select_on!r}: use 'val' (default) or 'test'")
+    if select_on == "val" and val_batches is None:
+        raise ConfigError(
+            "no validation split to select on: selecting on test would make its accuracy an "
+            "optimistic estimate; pass select_on='test' to do it anyway"
+        )
+    if budget.max_latency_ms is not None and latency is None:
+        raise ConfigError("a latency budget needs latency measurement: pass latency=LatencySpec()")
+
+
+def _cost_row(
+    model: nn.Module, subnet: Subnet, is_main: bool, input_size: int, in_chans: int
+) -> dict[str, Any]:
+    """A candidate's row with its costs; accuracies and latency are filled in later."""
+    return {
+        "subnet": str(subnet),
+        "depths": [len(kept) for kept in subnet.blocks],
+        "blocks": subnet.num_blocks,
+        "is_main": is_main,
+        "bn": "own" if is_main else "re-estimated",
+        "val_acc": None,
+        "test_acc": None,
+        "flops": count_flops(model, input_size, in_chans, subnet=subnet),
+        "params": count_params(model, subnet=subnet),
+        "latency_ms": None,
+    }
+
+
+def _row_timer(
+    model: nn.Module,
+    candidates: Sequence[Subnet],
+    rows: list[dict[str, Any]],
+    latency: LatencySpec | None,
+    latency_fn: LatencyFn | None,
+    shape: tuple[int, ...],
+) -> Callable[[Sequence[int]], None]:
+    """A function that measures the latency of the rows it is given, side by side."""
 
     def time_rows(indices: Sequence[int]) -> None:
         modules = [export_subnet(model, candidates[i]) for i in indices]
@@ -272,58 +319,68 @@ def select_subnet(
         for i, ms in zip(indices, times):
             rows[i]["latency_ms"] = ms
 
-    if budget.max_latency_ms is not None:
-        # Before the costly evaluation: if the cheapest sub-network is too slow, stop here.
-        cheapest = min(
-            (i for i, r in enumerate(rows) if budget.fits_cost(r)),
-            key=lambda i: (rows[i]["flops"], rows[i]["params"]),
-        )
-        time_rows([cheapest])
-        if rows[cheapest]["latency_ms"] > budget.max_latency_ms:
-            raise _nothing_fits([rows[cheapest]], budget)
+    return time_rows
 
-    # Accuracy: the main network with its own BN statistics, the others re-estimated.
-    main_index = candidates.index(full)
-    others = [s for s in candidates if s != full]
-    splits = {"test": test_batches, **({"val": val_batches} if val_batches is not None else {})}
-    for split, batches in splits.items():
-        rows[main_index][f"{split}_acc"] = evaluate(model, batches())["acc"]
-        if others:
-            results = evaluate_subnets_shared(
-                model,
-                others,
-                eval_batches=batches,
-                calib_batches=calib_batches,
-                chunk_images=chunk_images,
-            )
-            by_subnet = {r["subnet"]: r["acc"] for r in results}
-            for row in rows:
-                if not row["is_main"]:
-                    row[f"{split}_acc"] = by_subnet[row["subnet"]]
 
+def _stop_if_cheapest_is_too_slow(
+    rows: list[dict[str, Any]], budget: Budget, time_rows: Callable[[Sequence[int]], None]
+) -> None:
+    """Before the costly evaluation: if the cheapest sub-network is too slow, stop here."""
+    cheapest = min(
+        (i for i, r in enumerate(rows) if budget.fits_cost(r)),
+        key=lambda i: (rows[i]["flops"], rows[i]["params"]),
+    )
+    time_rows([cheapest])
+    if rows[cheapest]["latency_ms"] > budget.max_latency_ms:
+        raise _nothing_fits([rows[cheapest]], budget)
+
+
+def _evaluate_split(
+    model: nn.Module,
+    rows: list[dict[str, Any]],
+    candidates: Sequence[Subnet],
+    main_index: int,
+    split: str,
+    batches: Batches,
+    calib_batches: Callable[[], Iterable[torch.Tensor]],
+    chunk_images: int | None,
+) -> None:
+    """Fill every row's ``<split>_acc``."""
+    rows[main_index][f"{split}_acc"] = evaluate(model, batches())["acc"]
+    others = [s for i, s in enumerate(candidates) if i != main_index]
+    if not others:
+        return
+    results = evaluate_subnets_shared(
+        model,
+        others,
+        eval_batches=batches,
+        calib_batches=calib_batches,
+        chunk_images=chunk_images,
+    )
+    by_subnet = {r["subnet"]: r["acc"] for r in results}
+    for row in rows:
+        if not row["is_main"]:
+            row[f"{split}_acc"] = by_subnet[row["subnet"]]
+
+
+def _fronts(
+    rows: list[dict[str, Any]],
+    budget: Budget,
+    acc_key: str,
+    main_index: int,
+    time_rows: Callable[[Sequence[int]], None] | None,
+) -> tuple[list[int], list[int]]:
+    """The FLOPs front and, when timing, the latency front; marks each row's place on them."""
     front = pareto_front(rows, "flops", acc_key)
-    inside = [i for i, r in enumerate(rows) if budget.fits_cost(r)]
-    if timed:
+    latency_front = []
+    if time_rows is not None:
         # All of them again, the cheapest too: measured side by side, in the same rounds.
+        inside = [i for i, r in enumerate(rows) if budget.fits_cost(r)]
         inside_front = pareto_front([rows[i] for i in inside], "flops", acc_key)
         time_rows(sorted({inside[j] for j in inside_front} | {main_index}))
-    latency_front = pareto_front(rows, "latency_ms", acc_key) if timed else []
+        latency_front = pareto_front(rows, "latency_ms", acc_key)
     for i, row in enumerate(rows):
         row["on_front"] = i in front
         row["on_latency_front"] = i in latency_front
         row["fits_budget"] = budget.fits(row)
-    pick = pick_best(rows, budget, acc_key)
-    spec = None
-    if latency is not None:
-        spec = {**asdict(latency), "threads": torch.get_num_threads()}
-    return {
-        "selection_split": select_on,
-        "bn": "re-estimated per sub-network from training images; the main network keeps its own",
-        "budget": asdict(budget),
-        "latency": spec,
-        "main": rows[main_index],
-        "pick": rows[pick],
-        "front": [rows[i]["subnet"] for i in front],
-        "latency_front": [rows[i]["subnet"] for i in latency_front],
-        "subnets": rows,
-    }
+    return front, latency_front

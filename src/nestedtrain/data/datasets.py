@@ -17,6 +17,8 @@ import numpy as np
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import datasets as tv_datasets
 
+from ..errors import ConfigError
+
 __all__ = [
     "DATASETS",
     "FASHION_MNIST_SYSTEM_DIR",
@@ -77,7 +79,7 @@ def load_arrays(name: str, root: str, download: bool = False) -> ArrayDataset:
 
     Raises:
         FileNotFoundError: when the dataset is not on disk and ``download`` is off.
-        ValueError: when ``name`` is not an in-memory dataset.
+        ConfigError: when ``name`` is not an in-memory dataset.
     """
     if name == "digits":
         return _load_digits()
@@ -85,7 +87,7 @@ def load_arrays(name: str, root: str, download: bool = False) -> ArrayDataset:
         return _load_fashion_mnist(Path(root), download)
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, Path(root), download)
-    raise ValueError(
+    raise ConfigError(
         f"dataset {name!r} is not held in memory: use one of "
         f"{[n for n in DATASETS if n != 'imagefolder']}"
     )
@@ -111,7 +113,7 @@ def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (the MNIST format; gzipped when its name ends in .gz) of unsigned bytes.
 
     Raises:
-        ValueError: when the file is not an idx file of unsigned bytes.
+        ConfigError: when the file is not an idx file of unsigned bytes.
     """
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -119,12 +121,12 @@ def read_idx(path: Path) -> np.ndarray:
     # Header: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions,
     # then one big-endian uint32 per dimension.
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-        raise ValueError(f"{str(path)!r} is not an idx file of unsigned bytes (magic {raw[:4]!r})")
+        raise ConfigError(f"{str(path)!r} is not an idx file of unsigned bytes (magic {raw[:4]!r})")
     ndim = raw[3]
     shape = tuple(np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise ValueError(
+        raise ConfigError(
             f"{str(path)!r} holds {data.size} bytes of data, its header says shape {shape}"
         )
     return data.reshape(shape).copy()  # frombuffer is read-only; torch wants writable arrays

@@ -27,6 +27,7 @@ from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
+from ..errors import ConfigError
 from .config import CROPS, DataConfig
 from .datasets import DATASETS, SPECS, DatasetSpec, load_arrays
 from .transforms import (
@@ -118,7 +119,7 @@ class Data(abc.ABC):
         self.local_batch_size = batch_size // world_size
         self.seed, self.device, self.rank, self.world_size = seed, device, rank, world_size
         if batch_size > n_train:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size={batch_size} is larger than the {n_train} training images: "
                 "use a smaller batch or more data"
             )
@@ -126,7 +127,7 @@ class Data(abc.ABC):
         self.steps_per_epoch = self._sharding.steps
         self.mixup_active = cfg.mixup > 0 or cfg.cutmix > 0
         if self.mixup_active and self.local_batch_size % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"per-rank batch {self.local_batch_size} is odd: timm's Mixup/CutMix pairs "
                 "images, so use an even batch_size // world_size"
             )
@@ -162,12 +163,12 @@ class Data(abc.ABC):
         Over all ranks every image comes exactly once, so summed counts are exact.
 
         Raises:
-            ValueError: for an unknown split, or "val" when no validation split is held out.
+            ConfigError: for an unknown split, or "val" when no validation split is held out.
         """
         if split not in _SPLITS:
-            raise ValueError(f"unknown split {split!r}: use one of {list(_SPLITS)}")
+            raise ConfigError(f"unknown split {split!r}: use one of {list(_SPLITS)}")
         if split == "val" and self.n_val == 0:
-            raise ValueError(
+            raise ConfigError(
                 "no validation split is held out (data.val_size=0): set data.val_size > 0"
             )
         n = self.n_test if split == "test" else self.n_val
@@ -184,7 +185,7 @@ class Data(abc.ABC):
         """
         count = self.cfg.calib_images if num_images is None else num_images
         if count < 1:
-            raise ValueError(f"num_images={count}: calibration needs at least one image")
+            raise ConfigError(f"num_images={count}: calibration needs at least one image")
         order = torch.randperm(self.n_train, generator=make_generator(self.seed, _CALIB))
         return self._calibration_batches(order[: min(count, self.n_train)], batch_size)
 
@@ -439,7 +440,7 @@ class _FolderData(Data):
 
 def _check_config(cfg: DataConfig, batch_size: int, rank: int, world_size: int) -> None:
     if cfg.name not in DATASETS:
-        raise ValueError(f"unknown dataset {cfg.name!r}: use one of {list(DATASETS)}")
+        raise ConfigError(f"unknown dataset {cfg.name!r}: use one of {list(DATASETS)}")
     checks = [
         (
             cfg.train_subset is None or cfg.train_subset > 0,
@@ -475,15 +476,15 @@ def _check_config(cfg: DataConfig, batch_size: int, rank: int, world_size: int) 
     ]
     for ok, field, want in checks:
         if not ok:
-            raise ValueError(f"data.{field}={getattr(cfg, field)!r}: must be {want}")
+            raise ConfigError(f"data.{field}={getattr(cfg, field)!r}: must be {want}")
     if cfg.name == "imagefolder" and cfg.on_device:
-        raise ValueError(
+        raise ConfigError(
             "data.on_device=true: imagefolder is read from disk by workers; leave on_device unset"
         )
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+        raise ConfigError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
     if batch_size < 1 or batch_size % world_size:
-        raise ValueError(
+        raise ConfigError(
             f"batch_size={batch_size}: the global batch must be a positive multiple of "
             f"world_size={world_size}"
         )
@@ -511,7 +512,7 @@ def _split_train(
         val, rest = order[:n_val], order[n_val:]
     if train_subset is not None:
         if train_subset > len(rest):
-            raise ValueError(
+            raise ConfigError(
                 f"data.train_subset={train_subset} is more than the {len(rest)} training images "
                 f"left after holding out {len(val)} for validation"
             )
@@ -522,7 +523,7 @@ def _split_train(
 
 def _check_labels(name: str, labels: np.ndarray, num_classes: int) -> None:
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
+        raise ConfigError(
             f"{name}: labels span {labels.min()}..{labels.max()}, expected 0..{num_classes - 1}"
         )
 
@@ -556,7 +557,7 @@ def build_data(
         rank, world_size: this process's place among the data-parallel processes.
 
     Raises:
-        ValueError: for a bad setting (named with its value).
+        ConfigError: for a bad setting (named with its value).
         FileNotFoundError: when the dataset is not on disk, saying how to get it.
     """
     _check_config(cfg, batch_size, rank, world_size)
@@ -570,7 +571,7 @@ def build_data(
         train_folder = _scan_folder(Path(cfg.root) / "train", cfg.root)
         test_folder = _scan_folder(Path(cfg.root) / "val", cfg.root)
         if test_folder.classes != train_folder.classes:
-            raise ValueError(
+            raise ConfigError(
                 f"imagefolder: class folders differ between {cfg.root}/train "
                 f"({len(train_folder.classes)}) and {cfg.root}/val ({len(test_folder.classes)})"
             )

@@ -24,6 +24,8 @@ from timm.data.transforms_factory import transforms_imagenet_eval, transforms_im
 from torchvision import transforms as T
 from torchvision.ops import roi_align
 
+from ..errors import ConfigError
+
 __all__ = [
     "apply_pil_transform",
     "build_pil_augment",
@@ -206,7 +208,7 @@ def build_pil_augment(
     there is nothing to do.
 
     Raises:
-        ValueError: when ``auto_augment`` is not a string timm (or "trivialaugment") knows.
+        ConfigError: when ``auto_augment`` is not a string timm (or "trivialaugment") knows.
     """
     if auto_augment == TRIVIAL_AUGMENT:
         return T.TrivialAugmentWide()
@@ -222,7 +224,7 @@ def build_pil_augment(
         )
     except (AssertionError, ValueError, KeyError) as err:
         # timm rejects unknown strings with bare asserts.
-        raise ValueError(
+        raise ConfigError(
             f"data.auto_augment={auto_augment!r} is not known ({err}): {_AA_HELP}"
         ) from None
     _allow_zero_bit_posterize(secondary)

@@ -1,10 +1,26 @@
-"""Elastic sub-networks of unmodified models: stages, Subnets, samplers."""
+"""Elastic sub-networks of unmodified models: stages, Subnets, samplers, and running a model
+piece by piece (stem, blocks, head) to compute shared prefixes once."""
 
 from .sampling import SAMPLING_SPACES, OrderedSampler, StochasticSampler, build_sampler
-from .stages import SUPPORTED_FAMILIES, Stage, StageSpec, declare_stages, find_stages, unwrap
+from .split import ModelSplit, SplitError, TrieNode, build_trie, draws_random, run_path
+from .stages import (
+    SUPPORTED_FAMILIES,
+    Stage,
+    StageSpec,
+    declare_stages,
+    find_stages,
+    model_family,
+    unwrap,
+)
 from .subnet import Subnet, export_subnet, use_subnet
 
 __all__ = [
+    "ModelSplit",
+    "SplitError",
+    "TrieNode",
+    "build_trie",
+    "draws_random",
+    "run_path",
     "SAMPLING_SPACES",
     "SUPPORTED_FAMILIES",
     "OrderedSampler",
@@ -16,6 +32,7 @@ __all__ = [
     "declare_stages",
     "export_subnet",
     "find_stages",
+    "model_family",
     "unwrap",
     "use_subnet",
 ]

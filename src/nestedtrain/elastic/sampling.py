@@ -14,6 +14,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .stages import Stage, StageSpec, find_stages
 from .subnet import Subnet
 
@@ -67,7 +68,7 @@ class StochasticSampler:
 
     def __init__(self, model: nn.Module, p: float = 0.5, spec: StageSpec | None = None):
         if not 0.0 < p <= 1.0:
-            raise ValueError(f"keep probability p={p} must be in (0, 1]")
+            raise ConfigError(f"keep probability p={p} must be in (0, 1]")
         self.stages = find_stages(model, spec)
         self.p = float(p)
 
@@ -113,24 +114,24 @@ def _resolve_max_drop(stages: Sequence[Stage], max_drop: MaxDrop) -> tuple[int, 
         return allowed
     if isinstance(max_drop, str):
         if max_drop not in SAMPLING_SPACES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown sampling space {max_drop!r}: use 'full', one of "
                 f"{sorted(SAMPLING_SPACES)}, or a per-stage list of how many blocks may drop"
             )
         max_drop = SAMPLING_SPACES[max_drop]
     if isinstance(max_drop, int):
         if max_drop < 0:
-            raise ValueError(f"max_drop={max_drop} must be >= 0")
+            raise ConfigError(f"max_drop={max_drop} must be >= 0")
         return tuple(min(max_drop, a) for a in allowed)
     max_drop = tuple(int(c) for c in max_drop)
     if len(max_drop) != len(stages):
-        raise ValueError(
+        raise ConfigError(
             f"max_drop {list(max_drop)} has {len(max_drop)} entries but the model has "
             f"{len(stages)} stages"
         )
     for s, (c, a, stage) in enumerate(zip(max_drop, allowed, stages)):
         if not 0 <= c <= a:
-            raise ValueError(
+            raise ConfigError(
                 f"max_drop {list(max_drop)}: stage {s + 1} ({stage.name}) can drop 0..{a} "
                 f"trailing blocks, got {c}"
             )
@@ -149,9 +150,9 @@ def build_sampler(
         return OrderedSampler(model, max_drop=space, spec=spec)
     if kind == "stochastic":
         if space not in (None, "full"):
-            raise ValueError(
+            raise ConfigError(
                 f"sampling space {space!r} applies to ordered sampling only; stochastic "
                 "sampling takes p"
             )
         return StochasticSampler(model, p=p, spec=spec)
-    raise ValueError(f"unknown sampler {kind!r}: use 'ordered' or 'stochastic'")
+    raise ConfigError(f"unknown sampler {kind!r}: use 'ordered' or 'stochastic'")

@@ -13,7 +13,16 @@ from typing import Callable, Union
 
 from torch import nn
 
-__all__ = ["Stage", "StageSpec", "declare_stages", "find_stages", "SUPPORTED_FAMILIES"]
+from ..errors import ConfigError
+
+__all__ = [
+    "Stage",
+    "StageSpec",
+    "declare_stages",
+    "find_stages",
+    "model_family",
+    "SUPPORTED_FAMILIES",
+]
 
 SkippableRule = Union[Callable[[nn.Module], bool], Sequence[Sequence[int]]]
 
@@ -66,11 +75,11 @@ class StageSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "paths", tuple(self.paths))
         if not self.paths:
-            raise ValueError("StageSpec needs at least one stage path, got none")
+            raise ConfigError("StageSpec needs at least one stage path, got none")
         if not callable(self.skippable):
             rule = tuple(tuple(int(i) for i in stage) for stage in self.skippable)
             if len(rule) != len(self.paths):
-                raise ValueError(
+                raise ConfigError(
                     f"StageSpec.skippable lists {len(rule)} stages but paths has "
                     f"{len(self.paths)}: give one list of skippable block indices per stage"
                 )
@@ -98,7 +107,7 @@ def declare_stages(
         The registered spec.
     """
     if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)):
-        raise ValueError(f"declare_stages needs an nn.Module subclass, got {model_class!r}")
+        raise ConfigError(f"declare_stages needs an nn.Module subclass, got {model_class!r}")
     spec = StageSpec(tuple(paths), _identity_shortcut if skippable is None else skippable)
     _DECLARED[model_class] = spec
     return spec
@@ -128,13 +137,10 @@ def _stage_paths_numbered(model: nn.Module, prefix: str, count: int) -> tuple[st
     return tuple(f"{prefix}{i}" for i in range(count))
 
 
-def _builtin_spec(model: nn.Module) -> StageSpec | None:
-    """The spec of a family nestedtrain knows, or None."""
-    from ..models.cifar_resnet import CifarResNet
-
-    if isinstance(model, CifarResNet):
+def _builtin_spec(model: nn.Module, family: str | None) -> StageSpec | None:
+    """The spec of a family nestedtrain knows the stages of, or None."""
+    if family == "cifar-resnet":
         return StageSpec(tuple(model.stage_names), _resnet_skippable)
-    family = _family(model)
     if family in ("timm-resnet", "torchvision-resnet"):
         paths = tuple(p for p in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, p))
         return StageSpec(paths, _resnet_skippable)
@@ -142,28 +148,69 @@ def _builtin_spec(model: nn.Module) -> StageSpec | None:
         return StageSpec(_stage_paths_numbered(model, "blocks.", len(model.blocks)), _has_skip)
     if family == "timm-vit":
         return StageSpec(("blocks",), _always)
-    return None
+    return None  # DenseNets (no skippable blocks), declared models and unknown ones
 
 
-def _family(model: nn.Module) -> str | None:
+# ------------------------------------------------------------------------------ families
+# The one place that tells model families apart: stage discovery, WeightMap and the analyses
+# all ask model_family, so a model declared with declare_stages reaches every one of them.
+DECLARED_FAMILY = "declared"
+RESNET_FAMILIES = ("cifar-resnet", "timm-resnet", "torchvision-resnet")
+DENSENET_FAMILIES = ("timm-densenet", "torchvision-densenet")
+
+
+def _builtin_family(model: nn.Module) -> str | None:
     # Imported lazily: each family's module is only needed when such a model is seen.
+    import timm.models.densenet as timm_densenet
     import timm.models.efficientnet as timm_effnet
     import timm.models.mobilenetv3 as timm_mnv3
     import timm.models.resnet as timm_resnet
     import timm.models.vision_transformer as timm_vit
+    import torchvision.models.densenet as tv_densenet
     import torchvision.models.resnet as tv_resnet
 
-    if isinstance(model, timm_resnet.ResNet):
-        return "timm-resnet"
-    if isinstance(model, tv_resnet.ResNet):
-        return "torchvision-resnet"
-    if isinstance(model, timm_effnet.EfficientNet):
-        return "timm-efficientnet"
-    if isinstance(model, timm_mnv3.MobileNetV3):
-        return "timm-mobilenetv3"
-    if isinstance(model, timm_vit.VisionTransformer):
-        return "timm-vit"
+    from ..models.cifar_resnet import CifarResNet
+
+    for cls, family in (
+        (CifarResNet, "cifar-resnet"),
+        (timm_resnet.ResNet, "timm-resnet"),
+        (tv_resnet.ResNet, "torchvision-resnet"),
+        (timm_effnet.EfficientNet, "timm-efficientnet"),
+        (timm_mnv3.MobileNetV3, "timm-mobilenetv3"),
+        (timm_vit.VisionTransformer, "timm-vit"),
+        (timm_densenet.DenseNet, "timm-densenet"),
+        (tv_densenet.DenseNet, "torchvision-densenet"),
+    ):
+        if isinstance(model, cls):
+            return family
     return None
+
+
+def _declared_spec(model: nn.Module) -> StageSpec | None:
+    for cls in type(model).__mro__:
+        if cls in _DECLARED:
+            return _DECLARED[cls]
+    return None
+
+
+def model_family(model: nn.Module) -> str | None:
+    """The family of ``model``, or None for a model nestedtrain does not know.
+
+    A built-in family is named after its library and architecture: ``"cifar-resnet"``,
+    ``"timm-resnet"``, ``"torchvision-resnet"``, ``"timm-efficientnet"``,
+    ``"timm-mobilenetv3"``, ``"timm-vit"``, ``"timm-densenet"`` or
+    ``"torchvision-densenet"``. It says what the model *is* (how its parameters are named),
+    so it wins over a declaration, which only says where the stages are. A model of any other
+    class declared with :func:`declare_stages` is ``"declared"``. DenseNets have no skippable
+    blocks, so :func:`find_stages` refuses them; WeightMap and the loafing matrix know them.
+
+    A ``DistributedDataParallel`` wrapper is looked through.
+    """
+    model = unwrap(model)
+    family = _builtin_family(model)
+    if family is None and _declared_spec(model) is not None:
+        return DECLARED_FAMILY
+    return family
 
 
 SUPPORTED_FAMILIES = (
@@ -177,12 +224,9 @@ SUPPORTED_FAMILIES = (
 
 
 def _spec_for(model: nn.Module) -> StageSpec:
-    for cls in type(model).__mro__:
-        if cls in _DECLARED:
-            return _DECLARED[cls]
-    spec = _builtin_spec(model)
+    spec = _declared_spec(model) or _builtin_spec(model, _builtin_family(model))
     if spec is None:
-        raise ValueError(
+        raise ConfigError(
             f"cannot find the stages of a {type(model).__name__}: nestedtrain knows "
             f"{', '.join(SUPPORTED_FAMILIES)}; declare yours with "
             f"nestedtrain.declare_stages({type(model).__name__}, paths=[...stage containers...], "
@@ -206,7 +250,7 @@ def find_stages(model: nn.Module, spec: StageSpec | None = None) -> list[Stage]:
         spec: an explicit declaration that overrides the family rules.
 
     Raises:
-        ValueError: for a model of an unknown family, or a spec that does not fit the model.
+        ConfigError: for a model of an unknown family, or a spec that does not fit the model.
     """
     model = unwrap(model)
     spec = spec or _spec_for(model)
@@ -215,24 +259,24 @@ def find_stages(model: nn.Module, spec: StageSpec | None = None) -> list[Stage]:
         try:
             container = model.get_submodule(path)
         except AttributeError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"stage path {path!r} is not a submodule of {type(model).__name__}"
             ) from err
         if not isinstance(container, (nn.Sequential, nn.ModuleList)):
-            raise ValueError(
+            raise ConfigError(
                 f"stage {path!r} of {type(model).__name__} is a {type(container).__name__}; a "
                 "stage must be an nn.Sequential or nn.ModuleList of blocks"
             )
         blocks = _full_blocks(container)
         if not blocks:
-            raise ValueError(f"stage {path!r} of {type(model).__name__} has no blocks")
+            raise ConfigError(f"stage {path!r} of {type(model).__name__} has no blocks")
         if callable(spec.skippable):
             skippable = tuple(bool(spec.skippable(b)) for b in blocks.values())
         else:
             listed = set(spec.skippable[s])
             bad = sorted(i for i in listed if not 0 <= i < len(blocks))
             if bad:
-                raise ValueError(
+                raise ConfigError(
                     f"stage {path!r} has {len(blocks)} blocks; skippable index {bad[0]} is out "
                     f"of range 0..{len(blocks) - 1}"
                 )

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from ..errors import ConfigError
 from .stages import FULL_BLOCKS_ATTR, Stage, StageSpec, find_stages, unwrap
 
 __all__ = ["Subnet", "use_subnet", "export_subnet"]
@@ -27,7 +28,7 @@ class Subnet:
     def __init__(self, blocks: Sequence[Sequence[int]]):
         blocks = tuple(tuple(int(i) for i in stage) for stage in blocks)
         if not blocks:
-            raise ValueError("a Subnet needs at least one stage, got none")
+            raise ConfigError("a Subnet needs at least one stage, got none")
         object.__setattr__(self, "_blocks", blocks)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -73,7 +74,7 @@ class Subnet:
                 else:
                     stages.append(tuple(range(int(part))))
             except ValueError:
-                raise ValueError(
+                raise ConfigError(
                     f"cannot read sub-network {text!r}: stage {s + 1} is {part!r}; write a depth "
                     "('3') or block indices in run order ('0.2.1', or '2.' for one block), stages "
                     "joined by '-', e.g. '3-2-4'"
@@ -90,7 +91,7 @@ class Subnet:
     def depths(self) -> tuple[int, ...]:
         """Blocks per stage of an ordered Subnet."""
         if not self.is_ordered:
-            raise ValueError(f"sub-network {self} is not ordered, so it has no depths")
+            raise ConfigError(f"sub-network {self} is not ordered, so it has no depths")
         return tuple(len(stage) for stage in self._blocks)
 
     @property
@@ -105,31 +106,31 @@ class Subnet:
         """Check this Subnet against a model's stages.
 
         Raises:
-            ValueError: naming the stage and block: wrong number of stages, an empty stage, an
+            ConfigError: naming the stage and block: wrong number of stages, an empty stage, an
                 index out of range or repeated, a non-skippable block dropped or moved.
         """
         if len(self._blocks) != len(stages):
-            raise ValueError(
+            raise ConfigError(
                 f"sub-network {self} has {len(self._blocks)} stages but the model has "
                 f"{len(stages)} ({'-'.join(str(len(st)) for st in stages)} blocks)"
             )
         for s, (kept, stage) in enumerate(zip(self._blocks, stages)):
             where = f"sub-network {self}, stage {s + 1} ({stage.name})"
             if not kept:
-                raise ValueError(f"{where}: every stage keeps at least one block, got none")
+                raise ConfigError(f"{where}: every stage keeps at least one block, got none")
             for i in kept:
                 if not 0 <= i < len(stage):
-                    raise ValueError(
+                    raise ConfigError(
                         f"{where}: block {i} is out of range, the stage has blocks "
                         f"0..{len(stage) - 1}"
                     )
             if len(set(kept)) != len(kept):
                 repeated = next(i for i in kept if kept.count(i) > 1)
-                raise ValueError(f"{where}: block {repeated} is listed twice")
+                raise ConfigError(f"{where}: block {repeated} is listed twice")
             fixed = [i for i, ok in enumerate(stage.skippable) if not ok]
             for i in fixed:
                 if i not in kept:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{where}: block {i} is not skippable (its shortcut is not the identity)"
                         " and cannot be dropped"
                     )
@@ -140,10 +141,12 @@ class Subnet:
                 if not stage.skippable[i]:
                     expected = next(j for j in fixed if j > last_fixed)
                     if i != expected:
-                        raise ValueError(f"{where}: block {i} is not skippable and cannot be moved")
+                        raise ConfigError(
+                            f"{where}: block {i} is not skippable and cannot be moved"
+                        )
                     last_fixed = i
                 elif max((j for j in fixed if j < i), default=-1) != last_fixed:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{where}: block {i} cannot move across a non-skippable block "
                         f"({', '.join(map(str, fixed))})"
                     )

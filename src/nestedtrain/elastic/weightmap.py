@@ -7,7 +7,8 @@ tensor holds it. It follows the Motivation paper's rules:
 
 - stages are matched block by block: ResNets map the base's first ``l-1`` blocks of a stage to
   the motivated model's first ``l-1`` and the base's last block to the motivated model's last;
-  EfficientNet, ViT and DenseNet map the first ``l`` blocks (dense layers) to the first ``l``;
+  EfficientNet, ViT, DenseNet and models declared with ``declare_stages`` map the first ``l``
+  blocks (dense layers) to the first ``l``;
 - every dimension is matched by its leading entries (the first ``d`` of ``d'`` channels or
   embedding dimensions), with two structured exceptions that keep the leading-entry idea
   where a tensor is a concatenation: a ViT's fused ``qkv`` projection (q, k and v each by its
@@ -24,16 +25,25 @@ from __future__ import annotations
 import copy
 import itertools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .stages import FULL_BLOCKS_ATTR, unwrap
+from ..errors import ConfigError
+from .stages import (
+    DECLARED_FAMILY,
+    DENSENET_FAMILIES,
+    FULL_BLOCKS_ATTR,
+    RESNET_FAMILIES,
+    find_stages,
+    model_family,
+    unwrap,
+)
 
-__all__ = ["TensorMap", "WeightMap", "inherit", "SUPPORTED_WEIGHTMAP_FAMILIES"]
+__all__ = ["TensorMap", "WeightMap", "block_depths", "inherit", "SUPPORTED_WEIGHTMAP_FAMILIES"]
 
 # A slice of a tensor: one ``slice`` per dimension (``()`` for a 0-dim tensor).
 Index = tuple[slice, ...]
@@ -48,6 +58,15 @@ SUPPORTED_WEIGHTMAP_FAMILIES = (
     "timm ViT",
     "timm DenseNet",
     "torchvision DenseNet",
+    "models declared with nestedtrain.declare_stages",
+)
+# The families of elastic.stages.model_family that a WeightMap maps (timm's MobileNetV3 is not).
+_MAPPED_FAMILIES = (
+    *RESNET_FAMILIES,
+    "timm-efficientnet",
+    "timm-vit",
+    *DENSENET_FAMILIES,
+    DECLARED_FAMILY,
 )
 
 # Optimizer state that its optimizer does not start at zero. timm's RMSpropTF starts the
@@ -95,7 +114,8 @@ class WeightMap:
             rule to the fused tensor.
 
     Attributes:
-        family: the detected family, e.g. ``"timm-efficientnet"``.
+        family: the family :func:`~nestedtrain.elastic.stages.model_family` reports, e.g.
+            ``"timm-efficientnet"`` or ``"declared"``.
         tensors: per base ``state_dict`` name, its :class:`TensorMap`.
         unmatched: base tensors with no counterpart (no tensor of that name, a different
             number of dimensions, or a kernel/token dimension that differs). Empty for the
@@ -105,13 +125,13 @@ class WeightMap:
     any ``use_subnet`` block: inside one, a model's ``state_dict`` lacks the skipped blocks.
 
     Raises:
-        ValueError: models of different families or classes, a base that is larger than the
+        ConfigError: models of different families or classes, a base that is larger than the
             motivated model in some stage or dimension, or two models of the same size.
     """
 
     def __init__(self, base: nn.Module, motivated: nn.Module, qkv: str = "split"):
         if qkv not in QKV_MODES:
-            raise ValueError(f"qkv must be one of {QKV_MODES}, got {qkv!r}")
+            raise ConfigError(f"qkv must be one of {QKV_MODES}, got {qkv!r}")
         base, motivated = unwrap(base), unwrap(motivated)
         self.qkv = qkv
         self.family = _check_pair(base, motivated)
@@ -136,7 +156,7 @@ class WeightMap:
                 continue
             larger = [d for d, (b, m) in enumerate(zip(base_shape, motivated_shape)) if b > m]
             if larger:
-                raise ValueError(
+                raise ConfigError(
                     f"the base model is larger than the motivated one: base tensor {name!r} has "
                     f"shape {base_shape} but motivated {motivated_name!r} has {motivated_shape} "
                     f"(dimension {larger[0]}); the motivated model must be at least as large "
@@ -158,7 +178,7 @@ class WeightMap:
             for t in self.tensors.values()
         )
         if same_size and not self.unmatched:
-            raise ValueError(
+            raise ConfigError(
                 f"base and motivated {type(base).__name__} have the same architecture, so there "
                 "is nothing to motivate: pick a deeper or wider motivated model"
             )
@@ -183,15 +203,11 @@ class WeightMap:
     def _copy_tensors(
         self, base: nn.Module | None, motivated: nn.Module | None, to_motivated: bool
     ) -> None:
-        base_sd, motivated_sd = self._lookup(base, motivated)
+        src_sd, dst_sd = self._lookup_directed(base, motivated, to_motivated)
         for tmap in self.tensors.values():
-            src, dst = base_sd[tmap.base_name], motivated_sd[tmap.motivated_name]
-            if not to_motivated:
-                src, dst = dst, src
-            for base_index, motivated_index in tmap.pieces:
-                src_index, dst_index = (
-                    (base_index, motivated_index) if to_motivated else (motivated_index, base_index)
-                )
+            src_name, dst_name, pieces = _directed(tmap, to_motivated)
+            src, dst = src_sd[src_name], dst_sd[dst_name]
+            for src_index, dst_index in pieces:
                 dst[dst_index].copy_(src[src_index])
 
     @torch.no_grad()
@@ -222,66 +238,33 @@ class WeightMap:
                 the one this map was built from. Likewise ``motivated``.
 
         Raises:
-            ValueError: an unknown direction, optimizers of different classes, or a mapped
+            ConfigError: an unknown direction, optimizers of different classes, or a mapped
                 parameter that only one of the two optimizers holds.
         """
-        if direction not in ("to_motivated", "to_base"):
-            raise ValueError(f"direction must be 'to_motivated' or 'to_base', got {direction!r}")
-        if type(src_opt) is not type(dst_opt):
-            raise ValueError(
-                f"cannot copy {type(src_opt).__name__} state into a {type(dst_opt).__name__}: "
-                "give the base and motivated models optimizers of the same class"
-            )
+        _check_optimizers(src_opt, dst_opt, direction)
         to_motivated = direction == "to_motivated"
-        base_sd, motivated_sd = self._lookup(base, motivated)
-        src_sd, dst_sd = (base_sd, motivated_sd) if to_motivated else (motivated_sd, base_sd)
+        src_sd, dst_sd = self._lookup_directed(base, motivated, to_motivated)
         src_groups, dst_groups = _groups_by_param(src_opt), _groups_by_param(dst_opt)
-        optimizer_name = type(dst_opt).__name__
         copied_groups: set[tuple[int, int]] = set()
         for tmap in self.tensors.values():
-            src_name, dst_name = (
-                (tmap.base_name, tmap.motivated_name)
-                if to_motivated
-                else (tmap.motivated_name, tmap.base_name)
-            )
+            src_name, dst_name, pieces = _directed(tmap, to_motivated)
             src_p, dst_p = src_sd[src_name], dst_sd[dst_name]
             if not isinstance(src_p, nn.Parameter) or id(src_p) not in src_groups:
-                continue
+                continue  # a buffer, or a parameter the source optimizer does not train
             if id(dst_p) not in dst_groups:
-                raise ValueError(
+                raise ConfigError(
                     f"parameter {src_name!r} is optimized by the source optimizer but its "
                     f"counterpart {dst_name!r} is not in the destination optimizer"
                 )
-            src_group, dst_group = src_groups[id(src_p)], dst_groups[id(dst_p)]
-            if (id(src_group), id(dst_group)) not in copied_groups and "step" in src_group:
-                dst_group["step"] = _clone_like(src_group["step"], dst_group.get("step"))
-                copied_groups.add((id(src_group), id(dst_group)))
-
+            _copy_group_step(src_groups[id(src_p)], dst_groups[id(dst_p)], copied_groups)
             src_state = src_opt.state.get(src_p)
             if not src_state:
-                dst_opt.state.pop(dst_p, None)
+                dst_opt.state.pop(dst_p, None)  # never stepped: neither is its counterpart
                 continue
             old = dst_opt.state.get(dst_p, {})
-            new = {}
-            for key, value in src_state.items():
-                if torch.is_tensor(value) and src_p.dim() > 0 and value.shape == src_p.shape:
-                    target = old.get(key)
-                    if not (torch.is_tensor(target) and target.shape == dst_p.shape):
-                        fill = _STATE_INIT.get((optimizer_name, key), 0.0)
-                        target = torch.full(
-                            dst_p.shape, fill, dtype=value.dtype, device=dst_p.device
-                        )
-                    for base_index, motivated_index in tmap.pieces:
-                        src_index, dst_index = (
-                            (base_index, motivated_index)
-                            if to_motivated
-                            else (motivated_index, base_index)
-                        )
-                        target[dst_index].copy_(value[src_index])
-                    new[key] = target
-                else:
-                    new[key] = _clone_like(value, old.get(key))
-            dst_opt.state[dst_p] = new
+            dst_opt.state[dst_p] = _mapped_state(
+                src_state, src_p, dst_p, old, pieces, type(dst_opt).__name__
+            )
 
     # ------------------------------------------------------------------------- queries
     def differential(self, motivated: nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -317,7 +300,7 @@ class WeightMap:
         ):
             extra = sorted(set(sd) - set(shapes))
             if extra:
-                raise ValueError(
+                raise ConfigError(
                     f"the {role} model does not fit this WeightMap: it has tensors the map was "
                     f"not built with, e.g. {extra[0]!r}; build the map from these models"
                 )
@@ -325,11 +308,18 @@ class WeightMap:
                 tensor = sd.get(name)
                 if tensor is None or tuple(tensor.shape) != shape:
                     found = "missing" if tensor is None else f"shaped {tuple(tensor.shape)}"
-                    raise ValueError(
+                    raise ConfigError(
                         f"the {role} model does not fit this WeightMap: its tensor {name!r} is "
                         f"{found}, expected shape {shape}; build the map from these models"
                     )
         return base_sd, motivated_sd
+
+    def _lookup_directed(
+        self, base: nn.Module | None, motivated: nn.Module | None, to_motivated: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The source and destination ``state_dict`` tensors of a copy."""
+        base_sd, motivated_sd = self._lookup(base, motivated)
+        return (base_sd, motivated_sd) if to_motivated else (motivated_sd, base_sd)
 
     def __repr__(self) -> str:
         return (
@@ -348,12 +338,12 @@ def inherit(large: nn.Module, small: nn.Module, qkv: str = "split") -> WeightMap
         The :class:`WeightMap` used (``small`` as base, ``large`` as motivated).
 
     Raises:
-        ValueError: as :class:`WeightMap` does, and when some tensor of ``small`` has no
+        ConfigError: as :class:`WeightMap` does, and when some tensor of ``small`` has no
             counterpart in ``large`` (it would keep its initial values).
     """
     weight_map = WeightMap(small, large, qkv=qkv)
     if weight_map.unmatched:
-        raise ValueError(
+        raise ConfigError(
             f"cannot fill every tensor of the small {type(unwrap(small)).__name__} from the "
             f"large one: no counterpart for {weight_map.unmatched[:5]}"
             + (
@@ -367,103 +357,76 @@ def inherit(large: nn.Module, small: nn.Module, qkv: str = "split") -> WeightMap
 
 
 # ------------------------------------------------------------------------------ families
-def _family(model: nn.Module) -> str | None:
-    # Imported here: each library is only needed when one of its models is mapped.
-    import timm.models.densenet as timm_densenet
-    import timm.models.efficientnet as timm_effnet
-    import timm.models.resnet as timm_resnet
-    import timm.models.vision_transformer as timm_vit
-    import torchvision.models.densenet as tv_densenet
-    import torchvision.models.resnet as tv_resnet
-
-    from ..models.cifar_resnet import CifarResNet
-
-    for cls, name in (
-        (CifarResNet, "cifar-resnet"),
-        (timm_resnet.ResNet, "timm-resnet"),
-        (tv_resnet.ResNet, "torchvision-resnet"),
-        (timm_effnet.EfficientNet, "timm-efficientnet"),
-        (timm_vit.VisionTransformer, "timm-vit"),
-        (timm_densenet.DenseNet, "timm-densenet"),
-        (tv_densenet.DenseNet, "torchvision-densenet"),
-    ):
-        if isinstance(model, cls):
-            return name
-    return None
-
-
 def _check_pair(base: nn.Module, motivated: nn.Module) -> str:
-    families = [_family(base), _family(motivated)]
+    families = [model_family(base), model_family(motivated)]
     for role, model, family in zip(("base", "motivated"), (base, motivated), families):
-        if family is None:
-            raise ValueError(
-                f"the {role} model is a {type(model).__name__}, which WeightMap does not know; "
-                f"it maps {', '.join(SUPPORTED_WEIGHTMAP_FAMILIES)}"
+        if family not in _MAPPED_FAMILIES:
+            known = "" if family is None else f" (family {family})"
+            raise ConfigError(
+                f"the {role} model is a {type(model).__name__}{known}, which WeightMap does not "
+                f"map; it maps {', '.join(SUPPORTED_WEIGHTMAP_FAMILIES)}"
             )
     if families[0] != families[1] or type(base) is not type(motivated):
-        raise ValueError(
+        raise ConfigError(
             f"base and motivated models must be of one family: got a {families[0]} "
             f"({type(base).__name__}) and a {families[1]} ({type(motivated).__name__})"
         )
     base_classes = getattr(base, "num_classes", None)
     motivated_classes = getattr(motivated, "num_classes", None)
     if base_classes != motivated_classes:
-        raise ValueError(
+        raise ConfigError(
             f"base and motivated models must predict the same classes: base has "
             f"num_classes={base_classes}, motivated {motivated_classes}"
         )
     return families[0]
 
 
-def _children_keys(container: nn.Module) -> tuple[str, ...]:
-    return tuple(container._modules)
+def _dense_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A DenseNet's dense blocks, by their name under ``features``."""
+    return [(n, b) for n, b in model.features.named_children() if n.startswith("denseblock")]
+
+
+def _block_containers(family: str | None, model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Per block container (its ``state_dict`` prefix), its blocks' keys: a DenseNet's dense
+    blocks and their layers, any other model's stages and their blocks."""
+    if family in DENSENET_FAMILIES:
+        return {f"features.{name}": tuple(block._modules) for name, block in _dense_blocks(model)}
+    return {stage.name: stage.keys for stage in find_stages(model)}
+
+
+def block_depths(model: nn.Module) -> tuple[int, ...]:
+    """Blocks per stage as a WeightMap matches them (a DenseNet: layers per dense block).
+
+    Raises:
+        ConfigError: a model that is no DenseNet and has no stages nestedtrain knows.
+    """
+    model = unwrap(model)
+    return tuple(len(keys) for keys in _block_containers(model_family(model), model).values())
 
 
 def _stages(family: str, base: nn.Module, motivated: nn.Module) -> list[tuple[_Stage, str]]:
     """The block containers of both models with the rule that matches their blocks."""
-    if family.endswith("resnet"):
-        if family == "cifar-resnet":
-            paths = list(base.stage_names)
-        else:
-            paths = [p for p in ("layer1", "layer2", "layer3", "layer4") if hasattr(base, p)]
-        rule = "resnet"
-    elif family == "timm-efficientnet":
-        paths = [f"blocks.{s}" for s in range(len(base.blocks))]
-        if len(base.blocks) != len(motivated.blocks):
-            raise ValueError(
-                f"base and motivated EfficientNets must have the same number of stages, got "
-                f"{len(base.blocks)} and {len(motivated.blocks)}"
-            )
-        rule = "leading"
-    elif family == "timm-vit":
-        paths, rule = ["blocks"], "leading"
-    else:  # DenseNets
-        paths = [n for n, _ in base.features.named_children() if n.startswith("denseblock")]
-        paths = [f"features.{n}" for n in paths]
-        rule = "leading"
-    stages = []
-    for path in paths:
-        try:
-            motivated_container = motivated.get_submodule(path)
-        except AttributeError:
-            raise ValueError(
-                f"the base {type(base).__name__} has a stage {path!r} that the motivated one "
-                "lacks: their stage layouts differ"
-            ) from None
-        stage = _Stage(
-            path,
-            _children_keys(base.get_submodule(path)),
-            _children_keys(motivated_container),
+    base_blocks = _block_containers(family, base)
+    motivated_blocks = _block_containers(family, motivated)
+    if list(base_blocks) != list(motivated_blocks):
+        raise ConfigError(
+            f"base and motivated {type(base).__name__}s must have the same stages: the base has "
+            f"{list(base_blocks)}, the motivated one {list(motivated_blocks)}"
         )
+    # ResNets keep a stage's last block last (see _block_renamer); the others match leading ones.
+    rule = "resnet" if family in RESNET_FAMILIES else "leading"
+    stages = []
+    for path, base_keys in base_blocks.items():
+        stage = _Stage(path, base_keys, motivated_blocks[path])
         if len(stage.base_keys) > len(stage.motivated_keys):
-            raise ValueError(
+            raise ConfigError(
                 f"the base model is deeper than the motivated one in stage {path!r} "
                 f"({len(stage.base_keys)} > {len(stage.motivated_keys)} blocks); the motivated "
                 "model must have at least as many blocks in every stage"
             )
         stages.append((stage, rule))
-    if family.endswith("resnet"):
-        _check_same_block_type(base, motivated, paths)
+    if family in RESNET_FAMILIES:
+        _check_same_block_type(base, motivated, list(base_blocks))
     return stages
 
 
@@ -471,7 +434,7 @@ def _check_same_block_type(base: nn.Module, motivated: nn.Module, paths: list[st
     base_block = type(next(iter(base.get_submodule(paths[0]).children())))
     motivated_block = type(next(iter(motivated.get_submodule(paths[0]).children())))
     if base_block is not motivated_block:
-        raise ValueError(
+        raise ConfigError(
             f"base and motivated ResNets use different blocks ({base_block.__name__} and "
             f"{motivated_block.__name__}); map e.g. resnet18 -> resnet34 or resnet50 -> resnet101"
         )
@@ -518,7 +481,7 @@ def _special_segments(family: str, base: nn.Module, motivated: nn.Module, qkv: s
     """Per tensor, the dimensions not matched by plain leading entries and their segments."""
     if family == "timm-vit" and qkv == "split":
         return _qkv_segments
-    if family.endswith("densenet"):
+    if family in DENSENET_FAMILIES:
         return _densenet_segments(base, motivated)
     return lambda name, base_shape, motivated_shape: {}
 
@@ -531,7 +494,7 @@ def _qkv_segments(
     if not name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
         return {}
     if base_shape[0] % 3 or motivated_shape[0] % 3:
-        raise ValueError(
+        raise ConfigError(
             f"{name!r} has {base_shape[0]} / {motivated_shape[0]} output rows, not 3 x width; "
             "use qkv='literal' for a qkv layout that is not [q; k; v]"
         )
@@ -540,7 +503,7 @@ def _qkv_segments(
 
 
 def _densenet_segments(base: nn.Module, motivated: nn.Module) -> SegmentRule:
-    blocks = [n for n, _ in base.features.named_children() if n.startswith("denseblock")]
+    blocks = [name for name, _ in _dense_blocks(base)]
 
     def geometry(model: nn.Module, block: str) -> tuple[int, int, int]:
         layers = list(model.features.get_submodule(block).children())
@@ -572,7 +535,7 @@ def _densenet_segments(base: nn.Module, motivated: nn.Module) -> SegmentRule:
             return {}
         (base_in, base_growth, _), (motivated_in, motivated_growth, _) = geometries[block]
         if base_in > motivated_in or base_growth > motivated_growth:
-            raise ValueError(
+            raise ConfigError(
                 f"the base DenseNet is wider than the motivated one in {block}: block input "
                 f"{base_in} vs {motivated_in}, growth {base_growth} vs {motivated_growth}"
             )
@@ -607,11 +570,65 @@ def _state_tensors(model: nn.Module, role: str) -> dict[str, torch.Tensor]:
     """``state_dict`` names to the live parameters and buffers (not detached copies)."""
     for name, module in model.named_modules():
         if FULL_BLOCKS_ATTR in module.__dict__:
-            raise ValueError(
+            raise ConfigError(
                 f"the {role} model is running a sub-network (use_subnet is active on "
                 f"{name or 'the model'}); map weights outside the use_subnet block"
             )
     return model.state_dict(keep_vars=True)
+
+
+def _directed(tmap: TensorMap, to_motivated: bool) -> tuple[str, str, list[tuple[Index, Index]]]:
+    """Source name, destination name and ``(source index, destination index)`` pieces."""
+    if to_motivated:
+        return tmap.base_name, tmap.motivated_name, list(tmap.pieces)
+    return tmap.motivated_name, tmap.base_name, [(m, b) for b, m in tmap.pieces]
+
+
+def _check_optimizers(
+    src_opt: torch.optim.Optimizer, dst_opt: torch.optim.Optimizer, direction: str
+) -> None:
+    if direction not in ("to_motivated", "to_base"):
+        raise ConfigError(f"direction must be 'to_motivated' or 'to_base', got {direction!r}")
+    if type(src_opt) is not type(dst_opt):
+        raise ConfigError(
+            f"cannot copy {type(src_opt).__name__} state into a {type(dst_opt).__name__}: "
+            "give the base and motivated models optimizers of the same class"
+        )
+
+
+def _copy_group_step(src_group: dict, dst_group: dict, copied: set[tuple[int, int]]) -> None:
+    """Copy a param group's ``step`` (timm's LAMB keeps it there) once per pair of groups."""
+    if (id(src_group), id(dst_group)) not in copied and "step" in src_group:
+        dst_group["step"] = _clone_like(src_group["step"], dst_group.get("step"))
+        copied.add((id(src_group), id(dst_group)))
+
+
+def _mapped_state(
+    src_state: Mapping[str, object],
+    src_p: torch.Tensor,
+    dst_p: torch.Tensor,
+    old: Mapping[str, object],
+    pieces: Sequence[tuple[Index, Index]],
+    optimizer_name: str,
+) -> dict[str, object]:
+    """The destination parameter's new state.
+
+    A state tensor shaped like its parameter is sliced along the map into the destination's
+    old one, or into a fresh one at the optimizer's start value; anything else is copied whole.
+    """
+    new = {}
+    for key, value in src_state.items():
+        if torch.is_tensor(value) and src_p.dim() > 0 and value.shape == src_p.shape:
+            target = old.get(key)
+            if not (torch.is_tensor(target) and target.shape == dst_p.shape):
+                fill = _STATE_INIT.get((optimizer_name, key), 0.0)
+                target = torch.full(dst_p.shape, fill, dtype=value.dtype, device=dst_p.device)
+            for src_index, dst_index in pieces:
+                target[dst_index].copy_(value[src_index])
+            new[key] = target
+        else:
+            new[key] = _clone_like(value, old.get(key))
+    return new
 
 
 def _groups_by_param(optimizer: torch.optim.Optimizer) -> dict[int, dict]:

@@ -12,13 +12,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..models import create_model
+from ..errors import ConfigError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "atomic_save",
+    "atomic_append_line",
     "atomic_write_text",
-    "build_model",
     "load_checkpoint",
     "load_model",
     "load_resume_checkpoint",
@@ -117,13 +117,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_save(text.encode(), path, saver=lambda data, f: f.write(data))
 
 
+def atomic_append_line(path: str | Path, line: str) -> None:
+    """Add a line to a text file by rewriting it atomically, so a kill leaves the file with
+    or without the line, never half of it (for logs of a line per epoch: small files)."""
+    path = Path(path)
+    before = path.read_text() if path.exists() else ""
+    atomic_write_text(path, before + line.rstrip("\n") + "\n")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run folder (its ``checkpoints/last.pt``)."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
     if not path.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {str(path)!r} does not exist: give a run folder or a .pt file from "
             "`nestedtrain train`"
         )
@@ -134,18 +142,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a nestedtrain checkpoint.
 
     Raises:
-        ValueError: missing, unreadable, or not written by nestedtrain.
+        ConfigError: missing, unreadable, or not written by nestedtrain.
     """
     path = resolve_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:
-        raise ValueError(
+        raise ConfigError(
             f"cannot read checkpoint {str(path)!r} ({type(err).__name__}): it is not a file "
             "written by torch.save"
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
+        raise ConfigError(
             f"{str(path)!r} is not a nestedtrain checkpoint (no {CHECKPOINT_FORMAT!r} marker): "
             "give checkpoints/last.pt or best.pt of a run folder"
         )
@@ -161,7 +169,7 @@ def load_resume_checkpoint(
         ``(state, the file read, a one-line note when it fell back, else None)``.
 
     Raises:
-        ValueError: neither file is a readable nestedtrain checkpoint.
+        ConfigError: neither file is a readable nestedtrain checkpoint.
     """
     path = Path(path)
     previous = previous_path(path)
@@ -176,22 +184,6 @@ def load_resume_checkpoint(
     return state, previous, note
 
 
-def build_model(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Module:
-    """The model a recipe describes, without weights from anywhere."""
-    kwargs = dict(OmegaConf.to_container(cfg.model.kwargs, resolve=True))
-    if cfg.model.drop_rate:
-        kwargs["drop_rate"] = cfg.model.drop_rate
-    if cfg.model.drop_path_rate:
-        kwargs["drop_path_rate"] = cfg.model.drop_path_rate
-    return create_model(
-        cfg.model.name,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        pretrained=cfg.model.pretrained,
-        **kwargs,
-    )
-
-
 def load_model(
     path: str | Path, map_location: str | torch.device = "cpu", key: str = "model"
 ) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
@@ -200,6 +192,7 @@ def load_model(
     Returns:
         ``(model, config, checkpoint)``; the model is in eval mode.
     """
+    from .build import build_model
     from .config import TrainConfig
 
     state = load_checkpoint(path, map_location)

@@ -1,7 +1,7 @@
 """The training recipe: an OmegaConf structured config, read from YAML plus dotted overrides.
 
 Resolution order: schema defaults < the method's preset (``st``, ``stpp``) < the recipe file <
-``key=value`` overrides. An unknown key or a value of the wrong type is a one-line ValueError.
+``key=value`` overrides. An unknown key or a value of the wrong type is a one-line ConfigError.
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..data.config import DataConfig
+from ..errors import ConfigError
 
 __all__ = [
-    "METHODS",
     "PRESETS",
     "TrainConfig",
     "describe_fields",
     "load_config",
     "to_yaml",
 ]
-
-METHODS = ("ct", "st", "stpp", "motivation")
 
 
 @dataclass
@@ -70,6 +68,8 @@ class STConfig:
     amplitude: float = 1.0
     norm_main_ce: bool = False  # main CE on the normalised logits (reference code with KL⁻)
     resize: Optional[list] = None  # [lo, hi] fractions of the training crop for sub-networks
+    resize_per: str = "subnet"  # subnet (a side per sub-network, reference) | step (one side)
+    share_prefix: bool = True  # compute what sub-networks share with the main network once
     target: str = "teacher"  # teacher | label (fine-tuning)
     start_epoch: int = 0  # first epoch that samples sub-networks
     bn: str = "protect"  # protect | reference
@@ -170,29 +170,48 @@ def _schema() -> DictConfig:
 def _read_yaml(path: str | Path) -> DictConfig:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"recipe {str(path)!r} does not exist: give the path of a YAML recipe")
+        raise ConfigError(f"recipe {str(path)!r} does not exist: give the path of a YAML recipe")
     try:
         loaded = OmegaConf.load(path)
     except Exception as err:  # yaml's errors are many classes; all mean the same to a user
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"recipe {str(path)!r} is not valid YAML: {first}") from None
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {first}") from None
     if not isinstance(loaded, DictConfig):
-        raise ValueError(f"recipe {str(path)!r} must be a mapping of fields, got a list")
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of fields, got a list")
     return loaded
 
 
 def _dotlist(overrides: list[str]) -> DictConfig:
+    schema = OmegaConf.structured(TrainConfig)
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise ValueError(f"override {item!r} must be key=value, e.g. epochs=3")
-    return OmegaConf.from_dotlist(list(overrides))
+            raise ConfigError(f"override {item!r} must be key=value, e.g. epochs=3")
+        _check_not_a_group(item, schema)
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from None
+
+
+def _check_not_a_group(item: str, schema: DictConfig) -> None:
+    """Refuse ``model=NAME`` and the like, a common slip for ``model.name=NAME``: OmegaConf
+    refuses it too, with a merge message that does not say what to write."""
+    key, _, value = item.partition("=")
+    if key not in schema or not OmegaConf.is_dict(schema[key]):
+        return
+    group = schema[key]
+    if "name" in group:
+        hint = f"did you mean {key}.name={value}?"
+    else:
+        hint = "set one of its fields: " + ", ".join(f"{key}.{f}=..." for f in group)
+    raise ConfigError(f"override {item}: {key!r} is a group of settings; {hint}")
 
 
 def _merge(*configs: Any) -> DictConfig:
     try:
         return OmegaConf.merge(*configs)
     except OmegaConfBaseException as err:
-        raise ValueError(_omegaconf_message(err)) from None
+        raise ConfigError(_omegaconf_message(err)) from None
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
@@ -213,14 +232,15 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     """Resolve a recipe: schema defaults < preset < recipe file < dotted overrides.
 
     Raises:
-        ValueError: unreadable recipe, unknown field, wrong type, bad value.
+        ConfigError: unreadable recipe, unknown field, wrong type, bad value.
     """
+    from .build import method_spec
+
     layers = [_read_yaml(recipe)] if recipe is not None else []
     layers.append(_dotlist(overrides or []))
     user = _merge(_schema(), *layers)  # validates field names and types first
     method = user.method
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    method_spec(method)  # an unknown method fails here, before its preset is looked up
     preset = dict(PRESETS.get(method, {}))
     if method == "stpp" and user.model.name in _STPP_SPACE3_MODELS:
         preset = {"st": {**preset["st"], "space": "space3"}}
@@ -261,12 +281,12 @@ def validate(cfg: DictConfig) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise ConfigError(message)
     if cfg.method == "motivation":
         _validate_motivation(cfg)
         if cfg.ema:
             # the EMA would follow the base model's weights only, stale during motivated steps
-            raise ValueError("ema=true is not supported with method=motivation: set ema=false")
+            raise ConfigError("ema=true is not supported with method=motivation: set ema=false")
 
 
 def _validate_motivation(cfg: DictConfig) -> None:
@@ -298,7 +318,7 @@ def _validate_motivation(cfg: DictConfig) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise ConfigError(message)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -1,4 +1,8 @@
-"""Process-group setup for torchrun, and the few collectives the trainer needs."""
+"""Process-group setup for torchrun, DDP wrapping, and the few collectives the trainer needs.
+
+``all_reduce_mean`` and ``barrier`` live in :mod:`nestedtrain.distributed` (methods use them
+too, below the engine); they are re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from ..distributed import all_reduce_mean, barrier
+from ..errors import ConfigError
 
 __all__ = [
     "DistInfo",
@@ -15,6 +23,7 @@ __all__ = [
     "control_group",
     "init_distributed",
     "pick_device",
+    "wrap_ddp",
 ]
 
 
@@ -40,11 +49,11 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(
+        raise ConfigError(
             f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N"
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here: use device=auto or cpu")
+        raise ConfigError(f"device={name!r} but CUDA is not available here: use device=auto or cpu")
     return device
 
 
@@ -62,22 +71,6 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """The mean over ranks of each value (identity when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or not values:
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    tensor /= dist.get_world_size()
-    return dict(zip(keys, tensor.tolist()))
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def control_group() -> dist.ProcessGroup | None:
     """A gloo group for the host-side flags ranks agree on between steps (stop, save).
 
@@ -87,3 +80,24 @@ def control_group() -> dist.ProcessGroup | None:
     if not (dist.is_available() and dist.is_initialized()):
         return None
     return dist.new_group(backend="gloo")
+
+
+def wrap_ddp(
+    model: nn.Module,
+    info: DistInfo,
+    device: torch.device,
+    find_unused_parameters: bool = False,
+) -> nn.Module:
+    """``model`` in DistributedDataParallel under torchrun, else itself.
+
+    Args:
+        find_unused_parameters: true when a step may leave parameters without gradients
+            (a sub-network's skipped blocks).
+    """
+    if not info.enabled:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )

@@ -13,6 +13,8 @@ from .. import bn
 from ..elastic.sampling import OrderedSampler
 from ..elastic.stages import unwrap
 from ..elastic.subnet import Subnet, use_subnet
+from ..errors import ConfigError
+from ..modes import eval_mode, kept_modes
 
 __all__ = [
     "accuracy_counts",
@@ -48,7 +50,7 @@ def metrics_from_counts(counts: torch.Tensor, device: torch.device) -> dict[str,
         counts = reduced.cpu()
     top1, top5, n, ce = counts.tolist()
     if n == 0:
-        raise ValueError("evaluation got no images")
+        raise ConfigError("evaluation got no images")
     return {"acc": 100.0 * top1 / n, "acc5": 100.0 * top5 / n, "loss": ce / n}
 
 
@@ -71,12 +73,8 @@ def evaluate(
     The model is evaluated in eval mode and put back in the mode it was in.
     """
     model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         counts = accuracy_counts(model, batches)
-    finally:
-        model.train(was_training)
     return metrics_from_counts(counts, next(model.parameters()).device)
 
 
@@ -97,18 +95,17 @@ def evaluate_subnets(
         calib_batches: returns a fresh iterable of training images each call.
     """
     module = unwrap(model)
-    was_training = module.training
     saved = bn.save_stats(module)
     results = []
     try:
-        for subnet in subnets:
-            bn.recalibrate(module, calib_batches(), subnet)
-            with use_subnet(module, subnet):
-                metrics = evaluate(module, eval_batches())
-            results.append({"subnet": str(subnet), **metrics})
+        with kept_modes(module):
+            for subnet in subnets:
+                bn.recalibrate(module, calib_batches(), subnet)
+                with use_subnet(module, subnet):
+                    metrics = evaluate(module, eval_batches())
+                results.append({"subnet": str(subnet), **metrics})
     finally:
         bn.load_stats(module, saved)
-        module.train(was_training)
     return results
 
 
@@ -129,7 +126,7 @@ def select_subnets(model: nn.Module, spec: str, seed: int = 0) -> list[Subnet]:
             return space
         match = re.fullmatch(r"sample:(\d+)", spec)
         if not match or int(match.group(1)) < 1:
-            raise ValueError(f"sub-network selection {spec!r}: write sample:N with N >= 1")
+            raise ConfigError(f"sub-network selection {spec!r}: write sample:N with N >= 1")
         n = int(match.group(1))
         if n >= len(space):
             return space

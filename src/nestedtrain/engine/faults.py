@@ -22,6 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from ..errors import ConfigError
+
 __all__ = [
     "EXIT_DIVERGED",
     "EXIT_INTERRUPTED",
@@ -117,7 +119,7 @@ class RunLock:
     behind).
 
     Raises:
-        ValueError: (on ``acquire``) another live process holds the folder.
+        ConfigError: (on ``acquire``) another live process holds the folder.
     """
 
     def __init__(self, folder: str | Path, heartbeat: float = 30.0, stale_after: float = 180.0):
@@ -159,7 +161,7 @@ class RunLock:
             except FileExistsError:
                 owner = self._owner()
                 if not self._stale(owner):
-                    raise ValueError(
+                    raise ConfigError(
                         f"run folder {str(self.path.parent)!r} is being written by pid "
                         f"{owner['pid']} on {owner['host']}: wait for it, or use another --out "
                         f"(delete {self.path} if that process is gone)"
@@ -171,7 +173,7 @@ class RunLock:
                 f.write(json.dumps(me))
             break
         else:
-            raise ValueError(f"could not take the lock {self.path}: another process keeps it")
+            raise ConfigError(f"could not take the lock {self.path}: another process keeps it")
         self._thread = threading.Thread(target=self._beat, name="nestedtrain-lock", daemon=True)
         self._thread.start()
 

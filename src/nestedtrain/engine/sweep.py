@@ -30,6 +30,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ..errors import ConfigError
 from .checkpoint import atomic_write_text, previous_path
 from .config import load_config
 
@@ -99,14 +100,14 @@ def _parse_axes(overrides: Sequence[str]) -> list[tuple[str, list[str]]]:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise ValueError(f"sweep override {item!r} must be key=value or key=v1,v2,...")
+            raise ConfigError(f"sweep override {item!r} must be key=value or key=v1,v2,...")
         if any(key == k for k, _ in axes):
-            raise ValueError(f"sweep override key {key!r} is given twice: list its values once")
+            raise ConfigError(f"sweep override key {key!r} is given twice: list its values once")
         values = _split_values(value)
         if any(v == "" for v in values):
-            raise ValueError(f"sweep override {item!r} has an empty value")
+            raise ConfigError(f"sweep override {item!r} has an empty value")
         if len(set(values)) != len(values):
-            raise ValueError(f"sweep override {item!r} lists a value twice")
+            raise ConfigError(f"sweep override {item!r} lists a value twice")
         axes.append((key, values))
     return axes
 
@@ -125,7 +126,7 @@ def expand_grid(overrides: Sequence[str]) -> list[SweepRun]:
     runs of different sweeps into one folder do not collide.
 
     Raises:
-        ValueError: an override that is not ``key=value``, an empty value, a key given twice,
+        ConfigError: an override that is not ``key=value``, an empty value, a key given twice,
             an empty part around a ``+``, or two runs with the same overrides.
     """
     parts: list[list[str]] = [[]]
@@ -136,20 +137,20 @@ def expand_grid(overrides: Sequence[str]) -> list[SweepRun]:
             parts[-1].append(item)
     common, *grids = parts
     if any(not grid for grid in grids):
-        raise ValueError("a '+' in the sweep must be followed by overrides of another grid")
+        raise ConfigError("a '+' in the sweep must be followed by overrides of another grid")
     settings: list[list[tuple[str, str]]] = []
     for grid in grids or [[]]:
         axes = _parse_axes([*common, *grid])
         for combination in product(*(values for _, values in axes)):
             settings.append([(key, value) for (key, _), value in zip(axes, combination)])
     if len({tuple(sorted(pairs)) for pairs in settings}) != len(settings):
-        raise ValueError("the sweep's grids give the same run twice: make the grids disjoint")
+        raise ConfigError("the sweep's grids give the same run twice: make the grids disjoint")
     runs = []
     for pairs in settings:
         name = ",".join(_name_part(k, v) for k, v in pairs) or "default"
         runs.append(SweepRun(name, tuple(f"{k}={v}" for k, v in pairs)))
     if len({run.name for run in runs}) != len(runs):
-        raise ValueError(
+        raise ConfigError(
             "two runs of the sweep get the same folder name: their values differ "
             "only in characters a folder name cannot hold"
         )
@@ -198,7 +199,7 @@ def plan_sweep(
     ``resume``, ``restart`` or ``new``. Writes nothing.
 
     Raises:
-        ValueError: a run whose recipe does not resolve (named with the run), or a folder
+        ConfigError: a run whose recipe does not resolve (named with the run), or a folder
             that holds a run of other settings.
     """
     out_dir = Path(out_dir)
@@ -207,7 +208,7 @@ def plan_sweep(
         try:
             cfg = load_config(recipe, list(run.overrides))
         except ValueError as err:
-            raise ValueError(f"run {run.name}: {err}") from None
+            raise ConfigError(f"run {run.name}: {err}") from None
         folder = out_dir / run.name
         state = _state(folder)
         if (folder / "config.yaml").is_file():
@@ -215,7 +216,7 @@ def plan_sweep(
             here = _comparable(OmegaConf.to_container(cfg, resolve=True))
             difference = _first_difference(there, here)
             if difference:
-                raise ValueError(
+                raise ConfigError(
                     f"{str(folder)!r} holds a run of other settings ({difference}): use "
                     "another --out for this sweep"
                 )
@@ -274,15 +275,15 @@ def run_sweep(
         One outcome per run, in the order of ``runs``; a failed run does not stop the others.
 
     Raises:
-        ValueError: bad ``jobs``, or what :func:`plan_sweep` raises (before anything runs).
+        ConfigError: bad ``jobs``, or what :func:`plan_sweep` raises (before anything runs).
     """
     out_dir = Path(out_dir)
     cores = _usable_cores()
     if threads is not None and not 1 <= threads <= cores:
-        raise ValueError(f"--threads {threads}: give 1 to {cores} (the CPU cores here)")
+        raise ConfigError(f"--threads {threads}: give 1 to {cores} (the CPU cores here)")
     threads = threads or cores
     if jobs < 1 or jobs > threads:
-        raise ValueError(
+        raise ConfigError(
             f"--jobs {jobs}: give 1 to {threads} (the CPU threads to use), so that the runs' "
             "threads together never exceed them"
         )

@@ -23,102 +23,38 @@ import numpy as np
 import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
-from timm.loss import BinaryCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from torch import nn
 from tqdm import tqdm
 
 from .. import __version__, bn
 from ..data import Data, build_data
-from ..elastic.sampling import build_sampler
-from ..methods import CommonTraining, MethodStep, Precision, StimulativeTraining
-from ..methods.motivation import build_motivation
+from ..errors import ConfigError
+from ..methods import Precision
+from ..modes import kept_modes
+from ..runlog import METRICS_FILE, read_metrics
+from .build import build_method, build_optimizer, build_run_model, build_scheduler, method_spec
 from .checkpoint import (
     CHECKPOINT_FORMAT,
+    atomic_append_line,
     atomic_save,
     atomic_write_text,
-    build_model,
     load_resume_checkpoint,
     previous_path,
     save_checkpoint,
 )
-from .config import plain, to_yaml
-from .distributed import all_reduce_mean, barrier, control_group, init_distributed
+from .config import to_yaml
+from .distributed import all_reduce_mean, barrier, control_group, init_distributed, wrap_ddp
 from .evaluate import evaluate, select_subnets
 from .faults import RunLock, StopSignals, TrainingDiverged, TrainingInterrupted
+from .subnet_eval import append_kl_drift, evaluate_subnets_shared, kl_drift_snapshot
 
-__all__ = ["METHOD_BUILDERS", "Trainer", "build_method", "criterion_from_config", "train"]
+__all__ = ["Trainer", "train"]
 
 logger = logging.getLogger("nestedtrain")
 
 # Below this float16 loss scale, GradScaler has skipped so many steps for non-finite
 # gradients (halving its scale from 2**16 each time) that training no longer progresses.
 _MIN_LOSS_SCALE = 2.0**-8
-
-
-def criterion_from_config(
-    cfg: DictConfig,
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """The supervised loss a recipe asks for: timm's BCE for ``loss: bce``, else None (the
-    method's default, CE with ``data.label_smoothing``)."""
-    if cfg.loss == "bce":
-        return BinaryCrossEntropy(smoothing=cfg.data.label_smoothing)
-    return None
-
-
-def _build_ct(trainer: Trainer) -> MethodStep:
-    cfg = trainer.cfg
-    return CommonTraining(
-        trainer.wrapped,
-        trainer.optimizer,
-        trainer.precision,
-        cfg.data.label_smoothing,
-        criterion=criterion_from_config(cfg),
-    )
-
-
-def _build_st(trainer: Trainer) -> MethodStep:
-    cfg, st = trainer.cfg, trainer.cfg.st
-    sampler = build_sampler(trainer.model, kind=st.sampler, space=plain(st.space), p=st.p)
-    return StimulativeTraining(
-        trainer.wrapped,
-        trainer.optimizer,
-        lam=st.lam,
-        num_subnets=st.num_subnets,
-        sampler=sampler,
-        kl_norm=st.kl_norm,
-        temperature=st.temperature,
-        amplitude=st.amplitude,
-        norm_main_ce=st.norm_main_ce,
-        resize=plain(st.resize),
-        target=st.target,
-        start_epoch=st.start_epoch,
-        bn=st.bn,
-        generator=trainer.generator,
-        precision=trainer.precision,
-        label_smoothing=cfg.data.label_smoothing,
-        criterion=criterion_from_config(cfg),
-    )
-
-
-# method name -> builder(trainer): the trainer's model (``trainer.model``, DDP-wrapped as
-# ``trainer.wrapped``), optimizer, precision, generator, data and helpers are set up by then.
-METHOD_BUILDERS: dict[str, Callable[[Trainer], MethodStep]] = {
-    "ct": _build_ct,
-    "st": _build_st,
-    "stpp": _build_st,
-    "motivation": build_motivation,
-}
-
-
-def build_method(trainer: Trainer) -> MethodStep:
-    """The step object of ``trainer.cfg.method``."""
-    method = trainer.cfg.method
-    if method not in METHOD_BUILDERS:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHOD_BUILDERS)}")
-    return METHOD_BUILDERS[method](trainer)
 
 
 def _git_commit() -> str | None:
@@ -162,52 +98,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_init_weights(model: nn.Module, path: str) -> None:
-    """Weights from a nestedtrain checkpoint or a plain state_dict; a new classifier when the
-    number of classes differs (fine-tuning)."""
-    source = Path(path)
-    if not source.is_file():
-        raise ValueError(
-            f"model.init_from={path!r} does not exist: give a checkpoint or weights file"
-        )
-    try:
-        state = torch.load(source, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(
-            f"model.init_from={path!r} is not readable by torch.load ({type(err).__name__})"
-        ) from None
-    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
-            f"model.init_from={path!r} holds neither a nestedtrain checkpoint nor a state_dict"
-        )
-    own = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    classifier = _classifier_prefix(model)
-    if any(not k.startswith(classifier) for k in mismatched):
-        bad = next(k for k in mismatched if not k.startswith(classifier))
-        raise ValueError(
-            f"model.init_from={path!r} does not fit {model.__class__.__name__}: {bad} has shape "
-            f"{tuple(state[bad].shape)}, the model needs {tuple(own[bad].shape)}"
-        )
-    kept = {k: v for k, v in state.items() if k not in mismatched}
-    missing, unexpected = model.load_state_dict(kept, strict=False)
-    missing = [k for k in missing if not k.startswith(classifier)]
-    if missing or unexpected:
-        raise ValueError(
-            f"model.init_from={path!r} does not fit {model.__class__.__name__}: "
-            f"{len(missing)} missing and {len(unexpected)} unexpected tensors "
-            f"(first: {(missing + unexpected)[0]})"
-        )
-
-
-def _classifier_prefix(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("classifier", "fc")
-    return (name[0] if isinstance(name, (list, tuple)) else name) + "."
-
-
 class Trainer:
     """Everything one training run needs; :meth:`fit` runs it.
 
@@ -221,11 +111,11 @@ class Trainer:
         self.resume = resume
         last = self.out_dir / "checkpoints" / "last.pt"
         if resume and not (last.is_file() or previous_path(last).is_file()):
-            raise ValueError(
+            raise ConfigError(
                 f"--resume: {str(self.out_dir)!r} has no checkpoints/last.pt to resume from"
             )
         if not resume and (self.out_dir / "config.yaml").exists():
-            raise ValueError(
+            raise ConfigError(
                 f"run folder {str(self.out_dir)!r} already holds a run: pass --resume to continue "
                 "it, or choose another --out"
             )
@@ -242,15 +132,20 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-        self.model = self._build_model()
+        self.model = build_run_model(cfg, self.data.num_classes, self.data.in_chans, self.device)
         self._check_forward()
-        self.optimizer = self.make_optimizer(self.model)
-        self.scheduler = self._build_scheduler()
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.data.steps_per_epoch)
         self.precision = Precision(self.device, cfg.amp, cfg.amp_dtype)
         # One generator for sub-network draws, seeded alike on every rank so all ranks draw
         # the same sub-networks.
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.wrapped = self.wrap_ddp(self.model)
+        self.wrapped = wrap_ddp(
+            self.model,
+            self.dist,
+            self.device,
+            find_unused_parameters=method_spec(cfg.method).samples_subnets,
+        )
         self.method = build_method(self)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.eval_subnets = select_subnets(self.model, cfg.eval.subnets, seed=cfg.seed)
@@ -271,27 +166,6 @@ class Trainer:
         self._wall_start = time.perf_counter()
 
     # ------------------------------------------------------------------------------ setup
-    def _build_model(self) -> nn.Module:
-        cfg = self.cfg
-        try:
-            model = build_model(cfg, self.data.num_classes, self.data.in_chans)
-        except ValueError:
-            raise
-        except Exception as err:  # timm raises many kinds for a failed pretrained fetch
-            if cfg.model.pretrained:
-                raise ValueError(
-                    f"could not load pretrained weights for {cfg.model.name!r} "
-                    f"({type(err).__name__}): this machine may not reach the weights hub; "
-                    "use model.init_from=PATH instead"
-                ) from None
-            raise
-        if cfg.model.init_from:
-            _load_init_weights(model, cfg.model.init_from)
-        model.to(self.device)
-        if self.device.type == "cuda" and cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        return model
-
     def _check_forward(self) -> None:
         """One eval-mode forward of two test images, so that a model that cannot take this
         data fails here, with one line, before any run folder exists."""
@@ -302,56 +176,12 @@ class Trainer:
                 self.model(images[:2])
         except (RuntimeError, AssertionError, ValueError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ValueError(
+            raise ConfigError(
                 f"model {self.cfg.model.name!r} cannot run on {self.cfg.data.name} images of "
                 f"shape {tuple(images.shape[1:])}: {first} (set data.img_size or model.kwargs)"
             ) from None
         finally:
             self.model.train()
-
-    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """An optimizer for ``model`` as the recipe's ``optim`` section says (timm's factory)."""
-        cfg = self.cfg.optim
-        return create_optimizer_v2(
-            model,
-            opt=cfg.name,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            momentum=cfg.momentum,
-            **({"eps": cfg.eps} if cfg.eps is not None else {}),
-        )
-
-    def _build_scheduler(self):
-        cfg = self.cfg
-        if cfg.sched.name == "none":
-            return None
-        scheduler, _ = create_scheduler_v2(
-            self.optimizer,
-            sched=cfg.sched.name,
-            num_epochs=cfg.epochs,
-            decay_epochs=cfg.sched.decay_epochs,
-            decay_rate=cfg.sched.decay_rate,
-            min_lr=cfg.sched.min_lr,
-            warmup_lr=cfg.sched.warmup_lr,
-            warmup_epochs=cfg.sched.warmup_epochs,
-            cooldown_epochs=0,
-            step_on_epochs=False,
-            updates_per_epoch=self.data.steps_per_epoch,
-        )
-        scheduler.step(0)
-        return scheduler
-
-    def wrap_ddp(self, model: nn.Module) -> nn.Module:
-        """``model`` in DistributedDataParallel under torchrun, else itself."""
-        if not self.dist.enabled:
-            return model
-        uses_subnets = self.cfg.method in ("st", "stpp")
-        return nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            # skipped blocks take no part in a sub-network's backward
-            find_unused_parameters=uses_subnets,
-        )
 
     # --------------------------------------------------------------------------- run folder
     def _prepare_folder(self) -> None:
@@ -425,14 +255,13 @@ class Trainer:
         self._last_checkpoint = path
         if self.dist.is_main:
             # Drop what was logged after the checkpoint (a kill between a log and a save).
-            for name in ("metrics.jsonl", "analysis/kl_drift.jsonl"):
+            for name in (METRICS_FILE, "analysis/kl_drift.jsonl"):
                 _truncate_log(self.out_dir / name, before_epoch=self.start_epoch)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        atomic_append_line(self.out_dir / METRICS_FILE, json.dumps(record))
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -596,9 +425,8 @@ class Trainer:
         if getattr(self.method, "reestimates_main_bn", False):
             # BN policy "reference": sub-network forwards moved the main statistics; the
             # reference code re-estimates them from training images before evaluating.
-            was_training = self.model.training
-            bn.recalibrate(self.model, self._calib())
-            self.model.train(was_training)
+            with kept_modes(self.model):
+                bn.recalibrate(self.model, self._calib())
         test = evaluate(self.model, self._eval_batches("test")())
         out.update(test_acc=test["acc"], test_acc5=test["acc5"], test_loss=test["loss"])
         if self.data.n_val:
@@ -612,31 +440,26 @@ class Trainer:
                 out[f"{name}_acc"] = evaluate(model, self._eval_batches("test")())["acc"]
         if self.eval_subnets:
             # Shared-prefix evaluation: equal to evaluate_subnets, several times faster.
-            from ..analysis.subnets import evaluate_subnets_shared
-
-            results = evaluate_subnets_shared(
-                self.model,
-                self.eval_subnets,
-                self._eval_batches("test"),
-                self._calib,
-                memory_mb=self.cfg.eval.memory_mb,
-            )
+            results = self._on_test_split(evaluate_subnets_shared, self.eval_subnets)
             out["subnets"] = [{"subnet": r["subnet"], "acc": r["acc"]} for r in results]
         return out
+
+    def _on_test_split(self, evaluation: Callable, subnets: list) -> Any:
+        """``evaluation`` (the shared-prefix evaluator or a KL snapshot) of ``subnets`` on the
+        test split, BN re-estimated from training images, within ``eval.memory_mb``."""
+        return evaluation(
+            self.model,
+            subnets,
+            self._eval_batches("test"),
+            self._calib,
+            memory_mb=self.cfg.eval.memory_mb,
+        )
 
     def _record_kl_drift(self, epoch: int) -> None:
         every = self.cfg.analysis.kl_drift_every
         if not every or (epoch + 1) % every:
             return
-        from ..analysis.kl_drift import append_kl_drift, kl_drift_snapshot
-
-        snapshot = kl_drift_snapshot(
-            self.model,
-            self.kl_drift_subnets,
-            self._eval_batches("test"),
-            self._calib,
-            memory_mb=self.cfg.eval.memory_mb,
-        )
+        snapshot = self._on_test_split(kl_drift_snapshot, self.kl_drift_subnets)
         if self.dist.is_main:
             append_kl_drift(self.out_dir, epoch, snapshot)
 
@@ -657,7 +480,7 @@ class Trainer:
             TrainingInterrupted: SIGTERM, SIGUSR1 or SIGINT arrived; a checkpoint to resume
                 from was written after the step it arrived in.
             TrainingDiverged: a loss term became non-finite; no checkpoint holds it.
-            ValueError: another live process is writing the run folder.
+            ConfigError: another live process is writing the run folder.
         """
         if progress is None:
             progress = self.dist.is_main and sys.stderr.isatty()
@@ -711,7 +534,7 @@ class Trainer:
                 )
         if not record and self.dist.is_main:
             # resumed from the final checkpoint: the summary comes from the last log line
-            record = _last_record(self.out_dir / "metrics.jsonl")
+            record = _last_record(self.out_dir / METRICS_FILE)
         wall = self.wall_before + time.perf_counter() - self._wall_start
         summary = self._summary(record, wall)
         barrier()
@@ -880,19 +703,13 @@ def _truncate_log(path: Path, before_epoch: int) -> None:
     """Keep the JSON lines of ``path`` whose ``epoch`` is below ``before_epoch``."""
     if not path.exists():
         return
-    lines = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["epoch"] < before_epoch
-    ]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    records = [r for r in read_metrics(path) if r["epoch"] < before_epoch]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _last_record(path: Path) -> dict[str, Any]:
-    lines = (
-        [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
-    return json.loads(lines[-1]) if lines else {}
+    records = read_metrics(path) if path.exists() else []
+    return records[-1] if records else {}
 
 
 def train(

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..elastic.stages import unwrap
+from ..errors import ConfigError
 from ..losses import cross_entropy
 
 __all__ = ["MethodStep", "Precision"]
@@ -43,7 +44,7 @@ class Precision:
     ):
         self.device = torch.device(device)
         if dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"amp dtype {dtype!r} must be 'bfloat16' or 'float16'")
+            raise ConfigError(f"amp dtype {dtype!r} must be 'bfloat16' or 'float16'")
         self.enabled = bool(amp) and self.device.type == "cuda"
         self.dtype = getattr(torch, dtype)
         use_scaler = self.enabled and self.dtype == torch.float16
@@ -98,7 +99,7 @@ class MethodStep(abc.ABC):
         self.optimizer = optimizer
         self.precision = precision or Precision("cpu")
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+            raise ConfigError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         # The supervised loss on labels (hard or soft): CE by default, timm's BCE for A3 recipes.
         self.criterion = criterion or functools.partial(
             cross_entropy, label_smoothing=label_smoothing
@@ -123,6 +124,43 @@ class MethodStep(abc.ABC):
         else:
             with self.model.no_sync():
                 yield
+
+    @contextlib.contextmanager
+    def local_gradients(self) -> Iterator[None]:
+        """Every backward inside accumulates locally, also under DDP; a step that uses this
+        calls :meth:`all_reduce_gradients` once at its end."""
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            with self.model.no_sync():
+                yield
+        else:
+            yield
+
+    def all_reduce_gradients(self) -> None:
+        """Average the gradients over the DDP ranks, as DDP's own backward does (no-op
+        without DDP).
+
+        By hand because DDP's reducer syncs during one backward through the graph of one
+        DDP forward, and a step that computes shared prefixes once backpropagates in several
+        parts. Gradients go in buckets of 25 MiB (DDP's default), all in flight at once.
+        Every rank draws the same sub-networks, so the same parameters have gradients.
+        """
+        if not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return
+        group = self.model.process_group
+        world = torch.distributed.get_world_size(group)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        pending = []
+        for bucket in _buckets(grads, 25 * 2**20):
+            flat = torch.cat([g.reshape(-1) for g in bucket]).div_(world)
+            pending.append(
+                (bucket, flat, torch.distributed.all_reduce(flat, group=group, async_op=True))
+            )
+        for bucket, flat, work in pending:
+            work.wait()
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     @abc.abstractmethod
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
@@ -159,3 +197,28 @@ class MethodStep(abc.ABC):
         self.epoch = state["epoch"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["precision"])
+
+
+def _buckets(grads: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """Consecutive gradients of one dtype and device, at most ``limit`` bytes a bucket (but
+    at least one gradient)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        last = buckets[-1] if buckets else None
+        if (
+            last is None
+            or size + nbytes > limit
+            or (g.dtype, g.device)
+            != (
+                last[0].dtype,
+                last[0].device,
+            )
+        ):
+            buckets.append([g])
+            size = nbytes
+        else:
+            last.append(g)
+            size += nbytes
+    return buckets

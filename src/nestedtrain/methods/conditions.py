@@ -18,13 +18,15 @@ loss to +inf), so the very first step counts as an improvement.
 from __future__ import annotations
 
 import abc
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
+
+from ..errors import ConfigError
+from ..runlog import read_metrics
 
 __all__ = [
     "Condition",
@@ -69,25 +71,29 @@ class Condition(abc.ABC):
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
 
+    def _state(self, **values: Any) -> dict:
+        """``values`` with this condition's name, which :meth:`_check_state` checks."""
+        return {"name": self.name, **values}
+
     def _check_state(self, state: dict, keys: Sequence[str]) -> None:
         if state.get("name") != self.name:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot load the state of condition {state.get('name')!r} into {self.name!r}"
             )
         missing = [k for k in keys if k not in state]
         if missing:
-            raise ValueError(f"{self.name} state lacks {missing}; got keys {sorted(state)}")
+            raise ConfigError(f"{self.name} state lacks {missing}; got keys {sorted(state)}")
 
 
 def _check_k(k: int) -> int:
     if isinstance(k, bool) or int(k) != k or k < 1:
-        raise ValueError(f"k must be a whole number of steps >= 1, got {k!r}")
+        raise ConfigError(f"k must be a whole number of steps >= 1, got {k!r}")
     return int(k)
 
 
 def _extra(name: str, key: str, extra: dict) -> float:
     if key not in extra or extra[key] is None:
-        raise ValueError(
+        raise ConfigError(
             f"the {name} condition needs update(loss, {key}=...) every step; got extras "
             f"{sorted(extra)}"
         )
@@ -114,12 +120,7 @@ class _Streak(Condition):
         return self.consecutive >= self.k
 
     def state_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "k": self.k,
-            "previous": self.previous,
-            "consecutive": self.consecutive,
-        }
+        return self._state(k=self.k, previous=self.previous, consecutive=self.consecutive)
 
     def load_state_dict(self, state: dict) -> None:
         self._check_state(state, ("k", "previous", "consecutive"))
@@ -188,9 +189,9 @@ class EMA(_Streak):
     def __init__(self, k: int, alpha: float = 0.02, threshold: float = 0.002):
         super().__init__(k)
         if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+            raise ConfigError(f"alpha must be in (0, 1], got {alpha!r}")
         if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"threshold is a relative drop in [0, 1), got {threshold!r}")
+            raise ConfigError(f"threshold is a relative drop in [0, 1), got {threshold!r}")
         self.alpha = float(alpha)
         self.threshold = float(threshold)
 
@@ -233,11 +234,11 @@ class _RandomSchedule(Condition):
 
     def __init__(self, steps_per_epoch: int, generator: torch.Generator):
         if isinstance(steps_per_epoch, bool) or int(steps_per_epoch) != steps_per_epoch:
-            raise ValueError(f"steps_per_epoch must be a whole number, got {steps_per_epoch!r}")
+            raise ConfigError(f"steps_per_epoch must be a whole number, got {steps_per_epoch!r}")
         if steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}")
+            raise ConfigError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}")
         if not isinstance(generator, torch.Generator):
-            raise ValueError(
+            raise ConfigError(
                 f"a random condition needs a torch.Generator, got {type(generator).__name__}"
             )
         self.steps_per_epoch = int(steps_per_epoch)
@@ -269,14 +270,13 @@ class _RandomSchedule(Condition):
         self.schedule = None
 
     def state_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "steps_per_epoch": self.steps_per_epoch,
-            "epoch": self.epoch,
-            "step": self.step,
-            "schedule": None if self.schedule is None else list(self.schedule),
-            "generator": self.generator.get_state(),
-        }
+        return self._state(
+            steps_per_epoch=self.steps_per_epoch,
+            epoch=self.epoch,
+            step=self.step,
+            schedule=None if self.schedule is None else list(self.schedule),
+            generator=self.generator.get_state(),
+        )
 
     def load_state_dict(self, state: dict) -> None:
         self._check_state(state, ("steps_per_epoch", "epoch", "step", "schedule", "generator"))
@@ -306,7 +306,7 @@ class RandomA(_RandomSchedule):
         if max_activations is None:
             max_activations = self.steps_per_epoch - 1
         if int(max_activations) != max_activations or max_activations < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"max_activations must be a whole number >= 0, got {max_activations!r}"
             )
         self.max_activations = int(max_activations)
@@ -334,7 +334,7 @@ class RandomB(_RandomSchedule):
         counts: the per-epoch counts directly, instead of ``counts_from``.
 
     Raises:
-        ValueError: neither or both sources given, a file without ``motivated_steps``, or
+        ConfigError: neither or both sources given, a file without ``motivated_steps``, or
             (in ``update``) an epoch past the recorded ones.
     """
 
@@ -349,7 +349,7 @@ class RandomB(_RandomSchedule):
     ):
         super().__init__(steps_per_epoch, generator)
         if (counts_from is None) == (counts is None):
-            raise ValueError(
+            raise ConfigError(
                 "RandomB needs exactly one of counts_from=[metrics.jsonl of earlier runs] or "
                 f"counts=[motivated steps per epoch]; got counts_from={counts_from!r}, "
                 f"counts={counts!r}"
@@ -359,13 +359,13 @@ class RandomB(_RandomSchedule):
                 counts_from = [counts_from]
             counts = mean_motivated_steps(counts_from)
         if any(c < 0 for c in counts):
-            raise ValueError(f"motivated step counts must be >= 0, got {list(counts)}")
+            raise ConfigError(f"motivated step counts must be >= 0, got {list(counts)}")
         # Python's round() halves to even; floor(x + 0.5) rounds 2.5 up as people expect.
         self.counts = [int(math.floor(float(c) + 0.5)) for c in counts]
 
     def _count(self, epoch: int) -> int:
         if epoch >= len(self.counts):
-            raise ValueError(
+            raise ConfigError(
                 f"random_b knows motivated step counts for {len(self.counts)} epochs, but epoch "
                 f"{epoch + 1} started; give counts from runs at least as long as this one"
             )
@@ -387,25 +387,23 @@ def read_motivated_steps(path: PathLike) -> list[int]:
     and the last line of an epoch wins (a resumed run may log an epoch twice).
 
     Raises:
-        ValueError: the file has no line with ``motivated_steps``.
+        ConfigError: the file is missing, is not JSON lines, or has no line with
+            ``motivated_steps``.
     """
     by_epoch: dict[float, int] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for number, record in enumerate(read_metrics(path)):
         if "motivated_steps" not in record:
             continue
         by_epoch[record.get("epoch", number)] = int(record["motivated_steps"])
     if not by_epoch:
-        raise ValueError(f"{path} has no line with 'motivated_steps'; is it a motivation run?")
+        raise ConfigError(f"{path} has no line with 'motivated_steps'; is it a motivation run?")
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def mean_motivated_steps(paths: Sequence[PathLike]) -> list[float]:
     """Per epoch, the mean ``motivated_steps`` over runs (over the runs that reached it)."""
     if not paths:
-        raise ValueError("need at least one metrics.jsonl to average motivated steps over")
+        raise ConfigError("need at least one metrics.jsonl to average motivated steps over")
     runs = [read_motivated_steps(p) for p in paths]
     longest = max(len(r) for r in runs)
     means = []
@@ -441,14 +439,14 @@ def build_condition(
             (random_a); ``counts_from`` or ``counts`` (random_b).
 
     Raises:
-        ValueError: an unknown name or an option the condition does not take.
+        ConfigError: an unknown name or an option the condition does not take.
     """
     if name not in _OPTIONS:
-        raise ValueError(f"unknown motivation condition {name!r}: use one of {list(CONDITIONS)}")
+        raise ConfigError(f"unknown motivation condition {name!r}: use one of {list(CONDITIONS)}")
     unknown = sorted(set(opts) - set(_OPTIONS[name]))
     if unknown:
         accepted = list(_OPTIONS[name]) or "none"
-        raise ValueError(
+        raise ConfigError(
             f"condition {name!r} does not take option(s) {unknown}; it accepts {accepted}"
         )
     if name == "loss_decrease":

@@ -10,30 +10,37 @@ model has (its *differential* weights) and their optimizer state therefore chang
 motivated steps.
 
 A run yields two models to deploy: the base model and the motivated one.
+
+In your own loop, build it from plain objects (``nestedtrain train`` builds it from a recipe)
+and drive it as every method step (see ``nestedtrain.methods.base``)::
+
+    base, motivated = create_model("resnet20"), create_model("resnet32")
+    condition = build_condition("loss_decrease", 2, len(loader), torch.Generator())
+    method = MotivationTraining(
+        base, motivated, SGD(base.parameters(), lr=0.1), SGD(motivated.parameters(), lr=0.1),
+        condition,
+    )
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..distributed import all_reduce_mean
 from ..elastic.stages import unwrap
 from ..elastic.weightmap import WeightMap
-from ..engine.distributed import all_reduce_mean
+from ..errors import ConfigError
 from ..losses import cross_entropy
+from ..modes import eval_mode
 from .base import MethodStep, Precision
-from .conditions import Condition, build_condition
+from .conditions import Condition
 
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
-    from ..engine.trainer import Trainer
-
-__all__ = ["MotivationTraining", "build_motivated_model", "build_motivation"]
+__all__ = ["MotivationTraining"]
 
 _COUNTERS = ("motivated_steps", "base_steps", "switches")
 
@@ -64,7 +71,7 @@ class MotivationTraining(MethodStep):
         criterion: ``(logits, targets) -> loss``; CE with ``label_smoothing`` when None.
 
     Raises:
-        ValueError: models the WeightMap cannot pair, optimizers of different classes, or a
+        ConfigError: models the WeightMap cannot pair, optimizers of different classes, or a
             condition that needs ``val_loss`` without a ``val_batch``.
     """
 
@@ -86,14 +93,14 @@ class MotivationTraining(MethodStep):
         # MethodStep.__init__ is not called: it assigns ``model`` and ``optimizer``, which are
         # read from the ``motivated`` flag here.
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+            raise ConfigError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         if type(base_optimizer) is not type(motivated_optimizer):
-            raise ValueError(
+            raise ConfigError(
                 f"base and motivated optimizers must be of one class to share their state, got "
                 f"{type(base_optimizer).__name__} and {type(motivated_optimizer).__name__}"
             )
         if "val_loss" in condition.needs and val_batch is None:
-            raise ValueError(
+            raise ConfigError(
                 f"the {condition.name} condition needs val_batch=(images, labels), a batch held "
                 "out of training"
             )
@@ -217,17 +224,10 @@ class MotivationTraining(MethodStep):
     @torch.no_grad()
     def _val_loss(self) -> float:
         """The active model's loss on the held-out batch, in eval mode (statistics untouched)."""
-        model = unwrap(self.model)
-        modes = [(m, m.training) for m in model.modules()]
         images, labels = self.val_batch
-        model.eval()
-        try:
-            with self.precision.autocast():
-                logits = model(images)
-            return self.criterion(logits.float(), labels).item()
-        finally:
-            for module, training in modes:
-                module.training = training
+        with eval_mode(unwrap(self.model)) as model, self.precision.autocast():
+            logits = model(images)
+        return self.criterion(logits.float(), labels).item()
 
     # ------------------------------------------------------------------------------- logs
     def epoch_metrics(self) -> dict[str, Any]:
@@ -272,7 +272,7 @@ class MotivationTraining(MethodStep):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = [k for k in ("motivated_model", "condition", "totals") if k not in state]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"not the state of a motivation run: it lacks {missing}; resume a run trained "
                 "with method=motivation"
             )
@@ -286,93 +286,3 @@ class MotivationTraining(MethodStep):
         self._counts = dict(state["counts"])
         self._last_epoch = dict(state["last_epoch"])
         self._totals = dict(state["totals"])
-
-
-# ------------------------------------------------------------------------------ building
-def build_motivated_model(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Module:
-    """The recipe's motivated model: ``motivation.model`` with the base model's settings,
-    ``motivation.kwargs`` over ``model.kwargs`` and its own dropout rates where given."""
-    from omegaconf import OmegaConf
-
-    from ..engine.checkpoint import build_model
-
-    m = cfg.motivation
-    if not m.model:
-        raise ValueError(
-            "method=motivation needs motivation.model, the larger model of the base model's "
-            f"family (e.g. resnet32 for model.name={cfg.model.name})"
-        )
-    model_cfg = OmegaConf.merge(
-        cfg.model,
-        {
-            "name": m.model,
-            "init_from": None,
-            "kwargs": m.kwargs,
-            "drop_rate": cfg.model.drop_rate if m.drop_rate is None else m.drop_rate,
-            "drop_path_rate": (
-                cfg.model.drop_path_rate if m.drop_path_rate is None else m.drop_path_rate
-            ),
-        },
-    )
-    return build_model(OmegaConf.create({"model": model_cfg}), num_classes, in_chans)
-
-
-def build_motivation(trainer: Trainer) -> MotivationTraining:
-    """The trainer's builder for ``method: motivation``: the trainer's model is the base."""
-    from ..engine.trainer import criterion_from_config
-
-    cfg, m = trainer.cfg, trainer.cfg.motivation
-    motivated = build_motivated_model(cfg, trainer.data.num_classes, trainer.data.in_chans)
-    motivated.to(trainer.device)
-    if trainer.device.type == "cuda" and cfg.channels_last:
-        motivated.to(memory_format=torch.channels_last)
-    # Pair the models before anything else: a base that is not smaller fails here.
-    weight_map = WeightMap(trainer.model, motivated, qkv=m.qkv)
-    optimizer = trainer.make_optimizer(motivated)
-    for group, lead in zip(optimizer.param_groups, trainer.optimizer.param_groups):
-        group["lr"] = lead["lr"]  # start on the schedule, as the loop keeps it afterwards
-    options: dict[str, Any] = {}
-    if m.condition == "ema":
-        options = {"alpha": m.ema_alpha, "threshold": m.ema_threshold}
-    elif m.condition == "random_a" and m.max_activations is not None:
-        options = {"max_activations": m.max_activations}
-    elif m.condition == "random_b":
-        options = {"counts_from": list(m.counts_from)}
-    # The random conditions get their own generator, seeded alike on every rank.
-    condition = build_condition(
-        m.condition,
-        m.k,
-        trainer.data.steps_per_epoch,
-        torch.Generator().manual_seed(cfg.seed),
-        **options,
-    )
-    val_batch = _held_out_batch(trainer) if "val_loss" in condition.needs else None
-    return MotivationTraining(
-        trainer.wrapped,
-        trainer.wrap_ddp(motivated),
-        trainer.optimizer,
-        optimizer,
-        condition,
-        val_batch=val_batch,
-        weight_map=weight_map,
-        precision=trainer.precision,
-        label_smoothing=cfg.data.label_smoothing,
-        criterion=criterion_from_config(cfg),
-    )
-
-
-def _held_out_batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of the validation split (training images no step sees), unaugmented."""
-    data = trainer.data
-    if data.n_val == 0:
-        raise ValueError(
-            "motivation.condition=val_loss holds out a batch of the validation split, but "
-            "data.val_size=0: set data.val_size > 0 (e.g. 0.01)"
-        )
-    batch = next(iter(data.eval_batches("val", batch_size=data.local_batch_size)), None)
-    if batch is None:
-        raise ValueError(
-            f"the validation split's {data.n_val} images leave this rank none to hold out for "
-            f"motivation.condition=val_loss: hold out at least world_size={data.world_size}"
-        )
-    return batch

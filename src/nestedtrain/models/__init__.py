@@ -5,6 +5,7 @@ from __future__ import annotations
 import timm
 from torch import nn
 
+from ..errors import ConfigError
 from .cifar_resnet import CIFAR_DEPTHS, BasicBlock, CifarResNet
 
 __all__ = ["BasicBlock", "CifarResNet", "CIFAR_DEPTHS", "create_model", "is_known_model"]
@@ -21,10 +22,10 @@ def create_model(
     """Build ``name``: one of our CIFAR ResNets, else any timm model.
 
     Raises:
-        ValueError: when neither nestedtrain nor timm knows ``name``.
+        ConfigError: when neither nestedtrain nor timm knows ``name``.
     """
     if not is_known_model(name):
-        raise ValueError(
+        raise ConfigError(
             f"unknown model {name!r}: use one of {sorted(CIFAR_DEPTHS)} or a timm model name "
             "(see timm.list_models())"
         )

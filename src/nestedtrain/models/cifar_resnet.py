@@ -18,10 +18,14 @@ discovery works for both, and an ordered sub-network of a deeper model has exact
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from timm.models import register_model
 from torch import nn
+
+from ..errors import ConfigError
 
 __all__ = ["BasicBlock", "CifarResNet", "CIFAR_DEPTHS"]
 
@@ -149,7 +153,7 @@ def _cifar_cfg(name: str) -> dict:
 
 def _create(name: str, pretrained: bool, **kwargs) -> CifarResNet:
     if pretrained:
-        raise ValueError(
+        raise ConfigError(
             f"no pretrained weights exist for {name!r}; train it, or start from a checkpoint "
             "with model.init_from=PATH"
         )
@@ -160,31 +164,20 @@ def _create(name: str, pretrained: bool, **kwargs) -> CifarResNet:
     return model
 
 
-@register_model
-def resnet20(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-20 for CIFAR (3 blocks per stage, ~0.27M parameters)."""
-    return _create("resnet20", pretrained, **kwargs)
+def _entrypoint(name: str) -> Callable[..., CifarResNet]:
+    """timm's model function for ``name``: ``name(pretrained=False, **kwargs)``."""
+    blocks = CIFAR_DEPTHS[name]
+
+    def create(pretrained: bool = False, **kwargs) -> CifarResNet:
+        return _create(name, pretrained, **kwargs)
+
+    create.__name__ = create.__qualname__ = name  # timm registers a function under its __name__
+    create.__doc__ = f"ResNet-{6 * blocks + 2} for CIFAR ({blocks} blocks per stage)."
+    return create
 
 
-@register_model
-def resnet32(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-32 for CIFAR (5 blocks per stage)."""
-    return _create("resnet32", pretrained, **kwargs)
-
-
-@register_model
-def resnet44(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-44 for CIFAR (7 blocks per stage)."""
-    return _create("resnet44", pretrained, **kwargs)
-
-
-@register_model
-def resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-56 for CIFAR (9 blocks per stage)."""
-    return _create("resnet56", pretrained, **kwargs)
-
-
-@register_model
-def resnet110(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-110 for CIFAR (18 blocks per stage)."""
-    return _create("resnet110", pretrained, **kwargs)
+# resnet20 ... resnet110, one per depth, bound here as written-out functions would be
+# (register_model adds each name to __all__).
+for _name in CIFAR_DEPTHS:
+    globals()[_name] = register_model(_entrypoint(_name))
+del _name

@@ -1,0 +1,302 @@
+"""The Motivation paper's evaluation: efficiency from finished runs, and k by cross-validation.
+
+- :func:`efficiency` reads finished run folders and computes the paper's Table 1 metrics for a
+  base model X trained with motivated model Y: ``Acc_X-Y-B`` is the motivation run's
+  ``base_acc`` (its base model, the one the paper sets out to improve), ``F_X-Y`` its
+  ``flops_per_image``; ``Acc_X-C``/``F_X-C`` and ``Acc_Y-C``/``F_Y-C`` are ``main_acc`` and
+  ``flops`` of the classically trained (``method: ct``) X and Y. Several runs per model are
+  averaged, as the paper averages its runs.
+- :func:`cross_validate_k` chooses k by k-fold cross-validation on the training set: for each k
+  and fold, a run trains on the other folds and both of its models are evaluated on the held-out
+  fold. The best k is the one with the highest mean validation accuracy of the *base* model
+  (Acc_X-Y-B is what the paper tunes and reports); the motivated model's is shown alongside.
+
+``nestedtrain efficiency`` and ``nestedtrain tune-k`` print them (:mod:`nestedtrain.cli`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..engine.checkpoint import atomic_write_text
+from ..engine.config import load_config
+from ..engine.evaluate import evaluate
+from ..engine.trainer import Trainer
+from ..errors import ConfigError
+from ..flops import acc_flops_ratio
+
+__all__ = ["cross_validate_k", "efficiency"]
+
+# A run's summary.json as read, and the file it came from.
+_Summary = tuple[dict[str, Any], Path]
+
+# The method each role's runs must have been trained with.
+_ROLE_METHODS = {"run": "motivation", "base-classical": "ct", "motivated-classical": "ct"}
+
+
+# ----------------------------------------------------------------------------- efficiency
+def efficiency(
+    runs: Sequence[str | Path],
+    base_classical: Sequence[str | Path],
+    motivated_classical: Sequence[str | Path],
+) -> dict[str, Any]:
+    """The Motivation paper's efficiency metrics from run folders (or their summary.json).
+
+    Args:
+        runs: motivation runs of base X with motivated Y (their ``base_acc``,
+            ``motivated_acc`` and ``flops_per_image``).
+        base_classical: runs of X trained classically (``main_acc``, ``flops``).
+        motivated_classical: runs of Y trained classically.
+
+    Returns:
+        Means (and sample standard deviations, over more than one run) of the accuracies in
+        percent, the FLOPs per image, ``acc_flops_xyb`` = ACC/FLOPs_X-Y-B and ``acc_flops_yc``
+        = ACC/FLOPs_Y-C in percentage points per FLOP, and their ``ratio`` (ACC/F_Ratio).
+
+    Raises:
+        ConfigError: a missing or unreadable summary, a missing value, runs of different
+            methods, models or datasets where summaries say so, or a metric that is undefined
+            (no FLOPs added, or Y no more accurate than X).
+    """
+    read = _read_roles(
+        {"run": runs, "base-classical": base_classical, "motivated-classical": motivated_classical}
+    )
+    _check_methods(read)
+    base_model, motivated_model = _check_same_task(read)
+
+    def mean_std(role: str, key: str, what: str) -> tuple[float, float | None]:
+        return _mean_std([_number(s, key, f, what) for s, f in read[role]])
+
+    acc_xyb = mean_std("run", "base_acc", "the base model's test accuracy")
+    acc_xym = mean_std("run", "motivated_acc", "the motivated model's test accuracy")
+    flops_xy = mean_std("run", "flops_per_image", "F_X-Y, the run's mean step FLOPs")
+    acc_xc = mean_std("base-classical", "main_acc", "the test accuracy")
+    flops_xc = mean_std("base-classical", "flops", "the model's FLOPs")
+    acc_yc = mean_std("motivated-classical", "main_acc", "the test accuracy")
+    flops_yc = mean_std("motivated-classical", "flops", "the model's FLOPs")
+    metrics = acc_flops_ratio(
+        acc_xyb[0], acc_xc[0], acc_yc[0], flops_xy[0], flops_xc[0], flops_yc[0]
+    )
+    return {
+        "base_model": base_model,
+        "motivated_model": motivated_model,
+        "acc_xc": acc_xc,
+        "acc_xyb": acc_xyb,
+        "acc_xym": acc_xym,
+        "acc_yc": acc_yc,
+        "flops_xc": flops_xc[0],
+        "flops_xy": flops_xy[0],
+        "flops_yc": flops_yc[0],
+        "acc_flops_xyb": metrics.motivated_training,
+        "acc_flops_yc": metrics.larger_model,
+        "ratio": metrics.ratio,
+        "runs": {role: len(entries) for role, entries in read.items()},
+    }
+
+
+def _read_roles(paths: dict[str, Sequence[str | Path]]) -> dict[str, list[_Summary]]:
+    """Each role's summaries; every role needs at least one run."""
+    read = {}
+    for role, folders in paths.items():
+        if not folders:
+            raise ConfigError(f"--{role} needs at least one run folder")
+        read[role] = [_read_summary(p) for p in folders]
+    return read
+
+
+def _read_summary(path: str | Path) -> _Summary:
+    path = Path(path)
+    file = path / "summary.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(
+            f"{str(path)!r} has no summary.json: give a finished run folder or its summary.json"
+        )
+    try:
+        summary = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{str(file)!r} is not valid JSON ({err.msg})") from None
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{str(file)!r} holds no JSON object: give a run's summary.json")
+    return summary, file
+
+
+def _check_methods(read: dict[str, list[_Summary]]) -> None:
+    """Motivation runs are motivation runs, classical ones ``method=ct`` (where they say)."""
+    for role, want in _ROLE_METHODS.items():
+        for summary, file in read[role]:
+            if summary.get("method", want) != want:
+                raise ConfigError(
+                    f"--{role} {str(file)!r} is a method={summary['method']!r} run; it must be "
+                    f"a method={want!r} run"
+                )
+
+
+def _check_same_task(read: dict[str, list[_Summary]]) -> tuple[str | None, str | None]:
+    """One dataset, one base model X and one motivated model Y; returns X's and Y's names
+    (None where no run says)."""
+    every = [entry for entries in read.values() for entry in entries]
+    _agree({str(f): s.get("dataset") for s, f in every}, "the dataset")
+    base_names = {str(f): s.get("model") for s, f in read["run"] + read["base-classical"]}
+    _agree(base_names, "the base model X (the motivation runs' model and --base-classical)")
+    motivated_names = {str(f): _motivated_name(f) for _, f in read["run"]}
+    motivated_names.update({str(f): s.get("model") for s, f in read["motivated-classical"]})
+    _agree(motivated_names, "the motivated model Y (motivation.model and --motivated-classical)")
+    return (
+        next((n for n in base_names.values() if n), None),
+        next((n for n in motivated_names.values() if n), None),
+    )
+
+
+def _number(summary: dict[str, Any], key: str, file: Path, what: str) -> float:
+    value = summary.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{str(file)!r} has no number {key!r} ({what}); got {value!r}")
+    return float(value)
+
+
+def _motivated_name(file: Path) -> str | None:
+    """``motivation.model`` from the run's config.yaml, when the run folder has one."""
+    config = file.parent / "config.yaml"
+    if not config.is_file():
+        return None
+    return OmegaConf.load(config).get("motivation", {}).get("model")
+
+
+def _agree(values: dict[str, Any], what: str) -> None:
+    """All known (non-None) values are equal; ``values`` maps a file to its value."""
+    known = {file: v for file, v in values.items() if v is not None}
+    if len(set(known.values())) > 1:
+        listed = ", ".join(f"{v!r} ({file})" for file, v in known.items())
+        raise ConfigError(f"the runs disagree on {what}: {listed}")
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+# --------------------------------------------------------------------------------- tune-k
+def cross_validate_k(
+    recipe: str | Path,
+    overrides: Sequence[str],
+    ks: Sequence[int],
+    folds: int,
+    out: str | Path,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Choose the motivation condition's k by ``folds``-fold cross-validation on train.
+
+    For every k and fold, the recipe trains (``data.num_folds=folds data.fold=f``: fold f of the
+    training split is the validation split, the rest is trained on) into ``out/k<k>/fold<f>``,
+    and its base and motivated models are evaluated on the held-out fold. Every fold keeps the
+    recipe's seed, so the k's are compared on the same folds, orders and initialisations.
+
+    Args:
+        recipe: a ``method: motivation`` recipe with a k-based condition.
+        overrides: ``key=value`` overrides (``motivation.k``, ``data.fold``, ``data.num_folds``
+            and ``data.val_size`` are set here).
+        ks: the k's to compare.
+        folds: number of folds, >= 2.
+        out: a new or empty folder for the runs and ``tune_k.json``.
+        on_result: called with each fold's result as it finishes.
+
+    Returns:
+        ``{"results": per fold, "per_k": means and standard deviations, "best_k": ...}``; the
+        best k has the highest mean base-model validation accuracy (the smaller k on a tie).
+
+    Raises:
+        ConfigError: a recipe that is not a motivation recipe or whose condition has no k, bad
+            ``ks`` or ``folds``, or an ``out`` folder that is not empty.
+    """
+    cfg = _check_tune_k(recipe, overrides, ks, folds, Path(out))
+    results = []
+    for k in ks:
+        for fold in range(folds):
+            fold_overrides = [
+                *overrides,
+                f"motivation.k={k}",
+                f"data.num_folds={folds}",
+                f"data.fold={fold}",
+                "data.val_size=0",
+            ]
+            run = Path(out) / f"k{k}" / f"fold{fold}"
+            result = {"k": int(k), "fold": fold}
+            result.update(_train_fold(recipe, fold_overrides, run, cfg.eval.batch_size))
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    per_k = [_summarise_k(k, [r for r in results if r["k"] == k]) for k in ks]
+    best = max(sorted(per_k, key=lambda r: r["k"]), key=lambda r: r["base_val_acc"])
+    report = {
+        "recipe": str(recipe),
+        "overrides": list(overrides),
+        "folds": folds,
+        "ks": [int(k) for k in ks],
+        "results": results,
+        "per_k": per_k,
+        "best_k": best["k"],
+    }
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_text(Path(out) / "tune_k.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _check_tune_k(
+    recipe: str | Path, overrides: Sequence[str], ks: Sequence[int], folds: int, out: Path
+) -> DictConfig:
+    """The recipe, once it is known to be a motivation recipe with a k to tune."""
+    if folds < 2:
+        raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    if not ks or any(isinstance(k, bool) or int(k) != k or k < 1 for k in ks):
+        raise ConfigError(f"k values {list(ks)!r} must be whole numbers >= 1")
+    cfg = load_config(recipe, list(overrides))
+    if cfg.method != "motivation":
+        raise ConfigError(f"tune-k tunes motivation runs, but the recipe has method={cfg.method!r}")
+    if cfg.motivation.condition.startswith("random"):
+        raise ConfigError(
+            f"motivation.condition={cfg.motivation.condition!r} does not use k; tune-k tunes "
+            "loss_decrease, ema, val_loss or grad_slope"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {str(out)!r} is not empty: choose a new folder for tune-k")
+    return cfg
+
+
+def _train_fold(
+    recipe: str | Path, overrides: Sequence[str], run: Path, batch_size: int
+) -> dict[str, Any]:
+    """Train one fold into ``run``; both models' accuracy on its held-out fold."""
+    trainer = Trainer(load_config(recipe, list(overrides)), run)
+    summary = trainer.fit()
+    return {
+        "base_val_acc": evaluate(
+            trainer.model, trainer.data.eval_batches("val", batch_size=batch_size)
+        )["acc"],
+        "motivated_val_acc": evaluate(
+            trainer.method.motivated_model, trainer.data.eval_batches("val", batch_size=batch_size)
+        )["acc"],
+        "motivated_steps": summary.get("motivated_steps"),
+        "base_steps": summary.get("base_steps"),
+    }
+
+
+def _summarise_k(k: int, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation over one k's folds."""
+    base = _mean_std([r["base_val_acc"] for r in results])
+    motivated = _mean_std([r["motivated_val_acc"] for r in results])
+    steps = [r["motivated_steps"] for r in results if r["motivated_steps"] is not None]
+    return {
+        "k": int(k),
+        "base_val_acc": base[0],
+        "base_val_acc_std": base[1],
+        "motivated_val_acc": motivated[0],
+        "motivated_val_acc_std": motivated[1],
+        "motivated_steps": statistics.fmean(steps) if steps else None,
+    }

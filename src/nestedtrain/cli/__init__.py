@@ -1,0 +1,61 @@
+"""The ``nestedtrain`` command line: one module per group of commands.
+
+- :mod:`.train`: ``train``, ``eval``, ``flops``, ``demo``;
+- :mod:`.deploy`: ``export``, ``select``;
+- :mod:`.analyze`: ``analyze ...``, ``report``;
+- :mod:`.motivation`: ``efficiency``, ``tune-k``;
+- :mod:`.sweep`: ``sweep``, ``compare``;
+- :mod:`.common`: what they share (parser, one-line errors, table, recorded command line).
+
+Library code raises; this package alone prints and sets exit statuses. Bad input is one line
+on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import analyze, deploy, motivation, sweep, train
+from .common import Parser, run
+
+__all__ = ["build_parser", "entry", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command; each sets ``handler(args) -> exit status``."""
+    parser = Parser(
+        prog="nestedtrain",
+        description="Train residual networks through their nested sub-networks.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    train.register(subparsers)  # train, eval, flops, demo
+    deploy.register(subparsers)  # export, select
+    analyze.register(subparsers)  # analyze ..., report
+    motivation.register(subparsers)  # efficiency, tune-k
+    sweep.register(subparsers)  # sweep, compare
+    return parser
+
+
+def _log_to_stderr() -> None:
+    # The library reports what a user should know (a checkpoint fallback, a stale lock) through
+    # the "nestedtrain" logger: one line each on stderr.
+    library_logger = logging.getLogger("nestedtrain")
+    if not library_logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("nestedtrain: %(message)s"))
+        library_logger.addHandler(handler)
+        library_logger.setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 for bad input)."""
+    _log_to_stderr()
+    return run(build_parser, argv)
+
+
+def entry() -> None:
+    """The ``nestedtrain`` console script and ``python -m nestedtrain``."""
+    sys.exit(main())

@@ -1,0 +1,628 @@
+"""``nestedtrain analyze ...`` and ``nestedtrain report``: the command line of the analyses.
+
+Each handler prints a short table and writes JSON and PNG into ``RUN/analysis/<what>/`` when
+the checkpoint lives in a run folder (or ``--out DIR``). Each JSON records the command that
+made it (:func:`~nestedtrain.cli.common.command_line`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from ..analysis.destruct import BN_POLICIES, destruct
+from ..analysis.erf import effective_receptive_field, erf_area_ratios
+from ..analysis.kl_drift import kl_drift_summary, read_kl_drift
+from ..analysis.logits import logit_norms
+from ..analysis.matrix import loafing_matrix
+from ..analysis.plots import (
+    plot_destruction,
+    plot_erf,
+    plot_kl_drift,
+    plot_loafing_matrix,
+    plot_logit_norms,
+    plot_subnet_accuracy,
+)
+from ..analysis.report import write_report
+from ..analysis.subnets import DEFAULT_MEMORY_MB, evaluate_space
+from ..data import Data
+from ..elastic.subnet import Subnet
+from ..engine.checkpoint import atomic_write_text
+from ..engine.distributed import pick_device
+from ..errors import ConfigError
+from .common import (
+    Checkpoint,
+    Handler,
+    add_command,
+    batch_size,
+    checkpoint_data,
+    command_line,
+    open_checkpoint,
+    output_folder,
+    parse_ints,
+    parse_space,
+    positive,
+    table,
+)
+
+__all__ = ["register"]
+
+
+# --------------------------------------------------------------------- loading, writing
+def _data(ckpt: Checkpoint, args: argparse.Namespace, device: torch.device) -> Data:
+    return checkpoint_data(ckpt, device, name=args.data, root=args.data_root)
+
+
+def _eval_fn(data: Data, args: argparse.Namespace, cfg: DictConfig) -> Callable[[], Iterable]:
+    size = batch_size(args.batch_size, cfg)
+    return lambda: data.eval_batches(args.split, batch_size=size)
+
+
+def _calib_fn(data: Data, args: argparse.Namespace, cfg: DictConfig) -> Callable[[], Iterable]:
+    size = batch_size(args.batch_size, cfg)
+    if args.calib_images is not None and args.calib_images < 1:
+        raise ConfigError(f"--calib-images {args.calib_images} must be >= 1")
+    return lambda: data.calibration_batches(num_images=args.calib_images, batch_size=size)
+
+
+def _same_task(first: Checkpoint, other: Checkpoint) -> None:
+    mine = (first.state["num_classes"], first.state["in_chans"])
+    theirs = (other.state["num_classes"], other.state["in_chans"])
+    if mine != theirs:
+        raise ConfigError(
+            f"{other.path} predicts {theirs[0]} classes from {theirs[1]} channels but "
+            f"{first.path} {mine[0]} from {mine[1]}: compare models trained on one dataset"
+        )
+
+
+def _open_all(paths: Sequence[str], device: torch.device) -> list[Checkpoint]:
+    """Checkpoints to compare: all trained for the first one's task."""
+    opened = [open_checkpoint(path, device) for path in paths]
+    for other in opened[1:]:
+        _same_task(opened[0], other)
+    return opened
+
+
+def _labels(opened: Sequence[Checkpoint]) -> list[str]:
+    labels = [f"{x.cfg.model.name} {x.cfg.method}" for x in opened]
+    if len(set(labels)) < len(labels):
+        labels = [
+            f"{label} ({x.run.name if x.run else x.path.stem})" for label, x in zip(labels, opened)
+        ]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
+    return labels
+
+
+def _header(
+    analysis: str, args: argparse.Namespace, ckpt: Checkpoint, seconds: float
+) -> dict[str, Any]:
+    return {
+        "analysis": analysis,
+        "command": command_line(args),
+        "checkpoint": str(ckpt.path),
+        "model": ckpt.cfg.model.name,
+        "method": ckpt.cfg.method,
+        "epoch": ckpt.state.get("epoch"),
+        "dataset": args.data or ckpt.cfg.data.name,
+        "split": args.split,
+        "seconds": seconds,
+    }
+
+
+def _save(
+    out: Path, stem: str, payload: dict[str, Any], plot: Callable[[Path], object]
+) -> tuple[Path, Path]:
+    """Write ``payload`` as ``out/stem.json`` and the figure ``plot(path)`` draws as
+    ``out/stem.png``; return both paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
+    atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
+    plot(png_path)
+    return json_path, png_path
+
+
+def _swaps(texts: Sequence[str] | None) -> list[tuple[int, int, int]]:
+    swaps = []
+    for text in texts or []:
+        try:
+            stage, first, second = (int(p) for p in text.split(":"))
+        except ValueError:
+            raise ConfigError(
+                f"--swap {text!r}: write STAGE:BLOCK:BLOCK, e.g. 1:0:2 swaps blocks 0 and 2 of "
+                "stage 1 (stages from 1, blocks from 0)"
+            ) from None
+        swaps.append((stage, first, second))
+    return swaps
+
+
+# ------------------------------------------------------------------------------ handlers
+def _subnets(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    ckpt = open_checkpoint(args.checkpoint, device)
+    data = _data(ckpt, args, device)
+    individual = []
+    for path in args.individual or []:
+        other = open_checkpoint(path, device)
+        _same_task(ckpt, other)
+        individual.append((f"{other.cfg.model.name} ({other.path})", other.model))
+    start = time.perf_counter()
+    result = evaluate_space(
+        ckpt.model,
+        _eval_fn(data, args, ckpt.cfg),
+        _calib_fn(data, args, ckpt.cfg),
+        space=parse_space(args.space),
+        sample=args.sample,
+        seed=args.seed,
+        individual=individual,
+        chunk_images=args.chunk_images,
+        memory_mb=args.memory_mb,
+    )
+    payload = {**_header("subnets", args, ckpt, time.perf_counter() - start), **result}
+    out = output_folder(args.out, ckpt, "subnets")
+    json_path, png_path = _save(out, "subnets", payload, partial(plot_subnet_accuracy, result))
+    _print_subnets(result, ckpt, args.space, payload["seconds"])
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def _print_subnets(result: dict[str, Any], ckpt: Checkpoint, space: str, seconds: float) -> None:
+    stats = result["stats"]
+    print(
+        f"{stats['count']} of {result['space_size']} sub-networks of {ckpt.cfg.model.name} "
+        f"(space {space}), BN re-calibrated, in {seconds:.1f} s; main network "
+        f"{result['main']['acc']:.2f}%"
+    )
+    print(
+        table(
+            ["", "max", "mean", "std", "min"],
+            [["top-1 (%)", stats["max"], stats["mean"], stats["std"], stats["min"]]],
+        )
+    )
+    rows = sorted((r for r in result["subnets"] if r["in_space"]), key=lambda r: r["acc"])
+    shown = rows if len(rows) <= 12 else rows[:6] + rows[-6:]
+    print()
+    print(
+        table(
+            ["sub-network", "blocks", "top-1 (%)"],
+            [[r["subnet"], r["blocks"], r["acc"]] for r in shown],
+        )
+    )
+    if result["individual"]:
+        print()
+        print(
+            table(
+                ["individual model", "sub-network", "alone (%)", "inside (%)"],
+                [
+                    [r["label"], r["subnet"], r["acc"], r["acc_inside"]]
+                    for r in result["individual"]
+                ],
+            )
+        )
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    opened = _open_all(args.checkpoints, device)
+    data = _data(opened[0], args, device)
+    names = _labels(opened)
+    start = time.perf_counter()
+    result = loafing_matrix(
+        [x.model for x in opened],
+        names,
+        _eval_fn(data, args, opened[0].cfg),
+        _calib_fn(data, args, opened[0].cfg),
+        architectures=[x.cfg.model.name for x in opened],
+        chunk_images=args.chunk_images,
+        memory_mb=args.memory_mb,
+    )
+    header = _header("matrix", args, opened[0], time.perf_counter() - start)
+    header["checkpoints"] = [str(x.path) for x in opened]
+    out = output_folder(args.out, opened[0], "matrix")
+    payload = {**header, **result}
+    json_path, png_path = _save(out, "matrix", payload, partial(plot_loafing_matrix, result))
+    print("top-1 (%): rows are trained models, columns architectures run inside them")
+    print(
+        table(
+            ["trained model", *result["architectures"]],
+            [[n, *row] for n, row in zip(names, result["acc"])],
+        )
+    )
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def _destruct(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    delete_k = parse_ints(args.k, "--k")
+    permute_k = (
+        parse_ints(args.permute_k, "--permute-k") if args.permute_k is not None else delete_k
+    )
+    if args.max_combinations < 0:
+        raise ConfigError(f"--max-combinations {args.max_combinations} must be >= 1, or 0 for all")
+    ckpt = open_checkpoint(args.checkpoint, device)
+    data = _data(ckpt, args, device)
+    start = time.perf_counter()
+    result = destruct(
+        ckpt.model,
+        _eval_fn(data, args, ckpt.cfg),
+        _calib_fn(data, args, ckpt.cfg) if args.bn == "recalibrate" else None,
+        delete_k=delete_k,
+        permute_k=permute_k,
+        max_combinations=None if args.max_combinations == 0 else args.max_combinations,
+        seed=args.seed,
+        bn=args.bn,
+        stages=parse_ints(args.stages, "--stages"),
+        swaps=_swaps(args.swap),
+        chunk_images=args.chunk_images,
+        memory_mb=args.memory_mb,
+    )
+    payload = {**_header("destruct", args, ckpt, time.perf_counter() - start), **result}
+    out = output_folder(args.out, ckpt, "destruct")
+    json_path, png_path = _save(out, "destruct", payload, partial(plot_destruction, result))
+    _print_destruct(result, ckpt)
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def _print_destruct(result: dict[str, Any], ckpt: Checkpoint) -> None:
+    print(f"intact {ckpt.cfg.model.name}: {result['intact']['acc']:.2f}% (BN {result['bn']})")
+    print("\ndeleting one block: drop in points")
+    print(
+        table(
+            ["block", "stage", "in stage", "top-1 (%)", "drop"],
+            [
+                [r["index"], r["stage"], r["block"], r["acc"], r["drop"]]
+                for r in result["delete_one"]
+            ],
+        )
+    )
+    for key, what in (
+        ("delete", "deleting k blocks"),
+        ("permute", "permuting by k transpositions"),
+    ):
+        if result[key]:
+            print(f"\n{what}: drop in points")
+            print(
+                table(
+                    ["k", "combinations", "evaluated", "max", "mean", "min"],
+                    [
+                        [
+                            g["k"],
+                            g["total"],
+                            g["evaluated"],
+                            *(g["stats"][s] for s in ("max", "mean", "min")),
+                        ]
+                        for g in result[key]
+                    ],
+                )
+            )
+    if result["swaps"]:
+        print()
+        print(
+            table(
+                ["swap", "sub-network", "top-1 (%)", "drop"],
+                [[r["swap"], r["subnet"], r["acc"], r["drop"]] for r in result["swaps"]],
+            )
+        )
+
+
+def _kl_drift(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    records = read_kl_drift(run)
+    summary = kl_drift_summary(records)
+    payload = {
+        "analysis": "kl-drift",
+        "command": command_line(args),
+        "run": str(run),
+        "summary": summary,
+        "records": records,
+    }
+    out = Path(args.out) if args.out is not None else run / "analysis" / "kl-drift"
+    json_path, png_path = _save(out, "kl_drift", payload, partial(plot_kl_drift, records))
+    print("KL(main || sub-network) over the recorded sub-networks, per epoch")
+    print(
+        table(
+            ["epoch", "sub-networks", "min", "median", "mean", "max"],
+            [
+                [s["epoch"] + 1, s["count"], s["min"], s["median"], s["mean"], s["max"]]
+                for s in summary
+            ],
+        )
+    )
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def _logits(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    opened = _open_all(args.checkpoints, device)
+    data = _data(opened[0], args, device)
+    start = time.perf_counter()
+    rows = [
+        {
+            "label": label,
+            "checkpoint": str(x.path),
+            **logit_norms(x.model, _eval_fn(data, args, x.cfg)()),
+        }
+        for label, x in zip(_labels(opened), opened)
+    ]
+    header = _header("logits", args, opened[0], time.perf_counter() - start)
+    header["checkpoints"] = [str(x.path) for x in opened]
+    out = output_folder(args.out, opened[0], "logits")
+    payload = {**header, "models": rows}
+    json_path, png_path = _save(out, "logits", payload, partial(plot_logit_norms, rows))
+    print(
+        table(
+            ["model", "mean L2 norm", "std", "top-1 (%)"],
+            [[r["label"], r["mean_norm"], r["std_norm"], r["acc"]] for r in rows],
+        )
+    )
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def _erf(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    ckpt = open_checkpoint(args.checkpoint, device)
+    data = _data(ckpt, args, device)
+    subnet = Subnet.parse(ckpt.model, args.subnet) if args.subnet else None
+    size = args.input_size or data.test_img_size
+    start = time.perf_counter()
+    erf = effective_receptive_field(
+        ckpt.model,
+        _eval_fn(data, args, ckpt.cfg)(),
+        input_size=size,
+        num_images=args.images,
+        subnet=subnet,
+        calib_batches=_calib_fn(data, args, ckpt.cfg) if subnet is not None else None,
+    )
+    ratios = erf_area_ratios(erf)
+    stem = f"erf-{size}" + (f"-{subnet}" if subnet is not None else "")
+    payload = {
+        **_header("erf", args, ckpt, time.perf_counter() - start),
+        "subnet": str(subnet) if subnet is not None else None,
+        "input_size": size,
+        "images": min(args.images, data.n_test if args.split == "test" else data.n_val),
+        "area_ratios": ratios,
+        "map_file": f"{stem}.npy",
+    }
+    out = output_folder(args.out, ckpt, "erf")
+    what = f"sub-network {subnet}" if subnet is not None else "main network"
+    title = f"{ckpt.cfg.model.name} {what}, {size}x{size}"
+    json_path, png_path = _save(out, stem, payload, partial(plot_erf, erf, title=title))
+    npy_path = out / f"{stem}.npy"
+    np.save(npy_path, erf)
+    print(f"ERF of {ckpt.cfg.model.name} ({what}) at {size}x{size} over {payload['images']} images")
+    print(table(["share of contribution", *ratios], [["area of centred square", *ratios.values()]]))
+    print(f"\nwrote {json_path}, {png_path} and {npy_path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    md_path, html_path = write_report(args.run)
+    print(f"wrote {md_path} and {html_path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- options
+def _chunk_options(parser: argparse.ArgumentParser) -> None:
+    """``--memory-mb`` and ``--chunk-images``: where an analysis caches activations of shared
+    prefixes."""
+    parser.add_argument(
+        "--memory-mb",
+        type=positive(float, "memory budget", "MiB > 0, e.g. 512"),
+        default=DEFAULT_MEMORY_MB,
+        metavar="MB",
+        help="cache at most about MB MiB of activations at a time: images run in chunks "
+        f"sized to fit; results do not change (default {DEFAULT_MEMORY_MB})",
+    )
+    parser.add_argument(
+        "--chunk-images",
+        type=int,
+        metavar="N",
+        help="chunks of at most N images (at least one batch) instead of --memory-mb",
+    )
+
+
+def _data_options(parser: argparse.ArgumentParser) -> None:
+    """The data and device options every analysis of checkpoints takes."""
+    group = parser.add_argument_group("data and device")
+    group.add_argument(
+        "--data", metavar="NAME", help="evaluate on this dataset (default: the run's)"
+    )
+    group.add_argument("--data-root", metavar="DIR", help="dataset root (default: the run's)")
+    group.add_argument(
+        "--split", choices=("test", "val"), default="test", help="evaluation split (default: test)"
+    )
+    group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="evaluation and calibration batch (default: the run's eval.batch_size)",
+    )
+    group.add_argument(
+        "--calib-images",
+        type=int,
+        metavar="N",
+        help="training images for BN re-calibration (default: the run's data.calib_images)",
+    )
+    group.add_argument("--out", metavar="DIR", help="write here instead of RUN/analysis/<what>/")
+
+
+def _subnets_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--space",
+        default="full",
+        help="full (default), space3, or most blocks each stage may drop: N or 0,1,3,0",
+    )
+    parser.add_argument(
+        "--sample", type=int, metavar="M", help="evaluate a seeded sample of M sub-networks"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    parser.add_argument(
+        "--individual",
+        nargs="+",
+        metavar="CKPT",
+        help="individually trained models of sub-network shapes to compare with",
+    )
+
+
+def _destruct_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--k", default="1,2,3", help="numbers of blocks to delete together (default 1,2,3)"
+    )
+    parser.add_argument(
+        "--permute-k", help="numbers of transpositions per permutation (default: --k; '' for none)"
+    )
+    parser.add_argument(
+        "--max-combinations",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="evaluate a seeded sample of N combinations per k when there are more "
+        "(default 1000; 0: all)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
+    parser.add_argument(
+        "--bn",
+        choices=BN_POLICIES,
+        default="recalibrate",
+        help="recalibrate: BN statistics re-estimated for each network (default, as the "
+        "paper); own: the trained ones",
+    )
+    parser.add_argument("--stages", help="destroy only these stages, numbered from 1 (e.g. 1,3)")
+    parser.add_argument(
+        "--swap",
+        nargs="+",
+        metavar="S:I:J",
+        help="also evaluate swapping blocks I and J of stage S",
+    )
+
+
+def _erf_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subnet", help="analyse this sub-network (BN re-calibrated), e.g. 3-2-4")
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        metavar="S",
+        help="resize images to SxS (default: the evaluation size)",
+    )
+    parser.add_argument(
+        "--images", type=int, default=64, metavar="N", help="number of images (default 64)"
+    )
+
+
+def _add_analysis(
+    which: argparse._SubParsersAction,
+    name: str,
+    handler: Handler,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+    *,
+    help: str,
+    description: str,
+    many: bool = False,
+    chunked: bool = True,
+) -> None:
+    """Declare ``analyze NAME`` of trained checkpoints: CHECKPOINT (``many``: one or more),
+    the analysis's own ``options``, the cache options when ``chunked``, then the data
+    options."""
+    p = add_command(which, name, handler, help=help, description=description)
+    if many:
+        p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    else:
+        p.add_argument("checkpoint", metavar="CHECKPOINT")
+    if options is not None:
+        options(p)
+    if chunked:
+        _chunk_options(p)
+    _data_options(p)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``analyze`` (subnets, matrix, destruct, kl-drift, logits, erf) and ``report``."""
+    analyze = subparsers.add_parser(
+        "analyze",
+        help="loafing analyses of trained models",
+        description="Loafing analyses of trained checkpoints. A CHECKPOINT is a .pt file of "
+        "`nestedtrain train` or its run folder (then checkpoints/last.pt).",
+    )
+    which = analyze.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    _add_analysis(
+        which,
+        "subnets",
+        _subnets,
+        _subnets_options,
+        help="accuracy of every ordered sub-network (BN re-calibrated)",
+        description="Accuracy of every sub-network of an ordered sampling space, each with BN "
+        "statistics re-estimated for it; sub-networks that share blocks share their computation.",
+    )
+    _add_analysis(
+        which,
+        "matrix",
+        _matrix,
+        many=True,
+        help="loafing matrix: each architecture run inside each trained model",
+        description="Rows: trained models; columns: their architectures run inside them "
+        "(ResNets: ordered sub-networks; DenseNets: inherited weights), BN re-calibrated; the "
+        "diagonal is each model's own accuracy.",
+    )
+    _add_analysis(
+        which,
+        "destruct",
+        _destruct,
+        _destruct_options,
+        help="accuracy drop when deleting or permuting blocks",
+        description="Accuracy drop when deleting each skippable block, deleting k of them, or "
+        "permuting blocks within a stage by k transpositions (ST paper, Fig. 6).",
+    )
+    p = add_command(
+        which,
+        "kl-drift",
+        _kl_drift,
+        help="KL(main || sub-network) over training, from a run's records",
+        description="Box plots per recorded epoch of KL(main || sub-network), from "
+        "RUN/analysis/kl_drift.jsonl (train with analysis.kl_drift_every=E).",
+    )
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--out", metavar="DIR", help="write here instead of RUN/analysis/kl-drift/")
+    _add_analysis(
+        which,
+        "logits",
+        _logits,
+        many=True,
+        chunked=False,
+        help="mean L2 norm of the logits and top-1, per model",
+        description="Logit amplitude (mean L2 norm over the dataset) and top-1 of one model or a "
+        "family of models (ST++, Fig. 4).",
+    )
+    _add_analysis(
+        which,
+        "erf",
+        _erf,
+        _erf_options,
+        chunked=False,
+        help="effective receptive field heat map",
+        description="Gradient of the centre unit of the last feature map (summed over channels) "
+        "with respect to the input; absolute value summed over channels, mean over images.",
+    )
+
+    p = add_command(
+        subparsers,
+        "report",
+        _report,
+        help="write RUN/report.md and a self-contained RUN/report.html",
+        description="One Markdown file and one self-contained HTML page for a run folder: "
+        "configuration, training curves, sub-network statistics and every analysis.",
+    )
+    p.add_argument("run", metavar="RUN")

@@ -1,0 +1,585 @@
+"""Every sub-network of a model, evaluated fast by sharing the computation of common prefixes.
+
+The sub-networks' blocks form a trie (:func:`nestedtrain.elastic.build_trie`), and each trie
+node is computed once for all the sub-networks below it, with the model run piece by piece
+(:class:`nestedtrain.elastic.ModelSplit`):
+
+- **BN re-calibration.** ``bn.recalibrate`` estimates a BN's statistics cumulatively over the
+  calibration batches, in train mode, where a block's input is the train-mode output of the
+  blocks before it. That input depends only on the prefix, so each node re-estimates its own
+  block's BNs once from its parent's calibration activations, with the same batches, order and
+  ``n / (seen + n)`` weighting, and keeps them for every sub-network below it.
+- **Evaluation.** Each node runs its block, in eval mode with its own statistics, on its
+  parent's activations of the evaluation images; each leaf runs the head.
+
+The result equals one-at-a-time evaluation (:func:`nestedtrain.engine.evaluate.evaluate_subnets`)
+exactly, as long as train mode draws no random numbers (no dropout or drop-path before a BN).
+Children that continue the same stage are visited last, and a node's activations are released
+before its last child runs, so memory holds about one set of activations per stage.
+
+**Memory.** Both passes run on chunks of consecutive batches, the calibration images first,
+then the evaluation images. A node puts its BN statistics and its count of images seen away
+between chunks (train-mode BN outputs do not depend on them), so chunking changes nothing in
+the result. Chunks are sized from a budget (``memory_mb``) and from the activation sizes the
+model produced on a probe image, so memory does not grow with the number of images (ResNet-50
+at 224 px holds at most 6.7 MiB an image, its activations and the image itself: the default
+1024 MiB runs chunks of 152 images, whichever of its sub-networks are evaluated).
+
+A model whose forward cannot be split is evaluated one sub-network at a time instead.
+
+The training loop calls :func:`evaluate_subnets_shared` every epoch and
+:func:`kl_drift_snapshot` every ``analysis.kl_drift_every`` epochs (Fig. 7 of ST), appending
+``{"epoch": e, "kl": [{"subnet": "3-2-4", "kl": 0.12}, ...]}`` to ``RUN/analysis/kl_drift.jsonl``
+with :func:`append_kl_drift`; ``eval`` and the analyses call the same functions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import bn as bn_tools
+from ..elastic.split import ModelSplit, SplitError, TrieNode, build_trie
+from ..elastic.stages import Stage, find_stages, unwrap
+from ..elastic.subnet import Subnet, use_subnet
+from ..errors import ConfigError
+from ..modes import kept_modes
+from .checkpoint import atomic_append_line
+from .evaluate import batch_counts, metrics_from_counts
+
+__all__ = [
+    "DEFAULT_MEMORY_MB",
+    "KL_DRIFT_FILE",
+    "append_kl_drift",
+    "evaluate_subnets_shared",
+    "kl_drift_snapshot",
+    "subnet_logits",
+]
+
+EvalBatches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+CalibBatches = Callable[[], Iterable[Union[torch.Tensor, Sequence[torch.Tensor]]]]
+# consume(subnet indices, batch index, logits, labels): called once per leaf and eval batch.
+Consumer = Callable[[list[int], int, torch.Tensor, torch.Tensor], None]
+# consume_main(batch index, logits, labels): the main network's logits, once per eval batch.
+MainConsumer = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+# MiB of activations a shared-prefix evaluation caches at once, unless told otherwise.
+DEFAULT_MEMORY_MB = 1024
+
+KL_DRIFT_FILE = Path("analysis") / "kl_drift.jsonl"
+
+
+@dataclass(eq=False)
+class _Node(TrieNode):
+    """A trie node with its BNs' re-estimated statistics and how many images they saw."""
+
+    stats: list[tuple[torch.Tensor | None, ...]] | None = None
+    seen: int = 0
+
+
+def _images(batch: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    return batch if isinstance(batch, torch.Tensor) else batch[0]
+
+
+def _bytes_per_image(x: torch.Tensor) -> int:
+    return x[0].numel() * x.element_size()
+
+
+def _set_mode(split: ModelSplit, training: bool) -> None:
+    """Calibration mode (only BN trains, as in ``bn.recalibrate``) or eval mode for the whole
+    model, the emptied stages' blocks included."""
+    set_one = bn_tools.calibration_mode if training else nn.Module.eval
+    set_one(split.model)
+    for stage in split.stages:
+        for block in stage.blocks:
+            set_one(block)
+
+
+class _Runner:
+    """Shared-prefix passes over a trie of sub-networks, one chunk of images at a time."""
+
+    def __init__(self, split: ModelSplit, root: _Node, stages: Sequence[Stage]):
+        self.split, self.root, self.stages = split, root, stages
+        self.held_per_image = self._held_per_image()
+
+    # ------------------------------------------------------------------- memory budget
+    def _held_per_image(self) -> int:
+        """The most activation bytes per probe image that a pass holds at once.
+
+        A pass keeps a node's outputs (for every image of the chunk) while its children run,
+        except while its last child runs: that child drops them as soon as it has its own.
+        So while node ``v`` computes, memory holds ``v``'s outputs, its inputs (its parent's
+        outputs) and the outputs of every ancestor with a child still to run. Walking the
+        trie in the order the pass runs gives the largest such sum exactly; for an ordered
+        space it is about one stage's activations per stage plus the current block's.
+        """
+        sizes = self.split.bytes_per_image
+
+        def peak(node: _Node, held: int, inputs: int, last: bool) -> int:
+            out = sizes[node.key] if node.key[0] == "block" else 0  # a head's logits go at once
+            kept = held if last else held + inputs
+            children = node.ordered_children()
+            return max(
+                [held + inputs + out]
+                + [peak(c, kept, out, i == len(children) - 1) for i, c in enumerate(children)]
+            )
+
+        stem = sizes["stem",]
+        children = self.root.ordered_children()
+        return max(
+            [stem] + [peak(c, 0, stem, i == len(children) - 1) for i, c in enumerate(children)]
+        )
+
+    def images_per_chunk(self, images: torch.Tensor, budget: float | None, extra: int = 0) -> int:
+        """How many images like ``images[0]`` a chunk may hold within ``budget`` bytes.
+
+        Per image: the image itself (a chunk keeps its images until its pass ends), the
+        activations :meth:`_held_per_image` counts, scaled from the probe to this image's
+        number of pixels (convolutions and token sequences grow with the pixels), and
+        ``extra`` bytes the caller keeps per image. The model, the BN statistics of the nodes
+        and the temporaries inside one block's forward of one batch come on top.
+        """
+        if budget is None:
+            return 0
+        per_image = _bytes_per_image(images) + extra
+        per_image += self.held_per_image * images[0].numel() / self.split.probe_numel
+        return max(1, int(budget // per_image))
+
+    # ---------------------------------------------------------------- calibration pass
+    def _calibrated(
+        self, node: _Node, layers: Sequence[_BatchNorm], inputs: list[torch.Tensor], run: Callable
+    ) -> list[torch.Tensor]:
+        """``run`` over one chunk of calibration batches in train mode, re-estimating
+        ``layers`` for ``node`` as ``bn.recalibrate`` does: reset before the first batch,
+        then momentum ``n / (seen + n)`` per batch.
+
+        Train-mode BN outputs do not depend on the running statistics, so the node's
+        statistics and count can be put away between chunks and the result is the same as
+        one pass over every batch.
+        """
+        if node.seen == 0:
+            for m in layers:
+                m.reset_running_stats()
+        else:
+            bn_tools.load_layer_stats(layers, node.stats)
+        outputs = []
+        for x in inputs:
+            n = x.shape[0]
+            bn_tools.set_cumulative_momentum(layers, node.seen, n)
+            outputs.append(run(x))
+            node.seen += n
+        node.stats = bn_tools.save_layer_stats(layers)
+        return outputs
+
+    def calibrate(self, batches: list[torch.Tensor]) -> None:
+        """Run one chunk of calibration batches through the trie (in order, chunk after
+        chunk: each node's statistics continue from the previous chunk's)."""
+        split = self.split
+        _set_mode(split, True)
+        holder = [self._calibrated(self.root, split.stem_bns, batches, split.stem)]
+        _visit_children(self.root, holder, self._calibrate)
+
+    def _calibrate(self, node: _Node, holder: list) -> None:
+        if node.key[0] == "head":
+            inputs = holder.pop()
+            if self.split.head_bns:
+                self._calibrated(node, self.split.head_bns, inputs, self.split.head)
+            return
+        _, s, b = node.key
+        block = self.stages[s].blocks[b]
+        inputs = holder.pop()
+        # Handed over in a list, never bound here: this frame lives while the subtree runs.
+        outputs = [self._calibrated(node, bn_tools.batchnorms(block), inputs, block)]
+        del inputs
+        _visit_children(node, outputs, self._calibrate)
+
+    # --------------------------------------------------------------------- eval pass
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]], first: int, consume):
+        """Run the eval batches (numbered from ``first``) through the trie."""
+        split = self.split
+        _set_mode(split, False)
+        if self.root.stats is not None:
+            bn_tools.load_layer_stats(split.stem_bns, self.root.stats)
+        labels = [y for _, y in batches]
+        holder = [[split.stem(x) for x, _ in batches]]
+        _visit_children(self.root, holder, lambda c, h: self._eval(c, h, labels, first, consume))
+
+    def _eval(self, node: _Node, holder: list, labels, first: int, consume) -> None:
+        inputs = holder.pop()
+        if node.key[0] == "head":
+            if node.stats is not None:
+                bn_tools.load_layer_stats(self.split.head_bns, node.stats)
+            for t, x in enumerate(inputs):
+                consume(node.subnets, first + t, self.split.head(x), labels[t])
+            return
+        _, s, b = node.key
+        block = self.stages[s].blocks[b]
+        if node.stats is not None:
+            bn_tools.load_layer_stats(bn_tools.batchnorms(block), node.stats)
+        # Handed over in a list, never bound here: this frame lives while the subtree runs.
+        outputs = [[block(x) for x in inputs]]
+        del inputs
+        _visit_children(node, outputs, lambda c, h: self._eval(c, h, labels, first, consume))
+
+
+def _visit_children(node: _Node, holder: list, visit: Callable[[_Node, list], None]) -> None:
+    """``visit(child, [outputs])`` for each child of ``node``, ``outputs`` popped from
+    ``holder``; the last child gets the only reference left, so it can drop the outputs as
+    soon as it has its own."""
+    outputs = holder.pop()
+    children = node.ordered_children()
+    for i, child in enumerate(children):
+        if i == len(children) - 1:
+            last = [outputs]
+            del outputs
+            visit(child, last)
+        else:
+            visit(child, [outputs])
+
+
+def _chunks(batches: Iterable[Any], max_images: int) -> Iterator[list]:
+    """Consecutive batches, at most ``max_images`` images a chunk but at least one batch
+    (``max_images=0``: everything in one chunk)."""
+    chunk, count = [], 0
+    for batch in batches:
+        n = _images(batch).shape[0]
+        if chunk and max_images and count + n > max_images:
+            yield chunk
+            chunk, count = [], 0
+        chunk.append(batch)
+        count += n
+    if chunk:
+        yield chunk
+
+
+def _peek(batches: Iterable[Any]) -> tuple[Any, Iterator[Any]]:
+    """The first item (``None`` when there is none) and an iterator over all of them."""
+    iterator = iter(batches)
+    first = next(iterator, None)
+    return first, (iterator if first is None else itertools.chain([first], iterator))
+
+
+def _as_subnets(model: nn.Module, subnets: Sequence[Subnet | str]) -> list[Subnet]:
+    return [Subnet.parse(model, s) if isinstance(s, str) else s for s in subnets]
+
+
+@torch.no_grad()
+def subnet_logits(
+    model: nn.Module,
+    subnets: Sequence[Subnet | str],
+    eval_batches: EvalBatches,
+    calib_batches: CalibBatches | None,
+    consume: Consumer,
+    chunk_images: int | None = None,
+    memory_mb: float | None = DEFAULT_MEMORY_MB,
+    consume_main: MainConsumer | None = None,
+) -> str:
+    """Feed every sub-network's logits on every eval batch to ``consume``, sharing prefixes.
+
+    ``consume(indices, batch_index, logits, labels)`` receives the logits of the sub-networks
+    ``subnets[i] for i in indices`` (equal sub-networks share one call) on eval batch number
+    ``batch_index``. Calls come in no particular order of sub-networks, but each sub-network
+    gets its batches in order.
+
+    Images run in chunks of consecutive batches, calibration images first, then evaluation
+    images; a chunk's activations are dropped before the next chunk is read, so memory does
+    not grow with the number of images. The results do not depend on the chunks.
+
+    Args:
+        model: the main network; its BN statistics and train/eval mode are restored after.
+        subnets: the sub-networks (Subnets or their string forms).
+        eval_batches: returns a fresh iterable of ``(images, labels)`` each call.
+        calib_batches: returns a fresh iterable of training images each call, to re-estimate
+            BN statistics for every sub-network (as ``bn.recalibrate``); ``None`` runs each
+            sub-network with the model's own statistics.
+        chunk_images: at most this many images a chunk (but at least one batch); ``None``
+            sizes chunks from ``memory_mb``.
+        memory_mb: MiB of activations (and images) a chunk may hold; ``None``: one chunk of
+            everything, fastest when it fits. The model and one batch's temporaries come on
+            top.
+        consume_main: called as ``consume_main(batch_index, logits, labels)`` with the main
+            network's logits (its own BN statistics, eval mode) on every eval batch, before
+            any sub-network's logits on that batch.
+
+    Returns:
+        ``"shared"``, or ``"naive"`` when the model's forward could not be split into stem,
+        blocks and head and each sub-network ran on its own.
+
+    Raises:
+        ConfigError: no sub-networks, a sub-network that does not fit the model, no batches,
+            a ``chunk_images`` or ``memory_mb`` that is not positive.
+    """
+    model = unwrap(model)
+    budget = _budget(subnets, chunk_images, memory_mb)
+    stages = find_stages(model)
+    subnets = _as_subnets(model, subnets)
+    for subnet in subnets:
+        subnet.validate(stages)
+    saved = bn_tools.save_stats(model)
+    momenta = [(m, m.momentum) for m in bn_tools.batchnorms(model)]
+    with kept_modes(model):
+        try:
+            probe, calib, evals = _first_images(calib_batches, eval_batches)
+            try:
+                split = ModelSplit(model, stages, probe)
+            except SplitError:
+                del calib, evals  # nothing read but their first batch
+                _naive(model, subnets, eval_batches, calib_batches, consume, consume_main)
+                return "naive"
+            del probe
+            runner = _Runner(split, build_trie(subnets, _Node), stages)
+            if calib is not None:
+                with split.installed():
+                    for chunk in _sized_chunks(calib, runner, chunk_images, budget):
+                        runner.calibrate(chunk)
+                        del chunk  # dropped before the next chunk is read
+            evals = iter(eval_batches()) if evals is None else evals
+            # consume_main's caller keeps the main network's logits of a chunk's images.
+            extra = split.bytes_per_image["head",] if consume_main is not None else 0
+            chunks = _sized_chunks(evals, runner, chunk_images, budget, extra)
+            _evaluation_pass(model, saved, runner, chunks, consume, consume_main)
+            return "shared"
+        finally:
+            for m, momentum in momenta:
+                m.momentum = momentum
+            bn_tools.load_stats(model, saved)
+
+
+def _budget(subnets: Sequence[Any], chunk_images: int | None, memory_mb: float | None):
+    """The memory budget in bytes (None: no limit), once the arguments are checked."""
+    if not subnets:
+        raise ConfigError("no sub-networks to evaluate: pass at least one")
+    if chunk_images is not None and chunk_images < 1:
+        raise ConfigError(f"chunk_images={chunk_images} must be >= 1 or None")
+    if memory_mb is not None and not memory_mb > 0:
+        raise ConfigError(f"memory_mb={memory_mb} must be > 0 (MiB) or None for no limit")
+    return None if memory_mb is None else memory_mb * 2**20
+
+
+def _first_images(
+    calib_batches: CalibBatches | None, eval_batches: EvalBatches
+) -> tuple[torch.Tensor, Iterator[Any] | None, Iterator[Any] | None]:
+    """Two images to probe the model with, from the calibration batches (or the eval batches
+    without calibration), and the iterator they came from, still holding them."""
+    calib = evals = None
+    if calib_batches is not None:
+        first, calib = _peek(_images(b) for b in calib_batches())
+        if first is None:
+            raise ConfigError("calibration got no batches: pass at least one batch of images")
+    else:
+        first, evals = _peek(eval_batches())
+        if first is None:
+            raise ConfigError("evaluation got no images")
+        first = first[0]
+    return first[:2], calib, evals
+
+
+def _sized_chunks(
+    batches: Iterator[Any],
+    runner: _Runner,
+    chunk_images: int | None,
+    budget: float | None,
+    extra: int = 0,
+) -> Iterator[list]:
+    """``batches`` in chunks of ``chunk_images``, or of as many images as ``budget`` holds."""
+    first, batches = _peek(batches)
+    if first is None:
+        return iter(())
+    if chunk_images is not None:
+        size = chunk_images
+    else:
+        size = runner.images_per_chunk(_images(first), budget, extra)
+    del first
+    return _chunks(batches, size)
+
+
+def _evaluation_pass(
+    model: nn.Module,
+    saved: dict[str, torch.Tensor],
+    runner: _Runner,
+    chunks: Iterator[list],
+    consume: Consumer,
+    consume_main: MainConsumer | None,
+) -> None:
+    """Each chunk of eval batches through the main network (``consume_main``, with its own BN
+    statistics) and then through the trie."""
+    first_batch = 0  # number of the chunk's first eval batch
+    for chunk in chunks:
+        if consume_main is not None:
+            bn_tools.load_stats(model, saved)
+            model.eval()
+            for t, (images, labels) in enumerate(chunk):
+                consume_main(first_batch + t, model(images), labels)
+        with runner.split.installed():
+            runner.evaluate(chunk, first_batch, consume)
+        first_batch += len(chunk)
+        del chunk
+    if not first_batch:
+        raise ConfigError("evaluation got no images")
+
+
+def _naive(
+    model: nn.Module,
+    subnets: Sequence[Subnet],
+    eval_batches: EvalBatches,
+    calib_batches: CalibBatches | None,
+    consume: Consumer,
+    consume_main: MainConsumer | None,
+) -> None:
+    """One sub-network at a time (a model whose forward cannot be split).
+
+    Nothing is cached: ``bn.recalibrate`` and the evaluation stream their batches. With
+    ``consume_main`` the loops turn around: the BN statistics re-estimated for each
+    sub-network are kept (no images), and each eval batch runs through the main network
+    and then through every sub-network.
+    """
+    seen = 0
+    if consume_main is None:
+        for index, subnet in enumerate(subnets):
+            if calib_batches is not None:
+                bn_tools.recalibrate(model, calib_batches(), subnet)
+            model.eval()
+            with use_subnet(model, subnet):
+                for t, (images, labels) in enumerate(eval_batches()):
+                    consume([index], t, model(images), labels)
+                    seen += 1
+            if not seen:
+                raise ConfigError("evaluation got no images")
+        return
+    own = bn_tools.save_stats(model)
+    stats = []
+    if calib_batches is not None:
+        for subnet in subnets:
+            bn_tools.recalibrate(model, calib_batches(), subnet)
+            stats.append(bn_tools.save_stats(model))
+    model.eval()
+    for t, (images, labels) in enumerate(eval_batches()):
+        bn_tools.load_stats(model, own)
+        consume_main(t, model(images), labels)
+        for index, subnet in enumerate(subnets):
+            if stats:
+                bn_tools.load_stats(model, stats[index])
+            with use_subnet(model, subnet):
+                consume([index], t, model(images), labels)
+        seen += 1
+    if not seen:
+        raise ConfigError("evaluation got no images")
+
+
+def evaluate_subnets_shared(
+    model: nn.Module,
+    subnets: Sequence[Subnet | str],
+    eval_batches: EvalBatches,
+    calib_batches: CalibBatches | None,
+    chunk_images: int | None = None,
+    memory_mb: float | None = DEFAULT_MEMORY_MB,
+) -> list[dict]:
+    """Accuracy of each sub-network, BN re-calibrated for it, sharing common prefixes.
+
+    A drop-in for :func:`nestedtrain.engine.evaluate.evaluate_subnets` with the same result:
+    ``[{"subnet", "acc", "acc5", "loss"}]`` in the order of ``subnets`` (accuracies in percent,
+    counts all-reduced when distributed). ``calib_batches=None`` keeps the model's own BN
+    statistics for every sub-network instead of re-estimating them. ``chunk_images`` and
+    ``memory_mb`` bound the memory (see :func:`subnet_logits`), not the result.
+    """
+    model = unwrap(model)
+    subnets = _as_subnets(model, subnets)
+    # Each sub-network gets its batches in order, so each sum runs in evaluate's order.
+    counts: dict[int, torch.Tensor] = {}
+
+    def consume(indices: list[int], t: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        leaf = indices[0]
+        counts.setdefault(leaf, torch.zeros(4, dtype=torch.float64))
+        counts[leaf] += batch_counts(logits, labels)
+
+    subnet_logits(model, subnets, eval_batches, calib_batches, consume, chunk_images, memory_mb)
+    first_index = {}
+    for i, subnet in enumerate(subnets):
+        first_index.setdefault(subnet, i)
+    device = next(model.parameters()).device
+    return [
+        {"subnet": str(subnet), **metrics_from_counts(counts[first_index[subnet]], device)}
+        for subnet in subnets
+    ]
+
+
+@torch.no_grad()
+def kl_drift_snapshot(
+    model: nn.Module,
+    subnets: Sequence[Subnet | str],
+    eval_batches: EvalBatches,
+    calib_batches: CalibBatches,
+    chunk_images: int | None = None,
+    memory_mb: float | None = DEFAULT_MEMORY_MB,
+) -> dict[str, float]:
+    """Mean ``KL(p_main || p_sub)`` over the eval images, per sub-network.
+
+    The main network runs with its own BN statistics; each sub-network with statistics
+    re-estimated for it, as when it is evaluated. The model's statistics and train/eval mode
+    are restored afterwards. Sums are all-reduced when distributed. The main network's
+    log-probabilities are kept for one chunk of images at a time (``chunk_images`` and
+    ``memory_mb`` as for :func:`subnet_logits`).
+
+    Returns:
+        ``{subnet string: mean KL in nats}``, in the order of ``subnets``.
+    """
+    model = unwrap(model)
+    if not subnets:
+        raise ConfigError("kl_drift_snapshot got no sub-networks: pass at least one")
+    sums = torch.zeros(len(subnets), dtype=torch.float64)
+    images = [0]
+    # Per eval batch: the main network's log-probabilities and how many sub-networks have
+    # yet to be compared with them (then they are dropped).
+    main: dict[int, list] = {}
+
+    def consume_main(t: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        main[t] = [F.log_softmax(logits.float(), dim=1), len(subnets)]
+        images[0] += logits.shape[0]
+
+    def consume(indices: list[int], t: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        entry = main[t]
+        sub = F.log_softmax(logits.float(), dim=1)
+        kl = F.kl_div(sub, entry[0], log_target=True, reduction="sum").double().cpu()
+        for i in indices:
+            sums[i] += kl
+        entry[1] -= len(indices)
+        if entry[1] == 0:
+            del main[t]
+
+    subnet_logits(
+        model,
+        subnets,
+        eval_batches,
+        calib_batches,
+        consume,
+        chunk_images,
+        memory_mb,
+        consume_main=consume_main,
+    )
+    count = torch.tensor([float(images[0])], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        device = next(model.parameters()).device
+        reduced = torch.cat([sums, count]).to(device)
+        dist.all_reduce(reduced)
+        sums, count = reduced[:-1].cpu(), reduced[-1:].cpu()
+    means = (sums / count).tolist()
+    return {str(s): kl for s, kl in zip(subnets, means)}
+
+
+def append_kl_drift(run_dir: str | Path, epoch: int, snapshot: dict[str, float]) -> Path:
+    """Append one snapshot as a line of ``RUN/analysis/kl_drift.jsonl``; returns the file."""
+    path = Path(run_dir) / KL_DRIFT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"epoch": int(epoch), "kl": [{"subnet": s, "kl": v} for s, v in snapshot.items()]}
+    atomic_append_line(path, json.dumps(record))
+    return path

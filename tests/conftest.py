@@ -60,6 +60,15 @@ class ListStageNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine: one thread avoids spinning workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_model(family: str, seed: int = 0) -> tuple[nn.Module, int]:
     name, kwargs, side = FAMILIES[family]
     torch.manual_seed(seed)

@@ -51,13 +51,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["data.train_subset=256", "batch_size=64", "epochs=2", "device=cpu", "data.calib_images=256"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny convolutions on a shared 2-core machine: one thread avoids spinning workers.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------- helpers

@@ -533,22 +533,23 @@ def test_every_dataset_has_a_spec():
     ids=["rrc-randaugment-mixup", "pad-jitter"],
 )
 def test_train_batches_from_a_step_equal_the_rest_of_the_epoch(cfg):
-    data = build(cfg, seed=1)
-    whole = list(data.train_batches(3))
-    rest = list(data.train_batches(3, start=5))
-    assert len(rest) == len(whole) - 5
-    for (x, y), (x_rest, y_rest) in zip(whole[5:], rest):
+    _assert_rest_of_epoch(build(cfg, seed=1), epoch=3, start=5)
+
+
+def _assert_rest_of_epoch(data, epoch: int, start: int) -> list:
+    """Batches from step ``start`` equal the rest of an uninterrupted epoch; returns those."""
+    whole = list(data.train_batches(epoch))
+    rest = list(data.train_batches(epoch, start=start))
+    assert len(rest) == len(whole) - start
+    for (x, y), (x_rest, y_rest) in zip(whole[start:], rest):
         assert torch.equal(x, x_rest) and torch.equal(y, y_rest)
+    return whole
 
 
 def test_imagefolder_batches_from_a_step_with_workers(folder_root):
     cfg = DataConfig(name="imagefolder", root=folder_root, img_size=16, val_size=0.0, num_workers=2)
     cfg.color_jitter, cfg.mixup = 0.4, 0.5
     data = build(cfg, batch_size=4)
-    whole = list(data.train_batches(1))
-    rest = list(data.train_batches(1, start=2))
-    assert len(rest) == len(whole) - 2
-    for (x, y), (x_rest, y_rest) in zip(whole[2:], rest):
-        assert torch.equal(x, x_rest) and torch.equal(y, y_rest)
+    whole = _assert_rest_of_epoch(data, epoch=1, start=2)
     # the next epoch starts from step 0 again
     assert len(list(data.train_batches(2))) == len(whole)

@@ -29,13 +29,7 @@ from nestedtrain.engine.config import load_config
 from nestedtrain.engine.evaluate import evaluate_subnets
 from nestedtrain.engine.subnet_eval import DEFAULT_MEMORY_MB
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(n_eval: int = 150, n_calib: int = 100, side: int = 8):

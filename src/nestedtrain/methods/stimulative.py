@@ -145,7 +145,7 @@ class StimulativeTraining(MethodStep):
         # Whether the shared path runs, and why not: decided on the first sampling step.
         self.shared_prefix: str | None = None
         self._split: ModelSplit | None = None
-        self._split_checked = False
+        self._main_subnet = Subnet(tuple(range(len(stage))) for stage in self.stages)
 
     @property
     def reestimates_main_bn(self) -> bool:
@@ -190,7 +190,7 @@ class StimulativeTraining(MethodStep):
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         if not self._sampling():
             with self.sync_gradients(last=True):
-                ce, _ = self._main_forward_backward(images, labels, {}, [])
+                ce, _ = self._main_forward_backward(images, labels)
             return {"loss": ce, "ce": ce, "kl": torch.zeros_like(ce), "subnets": []}
         drawn = self._draw(images.shape[-1])
         if self._shared_split(images) is None:
@@ -205,11 +205,11 @@ class StimulativeTraining(MethodStep):
         self,
         images: torch.Tensor,
         labels: torch.Tensor,
-        extra: dict[int, Subnet],
-        terms: list,
+        same_as_main: Sequence[int] = (),
+        terms: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The main network's forward, its CE backward, and the loss terms of the drawn
-        sub-networks ``extra`` (index -> sub-network) that are the main network itself.
+        """The main network's forward, its CE backward, and the loss terms (into ``terms``)
+        of the drawn sub-networks ``same_as_main`` that are the main network itself.
         Returns the detached CE and the teacher logits."""
         with self.precision.autocast():
             logits = self.model(images).float()
@@ -219,7 +219,7 @@ class StimulativeTraining(MethodStep):
         ce = self.criterion(main_logits, labels)
         teacher = logits.detach()
         loss = ce
-        for j in extra:
+        for j in same_as_main:
             term = self._term(logits, teacher, labels)
             terms[j] = term.detach()
             loss = loss + self.lam * term
@@ -233,7 +233,7 @@ class StimulativeTraining(MethodStep):
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Main network, then each sub-network whole, each backpropagated at once."""
         with self.sync_gradients(last=False):
-            ce, teacher = self._main_forward_backward(images, labels, {}, [])
+            ce, teacher = self._main_forward_backward(images, labels)
         terms = []
         for j, (subnet, side) in enumerate(drawn):
             with self.sync_gradients(last=j == len(drawn) - 1):
@@ -258,9 +258,8 @@ class StimulativeTraining(MethodStep):
     def _shared_split(self, images: torch.Tensor) -> ModelSplit | None:
         """The model split into pieces when the shared path applies, else None; decided on
         the first sampling step and logged once, with the reason when it does not apply."""
-        if self._split_checked:
+        if self.shared_prefix is not None:
             return self._split
-        self._split_checked = True
         reason = None
         if not self.share_prefix:
             reason = "st.share_prefix is off"
@@ -341,14 +340,13 @@ class StimulativeTraining(MethodStep):
         terms: list,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         subnets = [drawn[j][0] for j in same]
-        full = Subnet(tuple(range(len(stage))) for stage in self.stages)
-        root = build_trie([*subnets, full])
+        root = build_trie([*subnets, self._main_subnet])
         spine = [root]
-        for key in [*run_path(full), ("head",)]:
+        for key in [*run_path(self._main_subnet), ("head",)]:
             spine.append(spine[-1].children[key])
         # Sub-networks equal to the main network end at its head: no cut, one backward.
         main_index = len(subnets)
-        at_main_head = {same[i]: subnets[i] for i in spine[-1].subnets if i != main_index}
+        at_main_head = [same[i] for i in spine[-1].subnets if i != main_index]
         cut_at = [node for node in spine[:-1] if len(node.children) > 1]
         cuts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         with self._cut(cut_at, cuts):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,3 +249,24 @@ def test_python_dash_m_nestedtrain_is_the_command():
         timeout=120,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("nestedtrain: error: unknown model")
+
+
+def test_batch_job_logs_a_progress_line_every_log_every_steps(tmp_path):
+    # A real process whose stderr is a pipe, as a batch job's log: no progress bar, but a line
+    # every log_every steps.
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("method: ct\nmodel:\n  name: resnet20\ndata:\n  name: digits\n")
+    overrides = ["data.train_subset=256", "batch_size=32", "epochs=2", "eval.subnets=none"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "nestedtrain", "train", str(recipe), *overrides, "log_every=3"]
+        + ["--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    pattern = r"nestedtrain: epoch (\d)/2 step (\d)/8 loss \d+\.\d{4} \d+\.\d images/s"
+    lines = re.findall(pattern, proc.stderr)
+    assert lines == [(e, s) for e in "12" for s in "36"], proc.stderr
+    assert "\r" not in proc.stderr  # no progress bar

@@ -384,8 +384,8 @@ def test_torchrun_ranks_stop_at_the_same_step(tmp_path):
         "method=st",
         "model.name=vit_tiny_patch16_224",
         "model.kwargs={img_size: 8, patch_size: 4, depth: 2}",
-        "data.train_subset=256",
-        "batch_size=64",
+        "data.train_subset=192",
+        "batch_size=8",  # 24 steps an epoch; ranks agree on stopping every 20 steps
         "epochs=2",
         "eval.subnets=none",
     ]
@@ -399,8 +399,8 @@ def test_torchrun_ranks_stop_at_the_same_step(tmp_path):
             timeout=300,
         )
     first = [json.loads((out / f"stop{r}-first.json").read_text()) for r in (0, 1)]
-    assert first[1] == {"signal": "SIGUSR1", "epoch": 0, "step": 3}
-    assert first[0] == {"signal": "a stop signal to another rank", "epoch": 0, "step": 3}
+    assert first[1] == {"signal": "SIGUSR1", "epoch": 0, "step": 20}
+    assert first[0] == {"signal": "a stop signal to another rank", "epoch": 0, "step": 20}
     assert [json.loads((out / f"stop{r}-resume.json").read_text()) for r in (0, 1)] == [None] * 2
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [0, 1]

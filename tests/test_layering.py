@@ -1,6 +1,7 @@
 """The package's layers: a module imports only from its own layer and the ones below it.
 
-    models, data, losses (and the leaf modules errors, distributed, runlog, memory, modes)
+    models, data, losses (and the leaf modules errors, distributed, runlog, memory, modes,
+    signals)
       <- elastic <- bn, flops <- methods <- engine <- analysis, demo <- cli
 
 Read from the source with ast, so a lazy import inside a function counts as well.
@@ -18,7 +19,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "nestedtrain"
 
 LAYERS = [
-    {"models", "data", "losses", "errors", "distributed", "runlog", "memory", "modes"},
+    {"models", "data", "losses", "errors", "distributed", "runlog", "memory", "modes", "signals"},
     {"elastic"},
     {"bn", "flops"},
     {"methods"},

@@ -235,3 +235,17 @@ def test_resize_per_is_checked():
     model = nt.create_model("resnet20", num_classes=10)
     with pytest.raises(ValueError, match="st.resize_per='batch' must be one of subnet, step"):
         StimulativeTraining(model, torch.optim.SGD(model.parameters(), lr=0.1), resize_per="batch")
+
+
+def test_resize_multiple_draws_only_multiples_within_the_range():
+    model = nt.create_model("resnet20", num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    st = StimulativeTraining(
+        model, optimizer, num_subnets=200, resize=[0.43, 1.0], resize_multiple=8
+    )
+    sides = {side for _, side in st._draw(224)}
+    assert sides == set(range(96, 225, 8))  # int(0.43·224) = 96 .. 224: 17 sides
+    every = StimulativeTraining(model, optimizer, num_subnets=400, resize=[0.43, 1.0])
+    assert len({side for _, side in every._draw(224)}) > 100  # 1: every side, as before
+    with pytest.raises(ValueError, match="st.resize_multiple=0 must be >= 1"):
+        StimulativeTraining(model, optimizer, resize=[0.5, 1.0], resize_multiple=0)

@@ -12,7 +12,9 @@ import yaml
 
 from nestedtrain.analysis.compare import compare_runs, parse_baseline
 from nestedtrain.cli import main
-from nestedtrain.engine.sweep import SWEEP_FILE, expand_grid
+from nestedtrain.engine.config import load_config, to_yaml
+from nestedtrain.engine.sweep import SWEEP_FILE, expand_grid, plan_sweep
+from nestedtrain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "digits_ct.yaml")
@@ -189,6 +191,37 @@ def test_compare_means_stds_and_paired_differences_by_hand(tmp_path, capsys):
         assert (root / "compare" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_on_the_validation_split_reads_no_test_number(tmp_path, capsys):
+    """``--split val``: the main network's last validation accuracy, paired by seed; nothing
+    measured on the test split (main, sub-networks) reaches the table or the JSON."""
+    root = tmp_path / "sweep"
+    val = {("ct", 0): 80.0, ("ct", 1): 82.0, ("st", 0): 81.0, ("st", 1): 86.0}
+    names = {}
+    for (method, seed), acc in val.items():
+        name = f"method={method},seed={seed}"
+        subnets = {"subnets": [{"subnet": "1-1-1", "acc": 11.0}], "subnet_acc_mean": 11.0}
+        # test accuracies of 33.0 must appear nowhere
+        run = _fake_run(root / name, {"method": method, "seed": seed}, subnets, [10.0, 33.0])
+        if method == "ct" and seed == 1:  # a run from before summary.json held val_acc
+            lines = [{"epoch": 0, "val_acc": 50.0}, {"epoch": 1, "val_acc": acc, "test_acc": 33.0}]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        else:
+            summary = json.loads((run / "summary.json").read_text())
+            (run / "summary.json").write_text(json.dumps({**summary, "val_acc": acc}))
+        names[name] = [f"method={method}", f"seed={seed}"]
+    _sweep_of(root, names)
+    result = compare_runs([root], baseline=parse_baseline("method=ct"), split="val")
+    groups = {g["label"]["method"]: g for g in result["groups"]}
+    assert groups["ct"]["main_acc"]["mean"] == pytest.approx(81.0)
+    assert groups["st"]["paired_main_acc"]["mean"] == pytest.approx(2.5)  # 1.0 and 4.0
+    assert "subnet_acc_mean" not in groups["st"] and "33.0" not in json.dumps(result)
+    assert main(["compare", str(root), "--baseline", "method=ct", "--split", "val"]) == 0
+    printed = capsys.readouterr().out
+    assert "main val %" in printed and "83.50 ± 3.54" in printed and "subnets" not in printed
+    assert main(["compare", str(root), "--split", "train"]) == 2
+    assert "invalid choice: 'train'" in capsys.readouterr().err
+
+
 def test_compare_motivation_efficiency_against_classical_groups(tmp_path):
     root = tmp_path / "sweep"
     names = {}
@@ -229,3 +262,18 @@ def test_compare_refuses_mixed_data_and_bad_baselines(tmp_path, capsys):
     assert main(["compare", str(root), "--by", "nope"]) == 2
     assert "--by nope: no such recipe field" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "missing")]) == 2
+
+
+def test_sweep_resumes_a_run_whose_config_predates_a_new_field(tmp_path):
+    """A recipe field added after a run was made reads as its default there, so the same sweep
+    command continues after an upgrade; a real difference is still refused."""
+    [run] = expand_grid(["seed=0", *TINY])
+    folder = tmp_path / run.name
+    folder.mkdir()
+    text = to_yaml(load_config(RECIPE, list(run.overrides)))
+    assert "  pca_lighting: 0.0\n" in text
+    (folder / "config.yaml").write_text(text.replace("  pca_lighting: 0.0\n", ""))
+    assert plan_sweep(RECIPE, [run], tmp_path) == [(run, "restart")]
+    (folder / "config.yaml").write_text(text.replace("lr: 0.1", "lr: 0.2"))
+    with pytest.raises(ConfigError, match=r"optim.lr=0.2 there, 0.1 here"):
+        plan_sweep(RECIPE, [run], tmp_path)

@@ -9,7 +9,23 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_mean", "barrier"]
+__all__ = ["all_ranks", "all_reduce_mean", "barrier"]
+
+
+def all_ranks(
+    flag: bool, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu"
+) -> bool:
+    """Whether ``flag`` holds on every rank of ``group`` (``flag`` when not distributed).
+
+    For a choice each rank makes on what it sees alone (a probe, a file it read): the ranks
+    take the same branch, so their collectives stay paired. ``device`` must suit the group's
+    backend (the CPU for gloo, this rank's GPU for nccl).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=group)
+    return bool(tensor.item())
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -9,6 +9,10 @@ have. Motivation groups get the Motivation paper's efficiency metrics against th
 (``method=ct``) groups of their base and motivated models in the same comparison.
 
 Standard deviations are sample standard deviations (n - 1); with one run there is none.
+
+``split="val"`` compares the main network's accuracy on the held-out validation split (the
+run's last evaluation) and leaves out everything measured on the test split: choose settings
+that way, then read the test split once for the settings chosen.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,8 @@ __all__ = [
 
 # Fields that must agree inside a group: a mean over different data or schedules means nothing.
 _MUST_AGREE = ("data.name", "data.train_subset", "epochs")
+# The splits a comparison can read the main network's accuracy from.
+SPLITS = ("test", "val")
 # Fields that differ between runs without making them different settings.
 _NOT_SETTINGS = ("seed", "data.root", "device")
 
@@ -69,6 +75,16 @@ class _Run:
     @property
     def seed(self) -> Any:
         return self.config.get("seed")
+
+    def main_acc(self, split: str) -> float | None:
+        """The main network's accuracy at the run's last evaluation on ``split``."""
+        if split == "test":
+            return self.summary.get("main_acc")
+        if "val_acc" in self.summary:
+            return self.summary["val_acc"]
+        # runs written before summary.json held val_acc: their last logged evaluation
+        evaluated = [m["val_acc"] for m in self.metrics if m.get("val_acc") is not None]
+        return evaluated[-1] if evaluated else None
 
     def field(self, key: str) -> str:
         if key not in self.config:
@@ -146,7 +162,7 @@ def _images_per_second(run: _Run) -> float | None:
     return statistics.median(rates) if rates else None
 
 
-def _group_stats(runs: Sequence[_Run]) -> dict[str, Any]:
+def _group_stats(runs: Sequence[_Run], split: str) -> dict[str, Any]:
     summaries = [run.summary for run in runs]
 
     def column(key: str) -> list[Any]:
@@ -156,12 +172,14 @@ def _group_stats(runs: Sequence[_Run]) -> dict[str, Any]:
         "n": len(runs),
         "seeds": [run.seed for run in runs],
         "runs": [str(run.folder) for run in runs],
-        "main_acc": _mean_std(column("main_acc")),
+        "main_acc": _mean_std([run.main_acc(split) for run in runs]),
         "best_epoch": _mean_std(column("best_epoch")),
         "wall_seconds": _mean_std(column("wall_seconds")),
         "images_per_second": _mean_std([_images_per_second(run) for run in runs]),
         "flops": _mean_std(column("flops")),
     }
+    if split != "test":
+        return stats  # sub-networks and the motivation models are measured on test only
     if any(s.get("subnets") for s in summaries):
         stats["subnet_acc_mean"] = _mean_std(column("subnet_acc_mean"))
         minima = [m for m in column("subnet_acc_min") if m is not None]
@@ -175,12 +193,14 @@ def _group_stats(runs: Sequence[_Run]) -> dict[str, Any]:
     return stats
 
 
-def _paired(group: Sequence[_Run], baseline: Sequence[_Run], key: str) -> dict[str, Any] | None:
-    base_by_seed = {run.seed: run.summary.get(key) for run in baseline}
+def _paired(
+    group: Sequence[_Run], baseline: Sequence[_Run], value: Callable[[_Run], float | None]
+) -> dict[str, Any] | None:
+    base_by_seed = {run.seed: value(run) for run in baseline}
     diffs = [
-        run.summary[key] - base_by_seed[run.seed]
+        value(run) - base_by_seed[run.seed]
         for run in group
-        if run.summary.get(key) is not None and base_by_seed.get(run.seed) is not None
+        if value(run) is not None and base_by_seed.get(run.seed) is not None
     ]
     return _mean_std(diffs) if diffs else None
 
@@ -237,6 +257,7 @@ def compare_runs(
     paths: Sequence[str | Path],
     by: Sequence[str] | None = None,
     baseline: dict[str, str] | None = None,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Group finished runs and summarise each group over its seeds.
 
@@ -244,14 +265,18 @@ def compare_runs(
         paths: run folders, or folders holding them (a sweep's ``--out``).
         by: the recipe fields to group by (default: see the module docstring).
         baseline: ``{field: value}`` picking the baseline group for paired differences.
+        split: ``test``, or ``val``: the main network's validation accuracy only (runs
+            without a validation split have none).
 
     Returns:
         ``{"by": [...], "groups": [{"label": {field: value}, ...stats}], "baseline": ...}``.
 
     Raises:
         ConfigError: no runs, an unknown field, runs of different data or epochs in one group,
-            a baseline that matches no group or several.
+            a baseline that matches no group or several, an unknown split.
     """
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r} must be one of {', '.join(SPLITS)}")
     folders = find_runs(paths)
     sweeps: dict[Path, dict[str, Any]] = {}
     runs = []
@@ -282,18 +307,21 @@ def compare_runs(
     for label, members in groups.items():
         members.sort(key=lambda run: str(run.seed))
         named = dict(zip(keys, label))
-        stats = {"label": named, **_group_stats(members)}
+        stats = {"label": named, **_group_stats(members, split)}
         if baseline_label is not None and label != baseline_label:
             base = groups[baseline_label]
-            stats["paired_main_acc"] = _paired(members, base, "main_acc")
+            stats["paired_main_acc"] = _paired(members, base, lambda run: run.main_acc(split))
             if "subnet_acc_mean" in stats:
-                stats["paired_subnet_acc_mean"] = _paired(members, base, "subnet_acc_mean")
-        if members[0].config.get("method") == "motivation":
+                stats["paired_subnet_acc_mean"] = _paired(
+                    members, base, lambda run: run.summary.get("subnet_acc_mean")
+                )
+        if split == "test" and members[0].config.get("method") == "motivation":
             stats["efficiency"] = _motivation_efficiency(members, groups)
-        stats["curve"] = _accuracy_curve(members)
+        stats["curve"] = _accuracy_curve(members, f"{split}_acc")
         result_groups.append(stats)
     return {
         "by": keys,
+        "split": split,
         "groups": result_groups,
         "baseline": dict(zip(keys, baseline_label)) if baseline_label is not None else None,
     }
@@ -320,13 +348,13 @@ def _find_baseline(
     return matches[0]
 
 
-def _accuracy_curve(runs: Sequence[_Run]) -> dict[str, list]:
-    """Per epoch with a test accuracy in every run: mean and std over the runs."""
+def _accuracy_curve(runs: Sequence[_Run], key: str) -> dict[str, list]:
+    """Per epoch with an accuracy ``key`` in every run: mean and std over the runs."""
     per_epoch: dict[int, list[float]] = {}
     for run in runs:
         for m in run.metrics:
-            if m.get("test_acc") is not None:
-                per_epoch.setdefault(m["epoch"], []).append(m["test_acc"])
+            if m.get(key) is not None:
+                per_epoch.setdefault(m["epoch"], []).append(m[key])
     epochs = [e for e in sorted(per_epoch) if len(per_epoch[e]) == len(runs)]
     stats = [_mean_std(per_epoch[e]) for e in epochs]
     return {
@@ -356,7 +384,7 @@ def compare_rows(result: dict[str, Any]) -> list[tuple[list[str], list[list[str]
     keys = result["by"]
     paired = result["baseline"] is not None
     subnets = any("subnet_acc_mean" in g for g in result["groups"])
-    header = [*keys, "n", "main %"]
+    header = [*keys, "n", "main %" if result.get("split", "test") == "test" else "main val %"]
     header += ["Δ main vs baseline"] if paired else []
     header += ["subnets mean %", "subnets min %"] if subnets else []
     header += ["Δ subnets vs baseline"] if paired and subnets else []

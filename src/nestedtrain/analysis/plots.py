@@ -296,7 +296,7 @@ def _group_name(label: dict[str, Any]) -> str:
 
 def plot_comparison(result: dict[str, Any], folder: str | Path) -> list[Path]:
     """Three figures of a comparison (``nestedtrain compare``), written into ``folder``:
-    test accuracy per epoch (mean line, ± std band) per group, the spread of sub-network
+    accuracy per epoch on the compared split (mean line, ± std band) per group, the spread of sub-network
     accuracies per group (when evaluated), and accuracy against training time."""
     folder = Path(folder)
     groups = result["groups"]
@@ -314,10 +314,12 @@ def plot_comparison(result: dict[str, Any], folder: str | Path) -> list[Path]:
         )
         ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test top-1 (%)")
+    split = result.get("split", "test")
+    ax.set_ylabel(f"{split} top-1 (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
-    ax.set_title("test accuracy per epoch: mean over seeds, ± std")
+    if ax.lines:  # runs evaluated on this split at the same epochs
+        ax.legend(fontsize=7)
+    ax.set_title(f"{split} accuracy per epoch: mean over seeds, ± std")
     paths.append(save_figure(figure, folder / "accuracy_per_epoch.png"))
 
     with_subnets = [g for g in groups if g.get("subnet_accs")]
@@ -347,7 +349,7 @@ def plot_comparison(result: dict[str, Any], folder: str | Path) -> list[Path]:
             label=_group_name(group["label"]),
         )
     ax.set_xlabel("training wall time (s), mean over seeds")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel(f"{split} top-1 (%)")
     ax.legend(fontsize=7)
     ax.set_title("accuracy against training cost")
     paths.append(save_figure(figure, folder / "accuracy_vs_cost.png"))

@@ -5,10 +5,12 @@
 - :mod:`.analyze`: ``analyze ...``, ``report``;
 - :mod:`.motivation`: ``efficiency``, ``tune-k``;
 - :mod:`.sweep`: ``sweep``, ``compare``;
+- :mod:`.check_data`: ``check-data``;
 - :mod:`.common`: what they share (parser, one-line errors, table, recorded command line).
 
 Library code raises; this package alone prints and sets exit statuses. Bad input is one line
-on stderr and exit status 2.
+on stderr and exit status 2. This module imports the commands (and with them torch) only once
+:func:`entry` handles stop signals.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import analyze, deploy, motivation, sweep, train
-from .common import Parser, run
+from ..signals import StopRequested, StopSignals
 
 __all__ = ["build_parser", "entry", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; each sets ``handler(args) -> exit status``."""
+    from . import analyze, check_data, deploy, motivation, sweep, train
+    from .common import Parser
+
     parser = Parser(
         prog="nestedtrain",
         description="Train residual networks through their nested sub-networks.",
@@ -36,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.register(subparsers)  # analyze ..., report
     motivation.register(subparsers)  # efficiency, tune-k
     sweep.register(subparsers)  # sweep, compare
+    check_data.register(subparsers)  # check-data
     return parser
 
 
@@ -52,10 +57,35 @@ def _log_to_stderr() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for bad input)."""
+    from .common import run
+
     _log_to_stderr()
     return run(build_parser, argv)
 
 
 def entry() -> None:
-    """The ``nestedtrain`` console script and ``python -m nestedtrain``."""
-    sys.exit(main())
+    """The ``nestedtrain`` console script and ``python -m nestedtrain``.
+
+    Stop signals are handled from here on, before torch loads, and to the process's end: one
+    that arrives before a command can stop cleanly ends it with status 75 (run it again), one
+    that arrives after it is done changes nothing (``nestedtrain train`` defers them while it
+    trains: see ``cmd_train``).
+    """
+    signals = StopSignals(defer=False).install()
+    try:
+        status = main()
+    except StopRequested as stop:
+        signals.defer = True
+        print(
+            f"nestedtrain: {stop.signal_name} before the command could stop cleanly; what it "
+            "wrote is whole: run the same command again",
+            file=sys.stderr,
+        )
+        status = stop.exit_status
+    except KeyboardInterrupt:  # Ctrl-C before ``run`` catches it: while the commands load
+        signals.defer = True
+        print("nestedtrain: interrupted", file=sys.stderr)
+        status = 130
+    finally:
+        signals.finish()  # done: a signal from here on changes nothing
+    sys.exit(status)

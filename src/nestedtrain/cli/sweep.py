@@ -8,7 +8,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..analysis.compare import compare_rows, compare_runs, parse_baseline, write_comparison
+from ..analysis.compare import (
+    SPLITS,
+    compare_rows,
+    compare_runs,
+    parse_baseline,
+    write_comparison,
+)
 from ..engine.sweep import expand_grid, plan_sweep, run_sweep, shell_command, train_command
 from .common import add_command, add_recipe_arguments, command_line, positive, table
 
@@ -64,6 +70,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--baseline", help="the group to take paired differences against, e.g. method=ct"
     )
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=SPLITS,
+        help="the main network's accuracy on: test (default), or val - the validation split "
+        "only, to choose settings without reading the test split",
+    )
     p.add_argument("--out", help="where to write compare.md/json and plots (default: RUN/compare)")
 
 
@@ -98,7 +111,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
-    result = compare_runs(args.runs, by=by, baseline=parse_baseline(args.baseline))
+    result = compare_runs(
+        args.runs, by=by, baseline=parse_baseline(args.baseline), split=args.split
+    )
     out = Path(args.out) if args.out else Path(args.runs[0]) / "compare"
     for header, rows in compare_rows(result):
         print(table(header, rows))

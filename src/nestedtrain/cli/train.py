@@ -23,6 +23,7 @@ from ..engine.trainer import Trainer
 from ..errors import ConfigError
 from ..flops import count_flops, count_params
 from ..models import create_model
+from ..signals import StopRequested, StopSignals
 from .common import (
     add_command,
     add_recipe_arguments,
@@ -50,6 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_recipe_arguments(p, "dotted key=value overrides, e.g. epochs=3 st.lam=5")
     p.add_argument("--out", help="run folder (default: runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: go on although the recipe changes what the run computes (epochs, "
+        "optimizer, ...); the changes are recorded in the run folder's resume_changes.jsonl",
+    )
 
     p = add_command(
         subparsers, "eval", cmd_eval, help="evaluate a checkpoint's main network and sub-networks"
@@ -98,9 +105,26 @@ def _default_out(recipe: str | None, cfg: DictConfig) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.recipe, args.overrides)
-    out = Path(args.out) if args.out else _default_out(args.recipe, cfg)
-    trainer = Trainer(cfg, out, resume=args.resume)
+    signals = StopSignals.installed()  # entry's, raising at once: nothing is written yet
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        out = Path(args.out) if args.out else _default_out(args.recipe, cfg)
+        if args.allow_changes and not args.resume:
+            raise ConfigError(
+                "--allow-changes goes with --resume: it allows a resumed run's changes"
+            )
+        trainer = Trainer(cfg, out, resume=args.resume, allow_changes=args.allow_changes)
+    except StopRequested as stop:
+        print(
+            f"nestedtrain: {stop.signal_name} during start-up, before anything was written: "
+            "run the same command again",
+            file=sys.stderr,
+        )
+        return stop.exit_status
+    if signals is not None:
+        # From here a signal is noted: the loop stops after its step with a checkpoint (one
+        # before the first step stops after it), and one after the last epoch changes nothing.
+        signals.defer = True
     try:
         summary = trainer.fit()
     except (TrainingInterrupted, TrainingDiverged) as stopped:

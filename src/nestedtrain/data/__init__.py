@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .config import DataConfig
 from .datasets import DATASETS
+from .images import BadImageError
 from .loaders import Data, build_data
 
-__all__ = ["DATASETS", "Data", "DataConfig", "build_data"]
+__all__ = ["DATASETS", "BadImageError", "Data", "DataConfig", "build_data"]

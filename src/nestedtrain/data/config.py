@@ -1,7 +1,7 @@
 """The data section of a training recipe."""
 
-# OmegaConf evaluates these annotations at run time, and ``int | None`` does not evaluate on
-# Python 3.9, which the package supports: keep ``Optional``.
+# OmegaConf evaluates these annotations at run time, and OmegaConf 2.3 (which pyproject allows)
+# does not read ``int | None`` (2.4 does): keep ``Optional``.
 # ruff: noqa: UP045
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ class DataConfig:
     crop_padding: Optional[int] = None  # for crop=pad; None = 1 (digits), 4 (others)
     hflip: Optional[float] = None  # flip probability; None = 0 (digits), 0.5 (others)
     color_jitter: float = 0.0  # timm colour jitter strength (brightness, contrast, saturation)
-    auto_augment: Optional[str] = None  # timm string ("rand-m9-mstd0.5", ...) or "trivialaugment"
+    pca_lighting: float = 0.0  # AlexNet PCA lighting noise, std of its weights (RGB); 0 = off
+    # timm string ("rand-m9-mstd0.5", ...), "trivialaugment" or "uniformaugment"
+    auto_augment: Optional[str] = None
     reprob: float = 0.0  # timm RandomErasing probability
     mixup: float = 0.0  # timm Mixup alpha
     cutmix: float = 0.0  # timm CutMix alpha
@@ -48,3 +50,5 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers for on-disk datasets
     on_device: Optional[bool] = None  # keep the images on the device; None = small datasets only
     calib_images: int = 2000  # training images for BatchNorm re-calibration
+    bad_images: str = "skip"  # imagefolder, an image that does not decode: skip | error
+    max_bad_fraction: float = 0.001  # skip: stop when more than this fraction is bad

@@ -15,6 +15,7 @@ so that it does not depend on the number of workers).
 from __future__ import annotations
 
 import abc
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from torchvision.datasets import ImageFolder
 from ..errors import ConfigError
 from .config import CROPS, DataConfig
 from .datasets import DATASETS, SPECS, DatasetSpec, load_arrays
+from .images import BAD_IMAGE_POLICIES, BadImages, read_or_replace
 from .transforms import (
     apply_pil_transform,
     build_pil_augment,
@@ -38,16 +40,18 @@ from .transforms import (
     host_rng_scope,
     make_generator,
     normalize,
+    pca_lighting_offset,
     random_pad_crop_flip,
     random_resized_crop_flip,
     resize,
+    to_device,
     to_uint8,
 )
 
 __all__ = ["Data", "build_data"]
 
 # Tags that keep the random streams drawn from one seed apart.
-_SPLIT, _SHUFFLE, _AUGMENT, _SAMPLE, _CALIB = range(5)
+_SPLIT, _SHUFFLE, _AUGMENT, _SAMPLE, _CALIB, _LIGHTING = range(6)
 _SPLITS = ("test", "val")
 
 
@@ -124,6 +128,10 @@ class Data(abc.ABC):
                 "use a smaller batch or more data"
             )
         self._sharding = _Sharding(n_train, batch_size, rank, world_size, seed)
+        # Image files that did not decode (only image folders have any).
+        self.bad_images = BadImages(
+            cfg.bad_images, cfg.max_bad_fraction, n_train + n_val + n_test, cfg.root
+        )
         self.steps_per_epoch = self._sharding.steps
         self.mixup_active = cfg.mixup > 0 or cfg.cutmix > 0
         if self.mixup_active and self.local_batch_size % 2:
@@ -236,11 +244,13 @@ class _TensorData(Data):
             for name, (x, y) in splits.items()
         }
         self._pil_augment = pil_augment
-        # timm's RandomErasing loops over the batch; its noise is drawn on the CPU (inside the
-        # host RNG scope) and copied into the device tensor.
+        self._lighting = cfg.pca_lighting
+        # timm's RandomErasing loops over the batch, its boxes from Python's RNG and its noise
+        # drawn on the batch's device, both seeded by the host RNG scope.
         self._erase = (
-            RandomErasing(cfg.reprob, mode="pixel", device="cpu") if cfg.reprob > 0 else None
+            RandomErasing(cfg.reprob, mode="pixel", device=self.device) if cfg.reprob > 0 else None
         )
+        self._std = torch.tensor(self.std).to(self.device)
 
     def train_batches(
         self, epoch: int, start: int = 0
@@ -248,7 +258,7 @@ class _TensorData(Data):
         images, labels = self._tensors["train"]
         generator = make_generator(self.seed, epoch, self.rank, _AUGMENT)
         for step, index in enumerate(self._sharding.rank_batches(epoch)):
-            index = index.to(images.device)
+            index = to_device(index, images.device)
             x = images[index].to(self.device, non_blocking=True)
             pil_seed, erase_seed, mix_seed = torch.randint(
                 2**62, (3,), generator=generator
@@ -278,10 +288,18 @@ class _TensorData(Data):
         if self._pil_augment is not None:
             x = apply_pil_transform(x, self._pil_augment, pil_seed)
         x = normalize(x, self.mean, self.std)
+        if self._lighting > 0:
+            x = self._add_lighting(x, pil_seed)
         if self._erase is not None:
-            with host_rng_scope(erase_seed):
+            with host_rng_scope(erase_seed, x.device):
                 self._erase(x)
         return x
+
+    def _add_lighting(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """PCA lighting noise on the normalised batch: the [0, 1] offset divided by std."""
+        alpha = torch.randn(len(x), 3, generator=make_generator(seed, _LIGHTING))
+        offset = to_device(pca_lighting_offset(alpha * self._lighting), x.device)
+        return x + (offset / self._std).view(len(x), 3, 1, 1)
 
     def _eval_batches(
         self, split: str, start: int, end: int, batch_size: int
@@ -293,7 +311,7 @@ class _TensorData(Data):
 
     def _calibration_batches(self, index: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         images, _ = self._tensors["train"]
-        for chunk in index.to(images.device).split(batch_size):
+        for chunk in to_device(index, images.device).split(batch_size):
             yield self._eval_images(images[chunk])
 
     def _eval_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -302,10 +320,12 @@ class _TensorData(Data):
 
 
 class _FolderSamples(Dataset):
-    """(path, label) samples read with ``loader`` and transformed.
+    """(path, label) samples read with ``loader`` and transformed, with a report of bad files.
 
     A key is an index, or ``(index, seed)`` to run the transform inside ``host_rng_scope(seed)``
-    so that an image's augmentation does not depend on which worker reads it.
+    so that an image's augmentation does not depend on which worker reads it. A file that does
+    not decode is replaced by the next one that does (``read_or_replace``); the third item of
+    a sample reports it to the main process ("" when none was bad).
     """
 
     def __init__(self, samples: list[tuple[str, int]], loader: Callable, transform: Callable):
@@ -314,14 +334,26 @@ class _FolderSamples(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, int, str]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        path, label = self.samples[index]
-        image = self.loader(path)
+        image, label, report = read_or_replace(self.samples, index, self.loader)
         if seed is None:
-            return self.transform(image), label
+            return self.transform(image), label, report
         with host_rng_scope(seed):
-            return self.transform(image), label
+            return self.transform(image), label, report
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker outlives SIGTERM and SIGUSR1: the main process decides on them.
+
+    torch's workers die on SIGTERM (a C handler prints and re-raises it), and a scheduler
+    sends it to every process of a job: the dead worker would end the main process mid-step
+    with a traceback, before it can write its checkpoint. The main process ends its workers
+    itself on the way out (and they leave by themselves when it is gone).
+    """
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class _TrainBatchSampler(Sampler):
@@ -382,6 +414,7 @@ class _FolderData(Data):
             self.mean,
             self.std,
             cfg.reprob,
+            cfg.pca_lighting,
         )
         self._eval_transform = folder_eval_transform(
             self.test_img_size, cfg.test_crop_pct, self.mean, self.std
@@ -401,6 +434,7 @@ class _FolderData(Data):
             persistent_workers=persistent and workers > 0,
             # The loader draws its worker base seed from this, not from torch's global RNG.
             generator=make_generator(self.seed, _SAMPLE),
+            worker_init_fn=_ignore_stop_signals,
         )
 
     def _eval_loader(self, samples: list[tuple[str, int]], batch_size: int) -> DataLoader:
@@ -420,7 +454,8 @@ class _FolderData(Data):
         generator = make_generator(self.seed, epoch, self.rank, _AUGMENT)
         for _ in range(start):
             torch.randint(2**62, (1,), generator=generator)
-        for x, y in self._train_loader:
+        for x, y, reports in self._train_loader:
+            self.bad_images.record(reports)
             mix_seed = int(torch.randint(2**62, (1,), generator=generator))
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
@@ -429,12 +464,14 @@ class _FolderData(Data):
     def _eval_batches(
         self, split: str, start: int, end: int, batch_size: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self._eval_loader(self._splits[split][start:end], batch_size):
+        for x, y, reports in self._eval_loader(self._splits[split][start:end], batch_size):
+            self.bad_images.record(reports)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _calibration_batches(self, index: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         train = self._splits["train"]
-        for x, _ in self._eval_loader([train[i] for i in index.tolist()], batch_size):
+        for x, _, reports in self._eval_loader([train[i] for i in index.tolist()], batch_size):
+            self.bad_images.record(reports)
             yield x.to(self.device, non_blocking=True)
 
 
@@ -466,6 +503,7 @@ def _check_config(cfg: DataConfig, batch_size: int, rank: int, world_size: int) 
         (cfg.crop_padding is None or cfg.crop_padding >= 0, "crop_padding", ">= 0 or None"),
         (cfg.hflip is None or 0 <= cfg.hflip <= 1, "hflip", "a probability or None"),
         (cfg.color_jitter >= 0, "color_jitter", ">= 0"),
+        (cfg.pca_lighting >= 0, "pca_lighting", ">= 0 (0 = off)"),
         (0 <= cfg.reprob <= 1, "reprob", "a probability"),
         (cfg.mixup >= 0, "mixup", ">= 0"),
         (cfg.cutmix >= 0, "cutmix", ">= 0"),
@@ -473,6 +511,8 @@ def _check_config(cfg: DataConfig, batch_size: int, rank: int, world_size: int) 
         (0 <= cfg.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
         (cfg.num_workers >= 0, "num_workers", ">= 0"),
         (cfg.calib_images >= 1, "calib_images", ">= 1"),
+        (cfg.bad_images in BAD_IMAGE_POLICIES, "bad_images", f"one of {list(BAD_IMAGE_POLICIES)}"),
+        (0 <= cfg.max_bad_fraction <= 1, "max_bad_fraction", "a fraction in [0, 1]"),
     ]
     for ok, field, want in checks:
         if not ok:
@@ -564,6 +604,11 @@ def build_data(
     device = torch.device(device)
     spec = SPECS[cfg.name]
     img_size = cfg.img_size or spec.native_size
+    if cfg.pca_lighting > 0 and spec.in_chans != 3:
+        raise ConfigError(
+            f"data.pca_lighting={cfg.pca_lighting}: {cfg.name} has {spec.in_chans} channel(s), "
+            "and the lighting noise is defined on RGB: set it to 0"
+        )
     pil_augment = build_pil_augment(cfg.auto_augment, cfg.color_jitter, img_size, spec.mean)
     common = dict(batch_size=batch_size, seed=seed, device=device, rank=rank, world_size=world_size)
 

@@ -33,18 +33,52 @@ __all__ = [
     "folder_eval_transform",
     "folder_train_transform",
     "host_rng_scope",
+    "to_device",
     "make_generator",
     "normalize",
+    "pca_lighting_offset",
+    "PCALighting",
     "random_pad_crop_flip",
     "random_resized_crop_flip",
     "resize",
     "to_uint8",
+    "uniform_augment",
 ]
 
 TRIVIAL_AUGMENT = "trivialaugment"
+UNIFORM_AUGMENT = "uniformaugment"
 _AA_HELP = (
     "use a timm string such as 'rand-m9-mstd0.5-inc1' (RandAugment), 'original' or 'v0r' "
-    f"(AutoAugment), 'augmix-m5-w4-d2' (AugMix), or {TRIVIAL_AUGMENT!r}"
+    f"(AutoAugment), 'augmix-m5-w4-d2' (AugMix), {TRIVIAL_AUGMENT!r} or {UNIFORM_AUGMENT!r}"
+)
+
+# UniformAugment's operations (LingChen et al. 2020; the ST++ reference code's A2 recipe), as
+# timm names them; timm's ranges at magnitude 10 are the paper's (shear 0.3, translate 0.45 of
+# the side, rotate 30°, posterize 4-8 bits, enhance 0.1-1.9, solarize 0-256).
+_UNIFORM_AUGMENT_OPS = (
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+    "Rotate",
+    "AutoContrast",
+    "Invert",
+    "Equalize",
+    "Solarize",
+    "PosterizeOriginal",
+    "Contrast",
+    "Color",
+    "Brightness",
+    "Sharpness",
+)
+
+# ImageNet's RGB principal components (eigenvalues, and eigenvectors as rows per channel), the
+# constants of AlexNet's lighting noise as fb.resnet.torch and the ST++ reference code use them.
+_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+_PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
 )
 
 
@@ -59,36 +93,53 @@ def make_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*keys))
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device`` without making the host wait: on CUDA through
+    pinned memory, a copy that is queued on the stream (a pageable copy blocks the host until
+    the GPU has done everything queued before it)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @contextmanager
-def host_rng_scope(seed: int) -> Iterator[None]:
+def host_rng_scope(seed: int, device: torch.device | None = None) -> Iterator[None]:
     """Seed Python's, numpy's and torch's CPU global RNGs for a block, then restore them.
 
     timm's AutoAugment/RandAugment/AugMix, RandomErasing and Mixup and torchvision's
     ColorJitter draw from these global RNGs; the scope makes them a function of ``seed``
-    without disturbing the streams the trainer seeds and checkpoints.
+    without disturbing the streams the trainer seeds and checkpoints. With a CUDA ``device``,
+    that device's generator is seeded and restored too (for noise drawn on the GPU, e.g.
+    RandomErasing's); its state lives on the host, so this does not wait for the GPU.
     """
     py_state, np_state, torch_state = (
         random.getstate(),
         np.random.get_state(),
         torch.get_rng_state(),
     )
+    cuda = device is not None and device.type == "cuda"
+    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
     random.seed(seed)
     np.random.seed(seed % 2**32)
     # Not torch.manual_seed: that would also reseed every CUDA generator, outside the scope.
     torch.default_generator.manual_seed(seed)
+    if cuda:
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
     try:
         yield
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
         torch.set_rng_state(torch_state)
+        if cuda:
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (or float in 0..255) ``(N, C, H, W)`` -> float32 normalised with ``mean``/``std`` of [0, 1] data."""
     shape = (1, len(mean), 1, 1)
-    mean255 = torch.tensor(mean, device=images.device).view(shape) * 255.0
-    std255 = torch.tensor(std, device=images.device).view(shape) * 255.0
+    mean255 = to_device(torch.tensor(mean), images.device).view(shape) * 255.0
+    std255 = to_device(torch.tensor(std), images.device).view(shape) * 255.0
     return (images.float() - mean255) / std255
 
 
@@ -121,9 +172,9 @@ def random_pad_crop_flip(
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < hflip
     padded = F.pad(images, (padding,) * 4) if padding > 0 else images
-    rows = (dy[:, None] + torch.arange(h)).to(device)
+    rows = to_device(dy[:, None] + torch.arange(h), device)
     cols = dx[:, None] + torch.arange(w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols).to(device)
+    cols = to_device(torch.where(flip[:, None], cols.flip(1), cols), device)
     batch_index = torch.arange(n, device=device)[:, None, None, None]
     chan_index = torch.arange(c, device=device)[None, :, None, None]
     return padded[batch_index, chan_index, rows[:, None, :, None], cols[:, None, None, :]]
@@ -166,13 +217,13 @@ def random_resized_crop_flip(
     boxes = torch.stack([rows.float(), left, top, left + box_w, top + box_h], dim=1)
     out = roi_align(
         images.float(),
-        boxes.to(images.device),
+        to_device(boxes, images.device),
         output_size=(size, size),
         spatial_scale=1.0,
         sampling_ratio=-1,
         aligned=True,  # boxes in pixel-edge coordinates: [left, left + w) covers w pixels
     )
-    out = torch.where(flip.to(images.device)[:, None, None, None], out.flip(3), out)
+    out = torch.where(to_device(flip, images.device)[:, None, None, None], out.flip(3), out)
     return to_uint8(out)
 
 
@@ -196,6 +247,54 @@ def _allow_zero_bit_posterize(transform: T.Compose) -> None:
                 op.aug_fn = _posterize
 
 
+def uniform_augment(mean: Sequence[float]) -> Callable[[Image.Image], Image.Image]:
+    """UniformAugment: two operations drawn uniformly (with replacement) from its 14, each
+    applied with probability 0.5 at a magnitude drawn uniformly from its whole range.
+
+    Built from timm's RandAugment pieces (``magnitude_std=inf`` is timm's uniform magnitude);
+    neither timm nor torchvision ships the policy itself.
+    """
+    hparams = {
+        "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+        "magnitude_std": float("inf"),
+    }
+    ops = timm_auto_augment.rand_augment_ops(
+        magnitude=10, prob=0.5, hparams=hparams, transforms=list(_UNIFORM_AUGMENT_OPS)
+    )
+    return timm_auto_augment.RandAugment(ops, num_layers=2)
+
+
+def pca_lighting_offset(alpha: torch.Tensor) -> torch.Tensor:
+    """The per-channel RGB offset of AlexNet's lighting noise for weights ``alpha`` (..., 3):
+    ``eigvec @ (alpha * eigval)`` on images in [0, 1]."""
+    eigval = torch.tensor(_PCA_EIGVAL, dtype=alpha.dtype, device=alpha.device)
+    eigvec = torch.tensor(_PCA_EIGVEC, dtype=alpha.dtype, device=alpha.device)
+    return (alpha * eigval) @ eigvec.T
+
+
+class PCALighting:
+    """AlexNet's PCA lighting noise on a float RGB image in [0, 1] (3, H, W): adds
+    ``eigvec @ (alpha * eigval)`` to every pixel, ``alpha ~ N(0, alpha_std²)`` per image.
+
+    By hand: neither timm nor torchvision has it. Draws from torch's global RNG, which the
+    per-sample ``host_rng_scope`` seeds.
+    """
+
+    def __init__(self, alpha_std: float):
+        self.alpha_std = float(alpha_std)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[0] != 3:
+            raise ConfigError(
+                f"data.pca_lighting needs RGB images, got {image.shape[0]} channel(s): set it to 0"
+            )
+        alpha = torch.randn(3) * self.alpha_std
+        return image + pca_lighting_offset(alpha).to(image.dtype).view(3, 1, 1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(alpha_std={self.alpha_std})"
+
+
 def build_pil_augment(
     auto_augment: str | None,
     color_jitter: float,
@@ -204,7 +303,8 @@ def build_pil_augment(
 ) -> Callable[[Image.Image], Image.Image] | None:
     """The per-image photometric stage (AutoAugment family, colour jitter) as timm builds it.
 
-    As in timm, colour jitter is off when an AutoAugment-family policy is on. Returns None when
+    As in timm, colour jitter is off when an AutoAugment-family policy is on, except with
+    ``uniformaugment``, which the ST++ reference code runs before colour jitter. Returns None when
     there is nothing to do.
 
     Raises:
@@ -213,6 +313,11 @@ def build_pil_augment(
     if auto_augment == TRIVIAL_AUGMENT:
         return T.TrivialAugmentWide()
     jitter = float(color_jitter) if color_jitter > 0 else None
+    if auto_augment == UNIFORM_AUGMENT:
+        # The ST++ A2 recipe adds UniformAugment to A1's colour jitter: both, in this order.
+        stages = [uniform_augment(mean)]
+        stages += [T.ColorJitter(jitter, jitter, jitter)] if jitter else []
+        return T.Compose(stages)
     try:
         _, secondary, _ = transforms_imagenet_train(
             img_size,
@@ -257,8 +362,10 @@ def folder_train_transform(
     mean: Sequence[float],
     std: Sequence[float],
     reprob: float,
+    pca_lighting: float = 0.0,
 ) -> T.Compose:
-    """Training transform for images read from disk: crop and flip, photometric, tensor, erase."""
+    """Training transform for images read from disk: crop and flip, photometric, tensor,
+    lighting noise, normalise, erase."""
     if crop == "rrc":
         geometric: list[Callable] = [
             RandomResizedCropAndInterpolation(img_size, interpolation="bilinear")
@@ -280,7 +387,11 @@ def folder_train_transform(
         separate=True,
     )
     photometric = [pil_augment] if pil_augment is not None else []
-    return T.Compose(geometric + photometric + list(final.transforms))
+    tensor_stage = list(final.transforms)
+    if pca_lighting > 0:  # on the [0, 1] image, before timm's normalisation
+        at = next(i for i, t in enumerate(tensor_stage) if isinstance(t, T.Normalize))
+        tensor_stage.insert(at, PCALighting(pca_lighting))
+    return T.Compose(geometric + photometric + tensor_stage)
 
 
 def folder_eval_transform(

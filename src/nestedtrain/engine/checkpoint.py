@@ -161,9 +161,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_resume_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu"
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    agree: Callable[[bool], bool] | None = None,
 ) -> tuple[dict[str, Any], Path, str | None]:
     """The checkpoint to resume from: ``path`` (``last.pt``), else the one it replaced.
+
+    Args:
+        agree: under torchrun, ``agree(read)`` says whether every rank read ``path`` (each
+            rank calls it once, with whether it could); if one could not, all fall back.
 
     Returns:
         ``(state, the file read, a one-line note when it fell back, else None)``.
@@ -174,11 +180,19 @@ def load_resume_checkpoint(
     path = Path(path)
     previous = previous_path(path)
     try:
-        return load_checkpoint(path, map_location), path, None
+        state, error = load_checkpoint(path, map_location), None
     except ValueError as err:
-        if not previous.is_file():
-            raise
-        reason = str(err)
+        state, error = None, err
+    everywhere = agree(state is not None) if agree is not None else state is not None
+    if everywhere:
+        return state, path, None
+    if error is None:
+        reason = "another rank could not read it"
+    elif not previous.is_file():
+        raise error
+    else:
+        reason = str(error)
+    del state
     state = load_checkpoint(previous, map_location)
     note = f"resuming from {previous} instead: {reason}"
     return state, previous, note

@@ -69,6 +69,7 @@ class STConfig:
     norm_main_ce: bool = False  # main CE on the normalised logits (reference code with KL⁻)
     resize: Optional[list] = None  # [lo, hi] fractions of the training crop for sub-networks
     resize_per: str = "subnet"  # subnet (a side per sub-network, reference) | step (one side)
+    resize_multiple: int = 1  # resize sides are multiples of this (8 suits cuDNN/tensor cores)
     share_prefix: bool = True  # compute what sub-networks share with the main network once
     target: str = "teacher"  # teacher | label (fine-tuning)
     start_epoch: int = 0  # first epoch that samples sub-networks
@@ -258,6 +259,10 @@ def validate(cfg: DictConfig) -> None:
         (cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay} must be >= 0"),
         (cfg.st.lam >= 0, f"st.lam={cfg.st.lam} must be >= 0"),
         (cfg.st.num_subnets >= 0, f"st.num_subnets={cfg.st.num_subnets} must be >= 0"),
+        (
+            cfg.st.resize_multiple >= 1,
+            f"st.resize_multiple={cfg.st.resize_multiple} must be >= 1 (1 = every side)",
+        ),
         (cfg.loss in ("ce", "bce"), f"loss={cfg.loss!r} must be 'ce' or 'bce'"),
         (cfg.eval.every >= 1, f"eval.every={cfg.eval.every} must be >= 1"),
         (cfg.eval.memory_mb > 0, f"eval.memory_mb={cfg.eval.memory_mb} must be > 0 (MiB)"),

@@ -27,27 +27,26 @@ __all__ = [
 
 
 def batch_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``[top1 correct, top5 correct, images, summed CE]`` of one batch."""
+    """``[top1 correct, top5 correct, images, summed CE]`` of one batch, float64 on the
+    logits' device: nothing here waits for the device; the sums are read once, at the end."""
     logits = logits.float()
     k = min(5, logits.shape[1])
     hits = logits.topk(k, dim=1).indices.eq(labels.view(-1, 1))
-    return torch.tensor(
+    return torch.stack(
         [
-            hits[:, 0].sum().item(),
-            hits.any(dim=1).sum().item(),
-            labels.numel(),
-            nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
-        ],
-        dtype=torch.float64,
-    )
+            hits[:, 0].sum(),
+            hits.any(dim=1).sum(),
+            torch.full((), labels.numel(), device=logits.device),  # no host-to-device copy
+            nn.functional.cross_entropy(logits, labels, reduction="sum"),
+        ]
+    ).to(torch.float64)
 
 
 def metrics_from_counts(counts: torch.Tensor, device: torch.device) -> dict[str, float]:
     """Top-1/top-5 (percent) and mean CE from summed counts, all-reduced when distributed."""
     if dist.is_available() and dist.is_initialized():
-        reduced = counts.to(device)
-        dist.all_reduce(reduced)
-        counts = reduced.cpu()
+        counts = counts.to(device)
+        dist.all_reduce(counts)
     top1, top5, n, ce = counts.tolist()
     if n == 0:
         raise ConfigError("evaluation got no images")
@@ -61,7 +60,7 @@ def accuracy_counts(
     """``[top1 correct, top5 correct, images, summed CE]`` over ``batches``."""
     counts = torch.zeros(4, dtype=torch.float64)
     for images, labels in batches:
-        counts += batch_counts(model(images), labels)
+        counts = counts.to(images.device) + batch_counts(model(images), labels)
     return counts
 
 

@@ -1,8 +1,8 @@
 """What a long training job meets: signals from the scheduler, a second process, divergence.
 
-- :class:`StopSignals` turns SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) into a request that the loop
-  reads between steps: it finishes the step, writes a checkpoint and raises
-  :class:`TrainingInterrupted`. A second Ctrl-C stops at once.
+- :class:`StopSignals` (from ``nestedtrain.signals``) turns SIGTERM, SIGUSR1 and SIGINT
+  (Ctrl-C) into a request that the loop reads between steps: it finishes the step, writes a
+  checkpoint and raises :class:`TrainingInterrupted`. A second Ctrl-C stops at once.
 - :class:`RunLock` keeps two processes from writing one run folder.
 - :class:`TrainingDiverged` is raised when a loss term stops being finite.
 
@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import threading
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from ..errors import ConfigError
+from ..signals import EXIT_INTERRUPTED, StopSignals
 
 __all__ = [
     "EXIT_DIVERGED",
@@ -33,12 +32,8 @@ __all__ = [
     "TrainingInterrupted",
 ]
 
-# sysexits' EX_TEMPFAIL: a temporary failure, run the same command with --resume again.
-EXIT_INTERRUPTED = 75
 # The run cannot go on: lower the learning rate, or resume from an earlier checkpoint.
 EXIT_DIVERGED = 3
-
-_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 
 class TrainingInterrupted(Exception):
@@ -75,39 +70,6 @@ class TrainingDiverged(Exception):
             f"training diverged: loss term {term!r} is {value} at step {step} of epoch "
             f"{epoch + 1}; {kept} (lower optim.lr, or set optim.clip_grad)"
         )
-
-
-class StopSignals:
-    """Records SIGTERM/SIGUSR1/SIGINT while installed instead of dying on them.
-
-    Use as a context manager around the training loop; ``requested`` is the first signal's
-    name, or None. Handlers are only installed from the main thread (Python's rule); the
-    previous handlers come back on exit. A second SIGINT raises KeyboardInterrupt at once.
-    """
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self.requested == "SIGINT" and name == "SIGINT":
-            raise KeyboardInterrupt
-        if self.requested is None:
-            self.requested = name
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for name in _SIGNALS:
-                if hasattr(signal, name):
-                    number = getattr(signal, name)
-                    self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous.clear()
 
 
 class RunLock:

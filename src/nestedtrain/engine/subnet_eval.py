@@ -499,7 +499,7 @@ def evaluate_subnets_shared(
 
     def consume(indices: list[int], t: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
         leaf = indices[0]
-        counts.setdefault(leaf, torch.zeros(4, dtype=torch.float64))
+        counts.setdefault(leaf, torch.zeros(4, dtype=torch.float64, device=logits.device))
         counts[leaf] += batch_counts(logits, labels)
 
     subnet_logits(model, subnets, eval_batches, calib_batches, consume, chunk_images, memory_mb)

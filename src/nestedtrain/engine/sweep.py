@@ -212,7 +212,9 @@ def plan_sweep(
         folder = out_dir / run.name
         state = _state(folder)
         if (folder / "config.yaml").is_file():
-            there = _comparable(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")))
+            # read through the schema: a field added since the run was made is its default
+            stored = load_config(folder / "config.yaml")
+            there = _comparable(OmegaConf.to_container(stored, resolve=True))
             here = _comparable(OmegaConf.to_container(cfg, resolve=True))
             difference = _first_difference(there, here)
             if difference:

@@ -23,7 +23,7 @@ import numpy as np
 import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, distribute_bn, unwrap_model
 from tqdm import tqdm
 
 from .. import __version__, bn
@@ -43,9 +43,18 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import to_yaml
-from .distributed import all_reduce_mean, barrier, control_group, init_distributed, wrap_ddp
+from .distributed import (
+    all_ranks,
+    all_reduce_mean,
+    barrier,
+    configure_cuda,
+    control_group,
+    init_distributed,
+    wrap_ddp,
+)
 from .evaluate import evaluate, select_subnets
 from .faults import RunLock, StopSignals, TrainingDiverged, TrainingInterrupted
+from .resume import check_resume_recipe
 from .subnet_eval import append_kl_drift, evaluate_subnets_shared, kl_drift_snapshot
 
 __all__ = ["Trainer", "train"]
@@ -55,6 +64,11 @@ logger = logging.getLogger("nestedtrain")
 # Below this float16 loss scale, GradScaler has skipped so many steps for non-finite
 # gradients (halving its scale from 2**16 each time) that training no longer progresses.
 _MIN_LOSS_SCALE = 2.0**-8
+
+# Under torchrun the ranks agree on stop requests and time-based checkpoints every this many
+# steps of an epoch and at its last step: a host round trip between all ranks every step
+# would cost more than a signal waiting a few steps.
+_AGREE_EVERY = 20
 
 
 def _git_commit() -> str | None:
@@ -105,7 +119,16 @@ class Trainer:
     so a bad recipe leaves no run folder behind.
     """
 
-    def __init__(self, cfg: DictConfig, out_dir: str | Path, resume: bool = False):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        out_dir: str | Path,
+        resume: bool = False,
+        allow_changes: bool = False,
+    ):
+        """``resume`` continues the run in ``out_dir``; its recipe may differ from the run's
+        ``config.yaml`` only in fields that do not change the computation, unless
+        ``allow_changes`` (see ``nestedtrain.engine.resume``)."""
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.resume = resume
@@ -114,12 +137,16 @@ class Trainer:
             raise ConfigError(
                 f"--resume: {str(self.out_dir)!r} has no checkpoints/last.pt to resume from"
             )
-        if not resume and (self.out_dir / "config.yaml").exists():
+        if not resume and _holds_a_run(self.out_dir):
             raise ConfigError(
                 f"run folder {str(self.out_dir)!r} already holds a run: pass --resume to continue "
                 "it, or choose another --out"
             )
+        self._recipe_changes = (
+            check_resume_recipe(self.out_dir, cfg, allow_changes) if resume else None
+        )
         self.dist, self.device = init_distributed(cfg.device)
+        configure_cuda(self.device)
         # Stop requests and time-based checkpoints are agreed on the host, between steps,
         # so that every rank stops (or saves) after the same step without a device sync.
         self._control = control_group()
@@ -164,6 +191,11 @@ class Trainer:
         self._last_save = time.monotonic()
         self._last_checkpoint: Path | None = None
         self._wall_start = time.perf_counter()
+        # Dropout and drop-path masks come from the global torch (and CUDA) generators: once
+        # everything is built alike, each further rank draws its own, from seed + rank. Rank 0
+        # goes on from the seed, so a one-process run is what it was.
+        if self.dist.rank:
+            torch.manual_seed(cfg.seed + self.dist.rank)
 
     # ------------------------------------------------------------------------------ setup
     def _check_forward(self) -> None:
@@ -189,7 +221,13 @@ class Trainer:
             return
         (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         if self.resume:
+            if self._recipe_changes:
+                logger.warning(self._recipe_changes.describe())
+                self._recipe_changes.record(self.out_dir, self.cfg)
             return
+        # A start stopped before its first checkpoint may have left logs: start them afresh.
+        for name in (METRICS_FILE, "analysis/kl_drift.jsonl"):
+            _truncate_log(self.out_dir / name, before_epoch=0)
         meta = {
             "nestedtrain": __version__,
             "torch": str(torch.__version__),
@@ -203,10 +241,15 @@ class Trainer:
         text = header + to_yaml(self.cfg)
         atomic_write_text(self.out_dir / "config.yaml", text)
 
-    def _checkpoint_state(self, position: tuple[int, int], partial: _EpochProgress | None):
+    def _checkpoint_state(
+        self,
+        position: tuple[int, int],
+        partial: _EpochProgress | None,
+        rng: list[dict[str, Any]],
+    ) -> dict[str, Any]:
         """Everything to continue exactly after ``position`` = (epoch, steps done in it):
         at the next epoch's start when ``partial`` is None (the epoch's end is done), else
-        within the epoch."""
+        within the epoch. ``rng``: every rank's RNG state (:meth:`_rng_states`)."""
         epoch, step = position
         if partial is None:
             resume_at = {"epoch": epoch + 1, "step": 0}
@@ -226,15 +269,30 @@ class Trainer:
             "method": self.method.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": _rng_state(),
+            "rng": rng[0],
+            # under torchrun, each rank's: its dropout masks go on from where they were
+            "rng_ranks": rng if len(rng) > 1 else None,
             "best": dict(self.best),
+            "bad_images": self.data.bad_images.state_dict(),
             "wall_seconds": self.wall_before + time.perf_counter() - self._wall_start,
             "versions": {"nestedtrain": __version__, "torch": torch.__version__},
         }
 
+    def _rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG state, in rank order (gathered on the control group)."""
+        mine = _rng_state()
+        if self._control is None:
+            return [mine]
+        states: list[Any] = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(states, mine, group=self._control)
+        return states
+
     def _restore(self) -> None:
+        # Every rank resumes from the same file: last.pt only if every rank could read it.
         state, path, note = load_resume_checkpoint(
-            self.out_dir / "checkpoints" / "last.pt", map_location=self.device
+            self.out_dir / "checkpoints" / "last.pt",
+            map_location=self.device,
+            agree=lambda ok: all_ranks(ok, self._control),
         )
         if note and self.dist.is_main:
             logger.warning(note)
@@ -244,8 +302,16 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
-        _set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.dist.world_size:
+            _set_rng_state(ranks[self.dist.rank])
+        else:
+            _set_rng_state(state["rng"])
+            if self.dist.rank:  # another number of ranks than the checkpoint's
+                torch.manual_seed(self.cfg.seed + self.dist.rank)
         self.best = state["best"]
+        if "bad_images" in state:
+            self.data.bad_images.load_state_dict(state["bad_images"])
         self.wall_before = float(state.get("wall_seconds", 0.0))
         # checkpoints from before step checkpoints hold only the finished epoch
         position = state.get("position") or {"epoch": state["epoch"] + 1, "step": 0}
@@ -306,6 +372,9 @@ class Trainer:
             file=sys.stderr,
         )
         start = time.perf_counter()
+        # Without a progress bar (a batch job's log), rank 0 logs a line every log_every steps.
+        log_lines = not progress and self.dist.is_main
+        since = (start, state.step)  # the last log point: time, step
         for images, labels in self.data.train_batches(epoch, state.step):
             if self.device.type == "cuda" and self.cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -326,10 +395,19 @@ class Trainer:
             bar.update(1)
             if state.step % log_every == 0:
                 self._check_finite()
-                bar.set_postfix(loss=f"{float(info['loss']):.3f}")
+                loss = float(info["loss"])
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if log_lines:
+                    now = time.perf_counter()
+                    rate = (state.step - since[1]) * self.cfg.batch_size / max(now - since[0], 1e-9)
+                    since = (now, state.step)
+                    logger.info(
+                        f"epoch {epoch + 1}/{self.cfg.epochs} step {state.step}/{steps_per_epoch} "
+                        f"loss {loss:.4f} {rate:.1f} images/s"
+                    )
             if step_hook is not None:
                 step_hook(epoch, state.step)
-            stop, due = self._control_flags(num_updates, state.step == steps_per_epoch)
+            stop, due = self._control_flags(num_updates, state.step, state.step == steps_per_epoch)
             if stop or due:
                 now = time.perf_counter()
                 state.seconds += now - start
@@ -355,21 +433,30 @@ class Trainer:
             "images_per_second": images_seen / max(state.seconds, 1e-9),
         }
 
-    def _control_flags(self, num_updates: int, epoch_done: bool) -> tuple[bool, bool]:
-        """Whether to stop (a signal), and whether a mid-epoch checkpoint is due, agreed by
-        all ranks. The epoch's last step saves at the epoch's end anyway."""
+    def _control_flags(self, num_updates: int, step: int, epoch_done: bool) -> tuple[bool, bool]:
+        """Whether to stop (a signal), and whether a mid-epoch checkpoint is due, after step
+        ``step`` of the epoch (global step ``num_updates``). The epoch's last step saves at
+        the epoch's end anyway.
+
+        Step checkpoints fall on the same steps on every rank. A signal or the clock reaches
+        ranks at different steps: under torchrun they agree on those every
+        :data:`_AGREE_EVERY` steps and at the epoch's last one (one gloo all-reduce), so a
+        stop request takes effect there, on every rank.
+        """
         every = self.cfg.checkpoint
-        stop = self._signals is not None and self._signals.requested is not None
         due = bool(every.every_steps) and num_updates % every.every_steps == 0
+        if self._control is not None and not (epoch_done or step % _AGREE_EVERY == 0):
+            return False, due
+        stop = self._signals is not None and self._signals.requested is not None
         minutes = (time.monotonic() - self._last_save) / 60.0
-        due = due or bool(every.every_minutes) and minutes >= every.every_minutes
+        timed = bool(every.every_minutes) and minutes >= every.every_minutes
         if self._control is not None:
-            flags = torch.tensor([int(stop), int(due)])
+            flags = torch.tensor([int(stop), int(timed)])
             torch.distributed.all_reduce(
                 flags, op=torch.distributed.ReduceOp.MAX, group=self._control
             )
-            stop, due = bool(flags[0]), bool(flags[1])
-        return stop, due and not epoch_done
+            stop, timed = bool(flags[0]), bool(flags[1])
+        return stop, (due or timed) and not epoch_done
 
     def _signal_name(self) -> str:
         requested = self._signals.requested if self._signals is not None else None
@@ -396,10 +483,31 @@ class Trainer:
     def _save_progress(self, state: _EpochProgress) -> None:
         """A mid-epoch checkpoint: the weights and everything needed to go on from here."""
         self._check_finite()  # never save a non-finite state
+        self._agree_bn()
+        rng = self._rng_states()
         if self.dist.is_main:
             path = self.out_dir / "checkpoints" / "last.pt"
-            save_checkpoint(self._checkpoint_state((state.epoch, state.step), state), path)
+            save_checkpoint(self._checkpoint_state((state.epoch, state.step), state, rng), path)
         self._after_save()
+
+    def _agree_bn(self) -> None:
+        """Average the BN running statistics (of the EMA and extra models too) over the ranks.
+
+        Each rank's forwards move them with its own images, and DDP broadcasts rank 0's
+        buffers only at the start of a synchronised forward (the shared-prefix ST step runs
+        none), so ranks drift apart. Called before every evaluation, where each rank
+        evaluates its shard, and every save, where rank 0 writes.
+        """
+        if not self.dist.enabled:
+            return
+        models = [self.model, *self.method.extra_models().values()]
+        if self.ema is not None:
+            models.append(self.ema.module)
+        seen: set[int] = set()
+        for model in map(unwrap_model, models):
+            if id(model) not in seen:  # motivation's base model is the main one
+                seen.add(id(model))
+                distribute_bn(model, self.dist.world_size, reduce=True)
 
     def _after_save(self) -> None:
         self._last_checkpoint = self.out_dir / "checkpoints" / "last.pt"
@@ -421,6 +529,11 @@ class Trainer:
         return lambda: self.data.eval_batches(split, batch_size=self.cfg.eval.batch_size)
 
     def evaluate_epoch(self) -> dict[str, Any]:
+        self._agree_bn()
+        with self.precision.autocast():  # with amp on CUDA, evaluate in its dtype too
+            return self._evaluations()
+
+    def _evaluations(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if getattr(self.method, "reestimates_main_bn", False):
             # BN policy "reference": sub-network forwards moved the main statistics; the
@@ -459,7 +572,8 @@ class Trainer:
         every = self.cfg.analysis.kl_drift_every
         if not every or (epoch + 1) % every:
             return
-        snapshot = self._on_test_split(kl_drift_snapshot, self.kl_drift_subnets)
+        with self.precision.autocast():
+            snapshot = self._on_test_split(kl_drift_snapshot, self.kl_drift_subnets)
         if self.dist.is_main:
             append_kl_drift(self.out_dir, epoch, snapshot)
 
@@ -527,7 +641,7 @@ class Trainer:
             record["epoch_seconds"] = time.perf_counter() - epoch_start
             self._log(record)
             self._save(epoch, is_best)
-            stop, _ = self._control_flags(0, True)
+            stop, _ = self._control_flags(0, 0, True)
             if stop and not final:
                 raise TrainingInterrupted(
                     self._signal_name(), epoch, self.data.steps_per_epoch, self._last_checkpoint
@@ -550,8 +664,10 @@ class Trainer:
         return False
 
     def _save(self, epoch: int, is_best: bool) -> None:
+        self._agree_bn()
+        rng = self._rng_states()
         if self.dist.is_main:
-            state = self._checkpoint_state((epoch, 0), None)
+            state = self._checkpoint_state((epoch, 0), None, rng)
             ckpt = self.out_dir / "checkpoints"
             save_checkpoint(state, ckpt / "last.pt")
             if is_best:
@@ -580,6 +696,7 @@ class Trainer:
             "epochs": self.cfg.epochs,
             "main_acc": last.get("test_acc"),
             "main_acc5": last.get("test_acc5"),
+            "val_acc": last.get("val_acc"),
             "best_epoch": self.best["epoch"],
             "best_val_acc": self.best["val_acc"],
             "best_epoch_test_acc": self.best.get("test_acc"),
@@ -587,6 +704,7 @@ class Trainer:
             "params": count_params(self.model),
             "wall_seconds": wall_seconds,
             "subnets": subnets,
+            **self.data.bad_images.summary(),
         }
         if subnets:
             accs = [s["acc"] for s in subnets]
@@ -697,6 +815,13 @@ class _FiniteWatch:
 
 def _term_order(key: str) -> tuple[bool, str]:
     return (key == "loss", key)
+
+
+def _holds_a_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run to resume or a finished one; a start stopped before its
+    first checkpoint leaves only config.yaml (and perhaps logs) and counts as none."""
+    last = folder / "checkpoints" / "last.pt"
+    return any(p.exists() for p in (last, previous_path(last), folder / "summary.json"))
 
 
 def _truncate_log(path: Path, before_epoch: int) -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bn import frozen_stats
+from ..distributed import all_ranks
 from ..elastic.sampling import OrderedSampler, StochasticSampler
 from ..elastic.split import ModelSplit, SplitError, TrieNode, build_trie, draws_random, run_path
 from ..elastic.stages import find_stages, model_family, unwrap
@@ -84,6 +85,10 @@ class StimulativeTraining(MethodStep):
         resize_per: with ``resize``, draw a side per sub-network (``"subnet"``, as the
             reference code) or one side per step for all of them (``"step"``: they then share
             prefixes among themselves).
+        resize_multiple: with ``resize``, draw the side uniformly among the multiples of this
+            within the range (8: about 14 sides at 224 px instead of ~128, so cuDNN's
+            benchmark mode tunes a few shapes, each a multiple of the tensor cores' tile).
+            1 draws every side, as the reference code.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class StimulativeTraining(MethodStep):
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         share_prefix: bool = True,
         resize_per: str = "subnet",
+        resize_multiple: int = 1,
     ):
         super().__init__(model, optimizer, precision, label_smoothing, criterion)
         if lam < 0:
@@ -127,7 +133,10 @@ class StimulativeTraining(MethodStep):
             raise ConfigError(
                 f"st.resize_per={resize_per!r} must be one of {', '.join(RESIZE_PER)}"
             )
+        if resize_multiple < 1:
+            raise ConfigError(f"st.resize_multiple={resize_multiple} must be >= 1")
         self.resize = _check_resize(resize, unwrap(model))
+        self.resize_multiple = int(resize_multiple)
         self.lam = float(lam)
         self.num_subnets = int(num_subnets)
         self.sampler = sampler if sampler is not None else OrderedSampler(unwrap(model))
@@ -163,8 +172,15 @@ class StimulativeTraining(MethodStep):
         def side() -> int:
             if self.resize is None:
                 return crop
-            lo, hi = int(self.resize[0] * crop), int(self.resize[1] * crop)
-            return int(torch.randint(max(lo, 1), max(hi, 1) + 1, (1,), generator=self.generator))
+            lo, hi = max(int(self.resize[0] * crop), 1), max(int(self.resize[1] * crop), 1)
+            m = self.resize_multiple
+            if m == 1:
+                return int(torch.randint(lo, hi + 1, (1,), generator=self.generator))
+            # the multiples of m in [lo, hi]; when there is none, the one just above hi (>= m)
+            first, last = -(-lo // m), hi // m
+            if first > last:
+                return (last + 1) * m
+            return m * int(torch.randint(first, last + 1, (1,), generator=self.generator))
 
         if self.resize_per == "step":
             subnets = [self.sampler.sample(self.generator) for _ in range(self.num_subnets)]
@@ -278,6 +294,13 @@ class StimulativeTraining(MethodStep):
                 self._split = ModelSplit(self.module, self.stages, images[:2])
             except SplitError as err:
                 reason = f"the model's forward cannot be split into stem, blocks and head ({err})"
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            # All ranks take one path: the shared one all-reduces gradients by hand, the
+            # plain one in DDP's backward; ranks on different paths would hang.
+            everywhere = all_ranks(reason is None, self.model.process_group, images.device)
+            if reason is None and not everywhere:
+                reason = "it does not apply on another rank"
+                self._split = None
         if reason is None:
             where = "the main network's input" if self.resize is None else "the same input"
             self.shared_prefix = f"on: sub-networks that see {where} compute shared blocks once"

@@ -1,0 +1,69 @@
+"""The prepared benchmark scripts run end to end on the CPU at tiny sizes, so that a lent GPU's
+few minutes are not spent finding a broken script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nestedtrain.data.datasets import FASHION_MNIST_SYSTEM_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(
+    not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="needs the Debian package dataset-fashion-mnist"
+)
+def test_gpu_study_runs_its_three_recipes_concurrently_and_compares(tmp_path):
+    out, doc = tmp_path / "study", tmp_path / "gpu_study.md"
+    args = ["--device", "cpu", "--model", "resnet20", "--train", "256", "--epochs", "1"]
+    args += ["--seeds", "1", "--subnets", "none", "--data-root", str(tmp_path / "data")]
+    args += ["--set", "data.val_size=0.02", "--out", str(out), "--doc", str(doc)]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_study.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    text = doc.read_text()
+    # the three methods, each recipe's own settings, on both splits, with the commands
+    for method in ("ct", "st", "stpp"):
+        (run,) = (out / f"fmnist_{method}").glob("seed=0,*")
+        assert (run / "summary.json").is_file()
+    assert "nestedtrain sweep recipes/fmnist_stpp.yaml seed=0 model.name=resnet20" in text
+    assert "main val %" in text and "main %" in text and "--split val" in text
+    assert text.count("baseline") >= 2 and "stpp" in text
+
+
+def test_gpu_check_times_every_method_and_the_data_path_and_writes_its_doc(tmp_path):
+    doc = tmp_path / "gpu_check.md"
+    args = ["--device", "cpu", "--model", "resnet18", "--img-size", "64", "--batch-size", "8"]
+    args += ["--steps", "2", "--warmup", "1", "--images", "48", "--workers", "2"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), *args, "--doc", str(doc)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    text = doc.read_text()
+    assert "python bench/gpu_check.py --device cpu --model resnet18" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "images/s" not in line]
+    names = (
+        "plain PyTorch loop",
+        "nestedtrain CT",
+        "ST (1",
+        "ST++",
+        "torchvision",
+        "nestedtrain loader",
+    )
+    for name in names:
+        (row,) = [r for r in rows if name in r and not (name == "nestedtrain CT" and "fed" in r)]
+        assert float(row.split("|")[2]) > 0  # a measured rate
+    assert "NCCL needs one per rank" in text

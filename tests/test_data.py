@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import random
 from dataclasses import replace
@@ -553,3 +554,16 @@ def test_imagefolder_batches_from_a_step_with_workers(folder_root):
     whole = _assert_rest_of_epoch(data, epoch=1, start=2)
     # the next epoch starts from step 0 again
     assert len(list(data.train_batches(2))) == len(whole)
+
+
+def test_default_workers_share_the_cpus_among_the_ranks_of_a_node(monkeypatch):
+    from nestedtrain.data.loaders import default_workers
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_workers() == 16  # at most 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers() == 7  # 8 CPUs a rank, one for the rank itself
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_workers() == 1  # at least 1
+    assert DataConfig().num_workers is None

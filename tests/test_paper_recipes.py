@@ -16,8 +16,8 @@ from torchvision import transforms as T
 
 from nestedtrain.data import DataConfig
 from nestedtrain.data.transforms import (
-    PCALighting,
     build_pil_augment,
+    folder_eval_transform,
     folder_train_transform,
     host_rng_scope,
     pca_lighting_offset,
@@ -70,13 +70,7 @@ def test_uniform_augment_is_two_uniform_draws_of_its_fourteen_operations():
     assert build_pil_augment("uniformaugment", 0.0, 32, IMAGENET_MEAN).transforms[0].ops
 
 
-def test_pca_lighting_adds_one_offset_per_channel_with_imagenets_covariance():
-    image = torch.rand(3, 8, 8)
-    with host_rng_scope(0):
-        lit = PCALighting(0.1)(image)
-    shift = lit - image
-    assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift), atol=1e-6)
-    assert shift.abs().max() > 0
+def test_pca_lighting_offsets_have_imagenets_colour_covariance():
     # Offsets are eigvec @ (alpha * eigval), alpha ~ N(0, 0.1²): their covariance is
     # eigvec diag((0.1 eigval)²) eigvec^T.
     alpha = torch.randn(200_000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -88,17 +82,18 @@ def test_pca_lighting_adds_one_offset_per_channel_with_imagenets_covariance():
     )
     expected = eigvec @ torch.diag((0.1 * eigval) ** 2) @ eigvec.T
     assert torch.allclose(offsets.T.cov(), expected, rtol=0.02, atol=1e-7)
-    with pytest.raises(ConfigError, match="needs RGB"):
-        PCALighting(0.1)(torch.rand(1, 4, 4))
 
 
-def test_folder_transform_puts_lighting_between_tensor_and_normalisation():
-    transform = folder_train_transform(
-        16, "rrc", 0, 0.5, None, IMAGENET_MEAN, (0.229, 0.224, 0.225), 0.25, pca_lighting=0.1
-    )
-    kinds = [type(t).__name__ for t in transform.transforms]
-    at = kinds.index("PCALighting")
-    assert kinds[at + 1] == "Normalize" and "ToTensor" in kinds[at - 1]
+def test_folder_workers_send_uint8_images_and_the_float_work_is_left_to_the_device():
+    image = Image.fromarray(np.zeros((40, 30, 3), np.uint8))
+    for transform in (
+        folder_train_transform(16, "rrc", 0, 0.5, build_pil_augment(None, 0.4, 16, IMAGENET_MEAN)),
+        folder_eval_transform(16, 0.875),
+    ):
+        kinds = [type(t).__name__ for t in transform.transforms]
+        assert kinds[-1] == "PILToTensor" and "Normalize" not in kinds
+        out = transform(image)
+        assert out.dtype == torch.uint8 and out.shape == (3, 16, 16)
 
 
 def test_on_device_lighting_shifts_each_image_and_channel_by_a_seeded_constant(tmp_path):

@@ -38,13 +38,21 @@ OVERRIDES = [
 ]
 
 
+# pytest's own handlers, read as the module is collected (before any test or fixture runs).
+_PYTEST_HANDLERS = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+
+
+def _put_back_handlers() -> None:
+    """``entry`` handles the signals for the rest of the process (and ignores SIGTERM and
+    SIGUSR1 once done): put pytest's handlers back, so that later tests see the defaults."""
+    for number, handler in _PYTEST_HANDLERS.items():
+        signal.signal(number, handler)
+
+
 @pytest.fixture(autouse=True)
 def _restore_handlers():
-    """``entry`` installs its handlers for the rest of the process: put pytest's back."""
-    saved = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     yield
-    for number, handler in saved.items():
-        signal.signal(number, handler)
+    _put_back_handlers()
 
 
 def _entry(*args: str) -> int:
@@ -74,6 +82,7 @@ def _readme_rule(out: Path) -> int:
 def straight(tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
     assert _train(out) == 0
+    _put_back_handlers()
     return out
 
 

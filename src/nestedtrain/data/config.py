@@ -47,7 +47,8 @@ class DataConfig:
     cutmix: float = 0.0  # timm CutMix alpha
     mixup_prob: float = 1.0  # probability of mixing a batch
     label_smoothing: float = 0.0  # folded into the soft targets when mixing
-    num_workers: int = 2  # DataLoader workers for on-disk datasets
+    # DataLoader workers for on-disk datasets; None: this node's CPUs per rank, less one (<= 16)
+    num_workers: Optional[int] = None
     on_device: Optional[bool] = None  # keep the images on the device; None = small datasets only
     calib_images: int = 2000  # training images for BatchNorm re-calibration
     bad_images: str = "skip"  # imagefolder, an image that does not decode: skip | error

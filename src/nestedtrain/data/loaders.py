@@ -15,8 +15,9 @@ so that it does not depend on the number of workers).
 from __future__ import annotations
 
 import abc
+import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -151,6 +152,33 @@ class Data(abc.ABC):
             else None
         )
 
+        self._lighting = cfg.pca_lighting
+        self._std = torch.tensor(self.std).to(self.device)
+        # timm's RandomErasing loops over the batch, its boxes from Python's RNG and its noise
+        # drawn on the batch's device, both seeded by the host RNG scope.
+        self._erase = (
+            RandomErasing(cfg.reprob, mode="pixel", device=self.device) if cfg.reprob > 0 else None
+        )
+
+    def _finish(self, x: torch.Tensor, lighting_seed: int, erase_seed: int) -> torch.Tensor:
+        """The float end of the training transform, on a uint8 batch on the device, in timm's
+        order: normalise, (lighting noise,) erase."""
+        x = normalize(x, self.mean, self.std)
+        if self._lighting > 0:
+            x = self._add_lighting(x, lighting_seed)
+        if self._erase is not None:
+            with host_rng_scope(erase_seed, x.device):
+                self._erase(x)
+        return x
+
+    def _add_lighting(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """PCA lighting noise on the normalised batch: the [0, 1] offset divided by std.
+
+        By hand: neither timm nor torchvision has AlexNet's lighting noise."""
+        alpha = torch.randn(len(x), 3, generator=make_generator(seed, _LIGHTING))
+        offset = to_device(pca_lighting_offset(alpha * self._lighting), x.device)
+        return x + (offset / self._std).view(len(x), 3, 1, 1)
+
     @abc.abstractmethod
     def train_batches(
         self, epoch: int, start: int = 0
@@ -244,13 +272,6 @@ class _TensorData(Data):
             for name, (x, y) in splits.items()
         }
         self._pil_augment = pil_augment
-        self._lighting = cfg.pca_lighting
-        # timm's RandomErasing loops over the batch, its boxes from Python's RNG and its noise
-        # drawn on the batch's device, both seeded by the host RNG scope.
-        self._erase = (
-            RandomErasing(cfg.reprob, mode="pixel", device=self.device) if cfg.reprob > 0 else None
-        )
-        self._std = torch.tensor(self.std).to(self.device)
 
     def train_batches(
         self, epoch: int, start: int = 0
@@ -283,23 +304,10 @@ class _TensorData(Data):
     def _augment(
         self, x: torch.Tensor, generator: torch.Generator, pil_seed: int, erase_seed: int
     ) -> torch.Tensor:
-        # Same order as timm's training transform: crop and flip, photometric, normalise, erase.
         x = self._crop_flip(x, generator)
         if self._pil_augment is not None:
             x = apply_pil_transform(x, self._pil_augment, pil_seed)
-        x = normalize(x, self.mean, self.std)
-        if self._lighting > 0:
-            x = self._add_lighting(x, pil_seed)
-        if self._erase is not None:
-            with host_rng_scope(erase_seed, x.device):
-                self._erase(x)
-        return x
-
-    def _add_lighting(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        """PCA lighting noise on the normalised batch: the [0, 1] offset divided by std."""
-        alpha = torch.randn(len(x), 3, generator=make_generator(seed, _LIGHTING))
-        offset = to_device(pca_lighting_offset(alpha * self._lighting), x.device)
-        return x + (offset / self._std).view(len(x), 3, 1, 1)
+        return self._finish(x, pil_seed, erase_seed)
 
     def _eval_batches(
         self, split: str, start: int, end: int, batch_size: int
@@ -406,19 +414,9 @@ class _FolderData(Data):
         )
         self._splits, self._loader = splits, loader
         train_transform = folder_train_transform(
-            self.img_size,
-            self.crop,
-            self.crop_padding,
-            self.hflip,
-            pil_augment,
-            self.mean,
-            self.std,
-            cfg.reprob,
-            cfg.pca_lighting,
+            self.img_size, self.crop, self.crop_padding, self.hflip, pil_augment
         )
-        self._eval_transform = folder_eval_transform(
-            self.test_img_size, cfg.test_crop_pct, self.mean, self.std
-        )
+        self._eval_transform = folder_eval_transform(self.test_img_size, cfg.test_crop_pct)
         self._train_sampler = _TrainBatchSampler(self._sharding)
         self._train_loader = DataLoader(
             _FolderSamples(splits["train"], loader, train_transform),
@@ -427,11 +425,12 @@ class _FolderData(Data):
         )
 
     def _loader_options(self, persistent: bool = False) -> dict[str, Any]:
-        workers = self.cfg.num_workers
+        workers = default_workers() if self.cfg.num_workers is None else self.cfg.num_workers
         return dict(
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=persistent and workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
             # The loader draws its worker base seed from this, not from torch's global RNG.
             generator=make_generator(self.seed, _SAMPLE),
             worker_init_fn=_ignore_stop_signals,
@@ -453,26 +452,81 @@ class _FolderData(Data):
         self._train_sampler.set_epoch(epoch, start)
         generator = make_generator(self.seed, epoch, self.rank, _AUGMENT)
         for _ in range(start):
-            torch.randint(2**62, (1,), generator=generator)
-        for x, y, reports in self._train_loader:
+            torch.randint(2**62, (3,), generator=generator)
+
+        def prepare(batch: tuple[torch.Tensor, torch.Tensor, list[str]]):
+            x, y, reports = batch
             self.bad_images.record(reports)
-            mix_seed = int(torch.randint(2**62, (1,), generator=generator))
+            mix_seed, lighting_seed, erase_seed = torch.randint(
+                2**62, (3,), generator=generator
+            ).tolist()
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            yield self._mix(x, y, mix_seed)
+            return self._mix(self._finish(x, lighting_seed, erase_seed), y, mix_seed)
+
+        return ahead_on_device(self._train_loader, prepare, self.device)
 
     def _eval_batches(
         self, split: str, start: int, end: int, batch_size: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y, reports in self._eval_loader(self._splits[split][start:end], batch_size):
+        def prepare(batch: tuple[torch.Tensor, torch.Tensor, list[str]]):
+            x, y, reports = batch
             self.bad_images.record(reports)
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
+            return x, y.to(self.device, non_blocking=True)
+
+        loader = self._eval_loader(self._splits[split][start:end], batch_size)
+        return ahead_on_device(loader, prepare, self.device)
 
     def _calibration_batches(self, index: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         train = self._splits["train"]
-        for x, _, reports in self._eval_loader([train[i] for i in index.tolist()], batch_size):
+
+        def prepare(batch: tuple[torch.Tensor, torch.Tensor, list[str]]):
+            x, _, reports = batch
             self.bad_images.record(reports)
-            yield x.to(self.device, non_blocking=True)
+            return (normalize(x.to(self.device, non_blocking=True), self.mean, self.std),)
+
+        loader = self._eval_loader([train[i] for i in index.tolist()], batch_size)
+        return (x for (x,) in ahead_on_device(loader, prepare, self.device))
+
+
+def default_workers() -> int:
+    """DataLoader workers when ``data.num_workers`` is None: the CPUs this process may use,
+    shared by the ranks of this node (torchrun's LOCAL_WORLD_SIZE), less one for the main
+    process, at least 1 and at most 16."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_rank = (cpus or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, per_rank - 1))
+
+
+def ahead_on_device(
+    batches: Iterable[Any], prepare: Callable[[Any], tuple[torch.Tensor, ...]], device: torch.device
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``prepare(batch)`` of each batch (its copy to ``device`` and the work there), in order.
+
+    On CUDA the next batch is prepared on a side stream while the current one is used, as
+    timm's PrefetchLoader does: its host-to-device copy and normalisation overlap the step.
+    """
+    if device.type != "cuda":
+        yield from map(prepare, batches)
+        return
+    side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    iterator = iter(batches)
+
+    def next_ready():
+        batch = next(iterator, None)
+        if batch is None:
+            return None
+        with torch.cuda.stream(side):
+            return prepare(batch)
+
+    ready = next_ready()
+    while ready is not None:
+        main.wait_stream(side)
+        for tensor in ready:
+            tensor.record_stream(main)  # made on the side stream, freed after main's use
+        current, ready = ready, next_ready()
+        yield current
 
 
 def _check_config(cfg: DataConfig, batch_size: int, rank: int, world_size: int) -> None:
@@ -509,7 +563,7 @@ def _check_config(cfg: DataConfig, batch_size: int, rank: int, world_size: int) 
         (cfg.cutmix >= 0, "cutmix", ">= 0"),
         (0 <= cfg.mixup_prob <= 1, "mixup_prob", "a probability"),
         (0 <= cfg.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
-        (cfg.num_workers >= 0, "num_workers", ">= 0"),
+        (cfg.num_workers is None or cfg.num_workers >= 0, "num_workers", ">= 0 or None (auto)"),
         (cfg.calib_images >= 1, "calib_images", ">= 1"),
         (cfg.bad_images in BAD_IMAGE_POLICIES, "bad_images", f"one of {list(BAD_IMAGE_POLICIES)}"),
         (0 <= cfg.max_bad_fraction <= 1, "max_bad_fraction", "a fraction in [0, 1]"),

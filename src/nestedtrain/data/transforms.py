@@ -37,7 +37,6 @@ __all__ = [
     "make_generator",
     "normalize",
     "pca_lighting_offset",
-    "PCALighting",
     "random_pad_crop_flip",
     "random_resized_crop_flip",
     "resize",
@@ -272,29 +271,6 @@ def pca_lighting_offset(alpha: torch.Tensor) -> torch.Tensor:
     return (alpha * eigval) @ eigvec.T
 
 
-class PCALighting:
-    """AlexNet's PCA lighting noise on a float RGB image in [0, 1] (3, H, W): adds
-    ``eigvec @ (alpha * eigval)`` to every pixel, ``alpha ~ N(0, alpha_std²)`` per image.
-
-    By hand: neither timm nor torchvision has it. Draws from torch's global RNG, which the
-    per-sample ``host_rng_scope`` seeds.
-    """
-
-    def __init__(self, alpha_std: float):
-        self.alpha_std = float(alpha_std)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        if image.shape[0] != 3:
-            raise ConfigError(
-                f"data.pca_lighting needs RGB images, got {image.shape[0]} channel(s): set it to 0"
-            )
-        alpha = torch.randn(3) * self.alpha_std
-        return image + pca_lighting_offset(alpha).to(image.dtype).view(3, 1, 1)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(alpha_std={self.alpha_std})"
-
-
 def build_pil_augment(
     auto_augment: str | None,
     color_jitter: float,
@@ -359,13 +335,11 @@ def folder_train_transform(
     crop_padding: int,
     hflip: float,
     pil_augment: Callable[[Image.Image], Image.Image] | None,
-    mean: Sequence[float],
-    std: Sequence[float],
-    reprob: float,
-    pca_lighting: float = 0.0,
 ) -> T.Compose:
-    """Training transform for images read from disk: crop and flip, photometric, tensor,
-    lighting noise, normalise, erase."""
+    """Training transform for images read from disk, up to a uint8 tensor: crop and flip,
+    photometric. Normalisation, lighting noise and erasing follow on the device, a batch at
+    a time (``Data._finish``): a worker sends a quarter of the bytes of float32 images, and
+    the GPU does the float work."""
     if crop == "rrc":
         geometric: list[Callable] = [
             RandomResizedCropAndInterpolation(img_size, interpolation="bilinear")
@@ -376,28 +350,18 @@ def folder_train_transform(
             geometric.append(T.RandomCrop(img_size, padding=crop_padding))
     if hflip > 0:
         geometric.append(T.RandomHorizontalFlip(hflip))
-    # timm's own final stage: to tensor, normalise, then RandomErasing on the normalised image.
-    _, _, final = transforms_imagenet_train(
-        img_size,
-        color_jitter=None,
-        mean=tuple(mean),
-        std=tuple(std),
-        re_prob=reprob,
-        re_mode="pixel",
-        separate=True,
-    )
     photometric = [pil_augment] if pil_augment is not None else []
-    tensor_stage = list(final.transforms)
-    if pca_lighting > 0:  # on the [0, 1] image, before timm's normalisation
-        at = next(i for i, t in enumerate(tensor_stage) if isinstance(t, T.Normalize))
-        tensor_stage.insert(at, PCALighting(pca_lighting))
-    return T.Compose(geometric + photometric + tensor_stage)
+    return T.Compose(geometric + photometric + [T.PILToTensor()])
 
 
-def folder_eval_transform(
-    img_size: int, crop_pct: float, mean: Sequence[float], std: Sequence[float]
-) -> T.Compose:
-    """timm's evaluation transform: resize to ``img_size / crop_pct``, centre crop, normalise."""
-    return transforms_imagenet_eval(
-        img_size, crop_pct=crop_pct, interpolation="bilinear", mean=tuple(mean), std=tuple(std)
-    )
+def folder_eval_transform(img_size: int, crop_pct: float) -> T.Compose:
+    """timm's evaluation transform (resize to ``img_size / crop_pct``, centre crop) up to a
+    uint8 tensor; normalised on the device."""
+    steps = transforms_imagenet_eval(img_size, crop_pct=crop_pct, interpolation="bilinear")
+    # timm's ends with its to-tensor and normalise steps: keep what comes before them
+    kept = []
+    for step in steps.transforms:
+        if "ToTensor" in type(step).__name__:
+            break
+        kept.append(step)
+    return T.Compose([*kept, T.PILToTensor()])

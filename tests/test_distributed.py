@@ -197,14 +197,16 @@ def test_ranks_agree_on_stop_every_few_steps_not_every_step(tmp_path, monkeypatc
     assert stopped.value.step == 40
 
 
-def test_cuda_runs_let_cudnn_tune_and_use_tf32_and_cpu_runs_are_left_alone(monkeypatch):
+def test_cuda_runs_let_cudnn_tune_and_use_tf32_and_cpu_runs_are_left_alone():
     from nestedtrain.engine.distributed import configure_cuda
 
-    for flag in ("benchmark", "allow_tf32"):
-        monkeypatch.setattr(torch.backends.cudnn, flag, False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    configure_cuda(torch.device("cpu"))
-    assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
-    configure_cuda(torch.device("cuda", 0))  # sets flags only: no GPU needed
-    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
-    assert torch.backends.cuda.matmul.allow_tf32
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    try:
+        cudnn.benchmark = cudnn.allow_tf32 = matmul.allow_tf32 = False
+        configure_cuda(torch.device("cpu"))
+        assert not (cudnn.benchmark or cudnn.allow_tf32 or matmul.allow_tf32)
+        configure_cuda(torch.device("cuda", 0))  # sets flags only: no GPU needed
+        assert cudnn.benchmark and cudnn.allow_tf32 and matmul.allow_tf32
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved

@@ -116,4 +116,7 @@ def wrap_ddp(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=find_unused_parameters,
+        # The gradients are views into DDP's buckets instead of a second copy of them: the
+        # shared-prefix ST step, which all-reduces by hand, pays no memory for DDP's reducer.
+        gradient_as_bucket_view=True,
     )

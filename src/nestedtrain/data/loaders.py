@@ -464,7 +464,7 @@ class _FolderData(Data):
             y = y.to(self.device, non_blocking=True)
             return self._mix(self._finish(x, lighting_seed, erase_seed), y, mix_seed)
 
-        return ahead_on_device(self._train_loader, prepare, self.device)
+        yield from ahead_on_device(self._train_loader, prepare, self.device)
 
     def _eval_batches(
         self, split: str, start: int, end: int, batch_size: int
@@ -476,7 +476,7 @@ class _FolderData(Data):
             return x, y.to(self.device, non_blocking=True)
 
         loader = self._eval_loader(self._splits[split][start:end], batch_size)
-        return ahead_on_device(loader, prepare, self.device)
+        yield from ahead_on_device(loader, prepare, self.device)
 
     def _calibration_batches(self, index: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         train = self._splits["train"]
@@ -487,7 +487,8 @@ class _FolderData(Data):
             return (normalize(x.to(self.device, non_blocking=True), self.mean, self.std),)
 
         loader = self._eval_loader([train[i] for i in index.tolist()], batch_size)
-        return (x for (x,) in ahead_on_device(loader, prepare, self.device))
+        for (x,) in ahead_on_device(loader, prepare, self.device):
+            yield x
 
 
 def default_workers() -> int:

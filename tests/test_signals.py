@@ -265,9 +265,10 @@ entry()
 """
 
 
-def test_sigterm_to_the_whole_process_group_with_loader_workers(tmp_path):
+def test_sigterm_to_the_whole_process_group_with_loader_workers(tmp_path, one_thread):
     # DataLoader workers get the scheduler's SIGTERM too; torch's die of it, and a dead worker
     # would end the main process mid-step with a traceback instead of a checkpoint and 75.
+    # (One thread here as in the subprocess: the runs are compared bit for bit.)
     root = _write_jpeg_tree(tmp_path / "images", classes=3, per_class=12)
     folder = ["data.name=imagefolder", f"data.root={root}", "data.img_size=24"]
     folder += ["data.num_workers=2", "data.val_size=0", "data.train_subset=null", "batch_size=6"]

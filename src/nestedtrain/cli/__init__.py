@@ -44,12 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each message, not as it was when the handler was
+    made (``main`` may run more than once in a process, each time with its own stderr)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
     # The library reports what a user should know (a checkpoint fallback, a stale lock) through
     # the "nestedtrain" logger: one line each on stderr.
     library_logger = logging.getLogger("nestedtrain")
     if not library_logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("nestedtrain: %(message)s"))
         library_logger.addHandler(handler)
         library_logger.setLevel(logging.INFO)

@@ -4,12 +4,15 @@ Two ways to feed batches, one interface (``Data``):
 
 - small datasets (digits, Fashion-MNIST, CIFAR) live on the device as uint8 tensors and are
   augmented a whole batch at a time with tensor ops, airbench-style: no loader workers;
-- ``imagefolder`` is read from disk by DataLoader workers with timm's per-image transforms.
+- ``imagefolder`` is read from disk by DataLoader workers with timm's per-image transforms up
+  to a uint8 tensor; normalisation, lighting noise and erasing run on the device, a batch at a
+  time (on CUDA one batch ahead, on a side stream).
 
 Every random choice is a function of the run's seed: the split, the train subset and the
 calibration images of ``seed``; an epoch's order of ``(seed, epoch)``; its augmentation of
-``(seed, epoch, rank)`` (imagefolder: of ``(seed, epoch)`` and the image's place in the epoch,
-so that it does not depend on the number of workers).
+``(seed, epoch, rank)`` (imagefolder's per-image crops, flips and PIL augmentations: of
+``(seed, epoch)`` and the image's place in the epoch, so that they do not depend on the number
+of workers).
 """
 
 from __future__ import annotations

@@ -132,17 +132,19 @@ def synthetic(args: argparse.Namespace, device: torch.device) -> list[tuple[str,
         "nestedtrain ST (1 sub-network)": lambda m, o, p: StimulativeTraining(
             m, o, num_subnets=1, precision=p
         ),
-        "nestedtrain ST++ (6, KL⁻, resize, space3)": lambda m, o, p: StimulativeTraining(
-            m,
-            o,
-            num_subnets=6,
-            kl_norm="std",
-            norm_main_ce=True,
-            resize=[0.43, 1.0],
-            resize_multiple=args.resize_multiple,
-            # the ImageNet recipes' space; the whole ordered space for other models
-            sampler=build_sampler(m, kind="ordered", space=SPACE3.get(args.model)),
-            precision=p,
+        f"nestedtrain ST++ (6, KL⁻, resize, {SPACE3.get(args.model, 'whole space')})": lambda m, o, p: (
+            StimulativeTraining(
+                m,
+                o,
+                num_subnets=6,
+                kl_norm="std",
+                norm_main_ce=True,
+                resize=[0.43, 1.0],
+                resize_multiple=args.resize_multiple,
+                # the ImageNet recipes' space; the whole ordered space for other models
+                sampler=build_sampler(m, kind="ordered", space=SPACE3.get(args.model)),
+                precision=p,
+            )
         ),
     }
     for name, build in variants.items():

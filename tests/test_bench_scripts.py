@@ -14,6 +14,18 @@ from nestedtrain.data.datasets import FASHION_MNIST_SYSTEM_DIR
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _run_script(name: str, args: list[str]) -> None:
+    """``bench/NAME ARGS`` in a fresh process on one thread; it must exit 0."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / name), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
 @pytest.mark.skipif(
     not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="needs the Debian package dataset-fashion-mnist"
 )
@@ -22,14 +34,7 @@ def test_gpu_study_runs_its_three_recipes_concurrently_and_compares(tmp_path):
     args = ["--device", "cpu", "--model", "resnet20", "--train", "256", "--epochs", "1"]
     args += ["--seeds", "1", "--subnets", "none", "--data-root", str(tmp_path / "data")]
     args += ["--set", "data.val_size=0.02", "--out", str(out), "--doc", str(doc)]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu_study.py"), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _run_script("gpu_study.py", args)
     text = doc.read_text()
     # the three methods, each recipe's own settings, on both splits, with the commands
     for method in ("ct", "st", "stpp"):
@@ -44,14 +49,7 @@ def test_gpu_check_times_every_method_and_the_data_path_and_writes_its_doc(tmp_p
     doc = tmp_path / "gpu_check.md"
     args = ["--device", "cpu", "--model", "resnet18", "--img-size", "64", "--batch-size", "8"]
     args += ["--steps", "2", "--warmup", "1", "--images", "48", "--workers", "2"]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu_check.py"), *args, "--doc", str(doc)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _run_script("gpu_check.py", [*args, "--doc", str(doc)])
     text = doc.read_text()
     assert "python bench/gpu_check.py --device cpu --model resnet18" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "images/s" not in line]

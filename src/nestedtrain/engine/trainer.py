@@ -372,9 +372,13 @@ class Trainer:
             file=sys.stderr,
         )
         start = time.perf_counter()
-        # Without a progress bar (a batch job's log), rank 0 logs a line every log_every steps.
-        log_lines = not progress and self.dist.is_main
-        since = (start, state.step)  # the last log point: time, step
+        step_log = _StepLog(
+            not progress and self.dist.is_main,
+            f"epoch {epoch + 1}/{self.cfg.epochs}",
+            steps_per_epoch,
+            self.cfg.batch_size,
+            state.step,
+        )
         for images, labels in self.data.train_batches(epoch, state.step):
             if self.device.type == "cuda" and self.cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -397,14 +401,7 @@ class Trainer:
                 self._check_finite()
                 loss = float(info["loss"])
                 bar.set_postfix(loss=f"{loss:.3f}")
-                if log_lines:
-                    now = time.perf_counter()
-                    rate = (state.step - since[1]) * self.cfg.batch_size / max(now - since[0], 1e-9)
-                    since = (now, state.step)
-                    logger.info(
-                        f"epoch {epoch + 1}/{self.cfg.epochs} step {state.step}/{steps_per_epoch} "
-                        f"loss {loss:.4f} {rate:.1f} images/s"
-                    )
+                step_log.line(state.step, loss)
             if step_hook is not None:
                 step_hook(epoch, state.step)
             stop, due = self._control_flags(num_updates, state.step, state.step == steps_per_epoch)
@@ -815,6 +812,23 @@ class _FiniteWatch:
 
 def _term_order(key: str) -> tuple[bool, str]:
     return (key == "loss", key)
+
+
+class _StepLog:
+    """Without a progress bar (a batch job's log), rank 0 logs a line every ``log_every``
+    steps: the epoch, the step, its loss and the images per second since the last line."""
+
+    def __init__(self, on: bool, epoch: str, steps: int, batch_size: int, step: int):
+        self.on, self.epoch, self.steps, self.batch_size = on, epoch, steps, batch_size
+        self.since = (time.perf_counter(), step)  # the last log point: time, step
+
+    def line(self, step: int, loss: float) -> None:
+        if not self.on:
+            return
+        now = time.perf_counter()
+        rate = (step - self.since[1]) * self.batch_size / max(now - self.since[0], 1e-9)
+        self.since = (now, step)
+        logger.info(f"{self.epoch} step {step}/{self.steps} loss {loss:.4f} {rate:.1f} images/s")
 
 
 def _holds_a_run(folder: Path) -> bool:

@@ -17,35 +17,32 @@ import torch
 import torch.nn.functional as F
 from conftest import ListStageNet, UserResNet, declare_user_resnet, make_model, perturb_norms
 from omegaconf import OmegaConf
+from oracle import evaluate_one_at_a_time
 from torch import nn
 
 import nestedtrain as nt
 from nestedtrain import bn
 from nestedtrain.analysis import (
-    append_kl_drift,
     deletion_subnets,
     destruct,
     effective_receptive_field,
     erf_area_ratios,
     evaluate_space,
-    evaluate_subnets_shared,
-    kl_drift_snapshot,
     loafing_matrix,
     logit_norms,
     match_subnet,
     permutation_subnets,
-    read_kl_drift,
-    space_subnets,
-    subnet_logits,
     swap_subnet,
     write_report,
 )
 from nestedtrain.cli import main
 from nestedtrain.elastic.weightmap import inherit
-from nestedtrain.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save
+from nestedtrain.engine.checkpoint import CHECKPOINT_FORMAT
 from nestedtrain.engine.config import load_config
-from nestedtrain.engine.evaluate import evaluate, evaluate_subnets
+from nestedtrain.engine.evaluate import evaluate, space_subnets
+from nestedtrain.engine.subnet_eval import evaluate_subnets, kl_drift_snapshot, subnet_logits
 from nestedtrain.engine.trainer import train
+from nestedtrain.runfiles import append_kl_drift, atomic_save, read_kl_drift
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["data.train_subset=256", "batch_size=64", "epochs=2", "device=cpu", "data.calib_images=256"]
@@ -136,8 +133,8 @@ def test_shared_evaluation_equals_naive_exactly_and_restores_the_model():
     before = bn.save_stats(model)
     eval_fn, calib_fn = batches(8)
     subnets = space_subnets(model)
-    naive = evaluate_subnets(model, subnets, eval_fn, calib_fn)
-    shared = evaluate_subnets_shared(model, subnets, eval_fn, calib_fn)
+    naive = evaluate_one_at_a_time(model, subnets, eval_fn, calib_fn)
+    shared = evaluate_subnets(model, subnets, eval_fn, calib_fn)
     assert shared == naive
     assert len({r["acc"] for r in shared}) > 5  # the sub-networks do differ
     assert model.training
@@ -165,7 +162,7 @@ def test_shared_equals_naive_on_timm_families(family):
     model, side = make_model(family)
     eval_fn, calib_fn = batches(side, chans=3, classes=7, n_eval=40, n_calib=30)
     subnets = space_subnets(model, sample=5, seed=3)
-    assert evaluate_subnets_shared(model, subnets, eval_fn, calib_fn) == evaluate_subnets(
+    assert evaluate_subnets(model, subnets, eval_fn, calib_fn) == evaluate_one_at_a_time(
         model, subnets, eval_fn, calib_fn
     )
 
@@ -177,9 +174,9 @@ def test_shared_handles_any_subnet_order_duplicates_chunks_and_own_statistics():
         nt.Subnet.parse(model, text)
         for text in ["0.2.1-0.2-3", "1-1-1", "3-3-3", "1-1-1", "2.-2-0.1."]
     ]
-    naive = evaluate_subnets(model, subnets, eval_fn, calib_fn)
-    assert evaluate_subnets_shared(model, subnets, eval_fn, calib_fn, chunk_images=64) == naive
-    own = evaluate_subnets_shared(model, subnets, eval_fn, None)
+    naive = evaluate_one_at_a_time(model, subnets, eval_fn, calib_fn)
+    assert evaluate_subnets(model, subnets, eval_fn, calib_fn, chunk_images=64) == naive
+    own = evaluate_subnets(model, subnets, eval_fn, None)
     for subnet, result in zip(subnets, own):
         with nt.use_subnet(model, subnet):
             assert result == {"subnet": str(subnet), **evaluate(model, eval_fn())}
@@ -192,7 +189,7 @@ def test_model_that_cannot_be_split_falls_back_to_one_at_a_time():
     eval_fn, calib_fn = batches(8)
     subnets = nt.OrderedSampler(model).all()
     assert subnet_logits(model, subnets, eval_fn, calib_fn, lambda *a: None) == "naive"
-    assert evaluate_subnets_shared(model, subnets, eval_fn, calib_fn) == evaluate_subnets(
+    assert evaluate_subnets(model, subnets, eval_fn, calib_fn) == evaluate_one_at_a_time(
         model, subnets, eval_fn, calib_fn
     )
 
@@ -213,7 +210,10 @@ def test_evaluate_space_stats_and_individual_models():
     # 3-3-3 is outside the space (5-5-5 drops at most one block per stage) but evaluated
     row = next(r for r in result["subnets"] if r["subnet"] == "3-3-3")
     assert not row["in_space"]
-    assert ind["acc_inside"] == evaluate_subnets(main_model, ["3-3-3"], eval_fn, calib_fn)[0]["acc"]
+    assert (
+        ind["acc_inside"]
+        == evaluate_one_at_a_time(main_model, ["3-3-3"], eval_fn, calib_fn)[0]["acc"]
+    )
 
 
 def test_match_subnet_accepts_sub_architectures_only():
@@ -333,7 +333,9 @@ def test_loafing_matrix_diagonal_and_cells():
     assert result["acc"][1][1] == evaluate(r32, eval_fn())["acc"]
     assert result["acc"][0][1] is None and result["how"][0][1] is None
     assert result["how"][1][0] == "subnet 3-3-3"
-    assert result["acc"][1][0] == evaluate_subnets(r32, ["3-3-3"], eval_fn, calib_fn)[0]["acc"]
+    assert (
+        result["acc"][1][0] == evaluate_one_at_a_time(r32, ["3-3-3"], eval_fn, calib_fn)[0]["acc"]
+    )
     with pytest.raises(ValueError, match="one family"):
         loafing_matrix(
             [r20, nt.create_model("resnet18", num_classes=10, in_chans=1)],
@@ -373,7 +375,7 @@ def test_loafing_matrix_of_declared_models_runs_ordered_subnets():
     result = loafing_matrix([small, large], ["small", "large"], eval_fn, calib_fn)
     assert result["depths"] == {"small": [2, 2], "large": [3, 4]}
     assert result["acc"][0][1] is None and result["how"][1][0] == "subnet 2-2"
-    inside = evaluate_subnets(large, ["2-2"], eval_fn, calib_fn)[0]["acc"]
+    inside = evaluate_one_at_a_time(large, ["2-2"], eval_fn, calib_fn)[0]["acc"]
     assert result["acc"][1][0] == inside
     with pytest.raises(ValueError, match="declare_stages"):
         loafing_matrix([nn.Sequential(nn.Flatten(), nn.Linear(64, 10))], ["x"], eval_fn, calib_fn)

@@ -16,8 +16,8 @@ import torch
 
 import nestedtrain as nt
 from nestedtrain.data import build_data
-from nestedtrain.engine import trainer as trainer_module
-from nestedtrain.engine.checkpoint import load_model
+from nestedtrain.engine import loop as loop_module
+from nestedtrain.engine.build import load_model
 from nestedtrain.engine.evaluate import evaluate
 from nestedtrain.engine.faults import TrainingInterrupted
 from nestedtrain.engine.trainer import Trainer
@@ -32,7 +32,7 @@ _SCRIPT = """
 import os, signal, sys
 import torch
 import nestedtrain as nt
-import nestedtrain.methods.stimulative as stimulative
+import nestedtrain.methods.shared_prefix as shared_prefix
 from nestedtrain.engine import checkpoint
 from nestedtrain.engine.faults import TrainingInterrupted
 from nestedtrain.engine.trainer import Trainer
@@ -42,7 +42,7 @@ out, mode, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 rank = int(os.environ["RANK"])
 hook = None
 if mode == "probe" and rank == 1:  # only rank 1's probe says the shared path cannot run
-    stimulative.draws_random = lambda *args: True
+    shared_prefix.draws_random = lambda *args: True
 if mode == "stop":
     def hook(epoch, step):
         if rank == 1 and (epoch, step) == (0, 3):
@@ -179,9 +179,9 @@ def test_ranks_agree_on_stop_every_few_steps_not_every_step(tmp_path, monkeypatc
     monkeypatch.setattr(
         torch.distributed, "all_gather_object", lambda out, obj, group=None: out.__setitem__(0, obj)
     )
-    trainer._control = group
+    trainer.control.group = group
     trainer.train_epoch(0, progress=False)
-    assert trainer_module._AGREE_EVERY == 20
+    assert loop_module._AGREE_EVERY == 20
     assert len(calls) == 3 and all(g is group for g in calls)  # steps 20, 40 and 42
 
     class Signals:  # what the loop reads of StopSignals
@@ -191,7 +191,7 @@ def test_ranks_agree_on_stop_every_few_steps_not_every_step(tmp_path, monkeypatc
         if step == 23:
             Signals.requested = "SIGTERM"
 
-    trainer._signals = Signals()
+    trainer.control.signals = Signals()
     with pytest.raises(TrainingInterrupted) as stopped:
         trainer.train_epoch(0, progress=False, step_hook=request)
     assert stopped.value.step == 40

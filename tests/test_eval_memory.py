@@ -12,22 +12,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ListStageNet, perturb_norms
+from oracle import evaluate_one_at_a_time
 from torch import nn
 
 import nestedtrain as nt
 from nestedtrain import bn
 from nestedtrain.analysis import (
     evaluate_space,
-    evaluate_subnets_shared,
-    kl_drift_snapshot,
-    space_subnets,
-    subnet_logits,
 )
 from nestedtrain.cli import main
 from nestedtrain.engine import subnet_eval as subnets_module
 from nestedtrain.engine.config import load_config
-from nestedtrain.engine.evaluate import evaluate_subnets
-from nestedtrain.engine.subnet_eval import DEFAULT_MEMORY_MB
+from nestedtrain.engine.evaluate import space_subnets
+from nestedtrain.engine.subnet_eval import (
+    DEFAULT_MEMORY_MB,
+    evaluate_subnets,
+    kl_drift_snapshot,
+    subnet_logits,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,13 +71,13 @@ def test_a_tiny_budget_runs_one_batch_a_chunk_with_identical_results(passes):
     model = resnet()
     eval_fn, calib_fn = batches()
     subnets = [*space_subnets(model, sample=6, seed=1), nt.Subnet.parse(model, "0.2.1-0.2-3")]
-    naive = evaluate_subnets(model, subnets, eval_fn, calib_fn)
+    naive = evaluate_one_at_a_time(model, subnets, eval_fn, calib_fn)
     before = bn.save_stats(model)
-    tiny = evaluate_subnets_shared(model, subnets, eval_fn, calib_fn, memory_mb=1e-3)
+    tiny = evaluate_subnets(model, subnets, eval_fn, calib_fn, memory_mb=1e-3)
     # at least one batch a chunk: 5 eval batches, 5 calibration batches
     assert passes == {"calibrate": 5, "evaluate": 5}
     assert tiny == naive
-    assert evaluate_subnets_shared(model, subnets, eval_fn, calib_fn, memory_mb=None) == naive
+    assert evaluate_subnets(model, subnets, eval_fn, calib_fn, memory_mb=None) == naive
     assert passes == {"calibrate": 6, "evaluate": 6}
     assert all(torch.equal(v, bn.save_stats(model)[k]) for k, v in before.items())
 
@@ -84,13 +86,13 @@ def test_chunk_images_wins_over_the_budget_and_takes_whole_batches(passes):
     model = resnet()
     eval_fn, calib_fn = batches()
     subnets = space_subnets(model, [1, 1, 1])
-    naive = evaluate_subnets(model, subnets, eval_fn, calib_fn)
-    shared = evaluate_subnets_shared(model, subnets, eval_fn, calib_fn, 70, memory_mb=1e-3)
+    naive = evaluate_one_at_a_time(model, subnets, eval_fn, calib_fn)
+    shared = evaluate_subnets(model, subnets, eval_fn, calib_fn, 70, memory_mb=1e-3)
     assert shared == naive
     # at most 70 images a chunk: eval 32+32 | 32+32 | 22, calibration 24+24 | 24+24+4
     assert passes == {"calibrate": 2, "evaluate": 3}
-    own = evaluate_subnets_shared(model, subnets, eval_fn, None, memory_mb=1e-3)
-    assert own == evaluate_subnets_shared(model, subnets, eval_fn, None, memory_mb=None)
+    own = evaluate_subnets(model, subnets, eval_fn, None, memory_mb=1e-3)
+    assert own == evaluate_subnets(model, subnets, eval_fn, None, memory_mb=None)
 
 
 def test_the_budget_sizes_chunks_from_the_activations(passes):
@@ -111,7 +113,7 @@ def test_bad_budgets_are_refused():
     eval_fn, calib_fn = batches()
     for bad in (0, -5.0, float("nan")):
         with pytest.raises(ValueError, match="memory_mb"):
-            evaluate_subnets_shared(model, ["1-1-1"], eval_fn, calib_fn, memory_mb=bad)
+            evaluate_subnets(model, ["1-1-1"], eval_fn, calib_fn, memory_mb=bad)
 
 
 def test_the_recipe_field_is_checked():
@@ -150,7 +152,7 @@ def test_one_at_a_time_fallback_streams_and_stays_exact():
     eval_fn, calib_fn = batches()
     subnets = ["1", "3", "0.2"]
     assert subnet_logits(model, subnets, eval_fn, calib_fn, lambda *a: None) == "naive"
-    assert evaluate_subnets_shared(model, subnets, eval_fn, calib_fn) == evaluate_subnets(
+    assert evaluate_subnets(model, subnets, eval_fn, calib_fn) == evaluate_one_at_a_time(
         model, [nt.Subnet.parse(model, s) for s in subnets], eval_fn, calib_fn
     )
     before = bn.save_stats(model)
@@ -190,7 +192,7 @@ def test_eval_memory_budget_changes_nothing_but_memory(run_dir, tmp_path, capsys
     assert reports[0]["subnets"] == reports[1]["subnets"]
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--memory-mb", "0"]) == 2
-    assert "--memory-mb 0.0 must be > 0" in capsys.readouterr().err
+    assert "'0' is no memory budget" in capsys.readouterr().err
 
 
 def test_analyze_takes_a_memory_budget(run_dir, tmp_path, capsys):
@@ -210,7 +212,7 @@ def test_analyze_takes_a_memory_budget(run_dir, tmp_path, capsys):
 _CHILD = """
 import json, resource, sys
 import timm, torch
-from nestedtrain.analysis import evaluate_subnets_shared
+from nestedtrain.engine.subnet_eval import evaluate_subnets
 
 torch.set_num_threads(1)
 n_eval, memory_mb = int(sys.argv[1]), float(sys.argv[2])
@@ -223,7 +225,7 @@ calib = torch.randn(64, 3, 96, 96, generator=g)
 eval_batches = lambda: ((images[i : i + 32], labels[i : i + 32]) for i in range(0, n_eval, 32))
 calib_batches = lambda: (calib[i : i + 32] for i in range(0, 64, 32))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-evaluate_subnets_shared(
+evaluate_subnets(
     model, ["3-4-6-3", "1-2-3-1"], eval_batches, calib_batches, memory_mb=memory_mb
 )
 print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))

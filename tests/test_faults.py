@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import nestedtrain as nt
-from nestedtrain.engine import checkpoint as ckpt_module
+from nestedtrain import runfiles
 from nestedtrain.engine.faults import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
@@ -214,7 +214,7 @@ def test_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, cap
     with pytest.raises(_Kill):
         Trainer(_cfg(*overrides), tmp_path / "broken").fit(step_hook=_kill_at(1, 7))
     last = tmp_path / "broken" / "checkpoints" / "last.pt"
-    previous = ckpt_module.previous_path(last)
+    previous = runfiles.previous_path(last)
     assert torch.load(previous, weights_only=False)["position"] == {"epoch": 1, "step": 4}
     last.write_bytes(last.read_bytes()[:1000])  # a torn write on a flaky file system
     with caplog.at_level("WARNING", logger="nestedtrain"):

@@ -1,12 +1,15 @@
 """The package's layers: a module imports only from its own layer and the ones below it.
 
-    models, data, losses (and the leaf modules errors, distributed, runlog, memory, modes,
-    signals)
+    models, data, losses (and the leaf modules errors, distributed, runfiles, version, bnstats,
+    memory, modes, signals)
       <- elastic <- bn, flops <- methods <- engine <- analysis, demo <- cli
 
+Inside the engine, its files form rooms (ENGINE_ROOMS): a file imports only files of the rooms
+below its own. And no files of the package import each other in a circle.
+
 Read from the source with ast, so a lazy import inside a function counts as well.
-``nestedtrain/__init__.py`` is the public face: it may re-export from any layer but cli, and
-the rest of the package takes only ``__version__`` from it.
+``nestedtrain/__init__.py`` is the public face: it may re-export from any layer but cli; the
+rest of the package imports nothing from it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,19 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "nestedtrain"
 
 LAYERS = [
-    {"models", "data", "losses", "errors", "distributed", "runlog", "memory", "modes", "signals"},
+    {
+        "models",
+        "data",
+        "losses",
+        "errors",
+        "distributed",
+        "runfiles",
+        "bnstats",
+        "version",
+        "memory",
+        "modes",
+        "signals",
+    },
     {"elastic"},
     {"bn", "flops"},
     {"methods"},
@@ -28,6 +43,17 @@ LAYERS = [
     {"cli", "__main__"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+# engine/, bottom up: the recipe, ranks, faults, evaluation and checkpoints; what is built from
+# them (objects, resume checks, the epoch loop, logs, summary, sweeps); the run folder and the
+# epoch's evaluations; the trainer.
+ENGINE_ROOMS = [
+    {"config", "distributed", "faults", "evaluate", "checkpoint"},
+    {"resume", "build", "subnet_eval", "loop", "logs", "summary", "sweep"},
+    {"runfolder", "epoch_eval"},
+    {"trainer"},
+]
+ROOM_OF = {name: i for i, names in enumerate(ENGINE_ROOMS) for name in names}
 
 
 def _module_name(path: Path) -> list[str]:
@@ -81,8 +107,8 @@ def test_no_module_imports_from_a_higher_layer():
         for line, module, names in _imports(path):
             if module[0] != "nestedtrain":
                 continue
-            if len(module) == 1:  # from nestedtrain import X: a submodule or __version__
-                targets = [["nestedtrain", n] for n in names if n != "__version__"]
+            if len(module) == 1:  # from nestedtrain import X: a submodule, not the face's names
+                targets = [["nestedtrain", n] for n in names]
             else:
                 targets = [module]
             for target in targets:
@@ -93,6 +119,62 @@ def test_no_module_imports_from_a_higher_layer():
                         f"imports {'.'.join(target)} (layer {theirs})"
                     )
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+
+def _file_edges() -> dict[str, set[str]]:
+    """Module (dotted) -> the package's modules it imports, file by file."""
+    modules = {".".join(_module_name(p)): p for p in PACKAGE.rglob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges[name] = set()
+        for _, module, names in _imports(path):
+            if module[0] != "nestedtrain":
+                continue
+            for target in [".".join([*module, n]) for n in names] + [".".join(module)]:
+                if target in modules and target != name:
+                    edges[name].add(target)
+                    break
+    return edges
+
+
+def test_no_files_import_each_other_in_a_circle():
+    edges = _file_edges()
+    state: dict[str, int] = {}  # 1: on the path being walked, 2: done
+    circles = []
+
+    def walk(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                circles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
+            elif nxt not in state:
+                walk(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            walk(node, [node])
+    assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+def test_engine_files_import_only_lower_rooms():
+    engine = PACKAGE / "engine"
+    files = {p.stem for p in engine.glob("*.py") if p.stem != "__init__"}
+    assert files == set(ROOM_OF), (
+        f"engine files without a room, or rooms without a file: {files ^ set(ROOM_OF)}"
+    )
+    wrong = []
+    for path in sorted(engine.glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        for line, module, names in _imports(path):
+            if module[:2] != ["nestedtrain", "engine"]:
+                continue
+            targets = [module[2]] if len(module) > 2 else [n for n in names if n in ROOM_OF]
+            for target in targets:
+                if ROOM_OF[target] >= ROOM_OF[path.stem]:
+                    wrong.append(f"engine/{path.name}:{line} imports engine/{target}.py")
+    assert not wrong, "engine imports against its rooms:\n" + "\n".join(wrong)
 
 
 def test_a_training_run_loads_neither_the_analyses_nor_matplotlib():

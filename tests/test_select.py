@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from conftest import make_model
+from oracle import evaluate_one_at_a_time
 
 import nestedtrain as nt
 from nestedtrain.analysis import Budget, LatencySpec, deploy_subnet, pareto_front, select_subnet
@@ -19,7 +20,7 @@ from nestedtrain.analysis.deploy import export_onnx
 from nestedtrain.analysis.report import write_report
 from nestedtrain.cli import main
 from nestedtrain.data import build_data
-from nestedtrain.engine.evaluate import evaluate, evaluate_subnets
+from nestedtrain.engine.evaluate import evaluate
 from nestedtrain.flops import count_flops, count_params
 
 TINY = ["data.train_subset=256", "batch_size=64", "epochs=2", "eval.subnets=none"]
@@ -53,7 +54,7 @@ def _brute_force(run: Path) -> dict[str, dict]:
     for split in ("val", "test"):
         subnets = nt.OrderedSampler(model).all()
         others = [s for s in subnets if not s.is_full(model)]
-        results = evaluate_subnets(
+        results = evaluate_one_at_a_time(
             model,
             others,
             lambda split=split: data.eval_batches(split, batch_size=batch),

@@ -115,7 +115,7 @@ TRAINING = {  # 75 and a checkpoint to resume from (and "step": a step hook, bel
 }
 DONE = {  # after the last epoch: exit 0, the run is whole
     "final evaluation": (Trainer, "evaluate_epoch", 2),
-    "summary": (Trainer, "_summary", 1),
+    "summary": (Trainer, "_finish", 1),
     "teardown": (cli_train, "_print_summary", 1),
 }
 

@@ -14,6 +14,7 @@ import torch
 from conftest import perturb_norms
 
 import nestedtrain as nt
+from nestedtrain import runfiles
 from nestedtrain.data import DataConfig, build_data
 from nestedtrain.engine import checkpoint as ckpt_module
 from nestedtrain.engine.trainer import Trainer
@@ -225,14 +226,14 @@ def test_resume_ends_where_an_uninterrupted_run_would(tmp_path, monkeypatch):
 
 def test_crash_between_temp_write_and_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    ckpt_module.atomic_save({"format": ckpt_module.CHECKPOINT_FORMAT, "epoch": 1}, path)
+    runfiles.atomic_save({"format": ckpt_module.CHECKPOINT_FORMAT, "epoch": 1}, path)
 
     def crash(src, dst):
         raise OSError("disk pulled out")
 
-    monkeypatch.setattr(ckpt_module.os, "replace", crash)
+    monkeypatch.setattr(runfiles.os, "replace", crash)
     with pytest.raises(OSError, match="disk pulled out"):
-        ckpt_module.atomic_save({"format": ckpt_module.CHECKPOINT_FORMAT, "epoch": 2}, path)
+        runfiles.atomic_save({"format": ckpt_module.CHECKPOINT_FORMAT, "epoch": 2}, path)
     monkeypatch.undo()
     assert ckpt_module.load_checkpoint(path)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
@@ -343,13 +344,15 @@ def test_every_recipe_loads_and_cpu_recipes_build(tmp_path):
 
 
 def test_evaluate_subnets_restores_main_bn_and_mode(digits):
-    from nestedtrain.engine.evaluate import evaluate_subnets, select_subnets
+    from oracle import evaluate_one_at_a_time
+
+    from nestedtrain.engine.evaluate import select_subnets
 
     model = nt.create_model("resnet20", num_classes=10, in_chans=1)
     model.train()(next(iter(digits.calibration_batches())))  # give BN non-default statistics
     before = nt.bn.save_stats(model)
     subnets = select_subnets(model, "sample:3")
-    results = evaluate_subnets(
+    results = evaluate_one_at_a_time(
         model, subnets, lambda: digits.eval_batches("test"), digits.calibration_batches
     )
     assert [r["subnet"] for r in results] == [str(s) for s in subnets] and len(results) == 3

@@ -1,11 +1,12 @@
 """Loafing analyses of trained residual networks, and run reports.
 
 - :func:`evaluate_space`: accuracy of every ordered sub-network (BN re-calibrated), evaluated
-  with shared prefixes (:func:`evaluate_subnets_shared`, exact and much faster than one at a
+  with shared prefixes (:func:`nestedtrain.engine.subnet_eval.evaluate_subnets`, exact and
+  much faster than one at a
   time);
 - :func:`loafing_matrix`: smaller architectures run inside larger trained models;
 - :func:`destruct`: accuracy drops when deleting or permuting blocks;
-- :func:`kl_drift_snapshot` / :func:`append_kl_drift`: KL(main || sub-network) during training;
+- :func:`kl_drift_summary`: KL(main || sub-network) during training, per epoch;
 - :func:`logit_norms`, :func:`effective_receptive_field`: logit amplitude and ERF (ST++);
 - :func:`write_report`: a run folder as Markdown and self-contained HTML;
 - :func:`select_subnet`: the most accurate sub-network inside a FLOPs, parameter or measured
@@ -16,32 +17,22 @@
 from .deploy import deploy_subnet, measure_latency
 from .destruct import deletion_subnets, destruct, permutation_subnets, swap_subnet
 from .erf import effective_receptive_field, erf_area_ratios
-from .kl_drift import append_kl_drift, kl_drift_snapshot, kl_drift_summary, read_kl_drift
+from .kl_drift import kl_drift_summary
 from .logits import logit_norms
 from .matrix import loafing_matrix
 from .report import write_report
 from .select import Budget, LatencySpec, pareto_front, pick_best, select_subnet
-from .subnets import (
-    evaluate_space,
-    evaluate_subnets_shared,
-    match_subnet,
-    space_subnets,
-    subnet_logits,
-    subnet_stats,
-)
+from .subnets import evaluate_space, match_subnet, subnet_stats
 
 __all__ = [
     "Budget",
     "LatencySpec",
-    "append_kl_drift",
     "deletion_subnets",
     "deploy_subnet",
     "destruct",
     "effective_receptive_field",
     "erf_area_ratios",
     "evaluate_space",
-    "evaluate_subnets_shared",
-    "kl_drift_snapshot",
     "kl_drift_summary",
     "loafing_matrix",
     "logit_norms",
@@ -50,10 +41,7 @@ __all__ = [
     "pareto_front",
     "permutation_subnets",
     "pick_best",
-    "read_kl_drift",
     "select_subnet",
-    "space_subnets",
-    "subnet_logits",
     "subnet_stats",
     "swap_subnet",
     "write_report",

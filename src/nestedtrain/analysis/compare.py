@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from ..engine.sweep import read_sweep
 from ..errors import ConfigError
 from ..flops import acc_flops_ratio
-from ..runlog import read_metrics
+from ..runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary
 
 __all__ = [
     "compare_rows",
@@ -66,9 +66,9 @@ class _Run:
 
     def __init__(self, folder: Path, overrides: dict[str, str] | None):
         self.folder = folder
-        self.config = _flatten(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")))
-        self.summary = json.loads((folder / "summary.json").read_text())
-        metrics = folder / "metrics.jsonl"
+        self.config = _flatten(OmegaConf.to_container(OmegaConf.load(folder / CONFIG_FILE)))
+        self.summary = read_summary(folder)
+        metrics = folder / METRICS_FILE
         self.metrics = read_metrics(metrics) if metrics.is_file() else []
         self.overrides = overrides  # from the sweep that made it, if any
 
@@ -103,13 +103,13 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     """
     runs: list[Path] = []
     for path in map(Path, paths):
-        if (path / "summary.json").is_file() and (path / "config.yaml").is_file():
+        if (path / SUMMARY_FILE).is_file() and (path / CONFIG_FILE).is_file():
             runs.append(path)
         elif path.is_dir():
             inside = sorted(
-                p for p in path.iterdir() if (p / "summary.json").is_file() and p.is_dir()
+                p for p in path.iterdir() if (p / SUMMARY_FILE).is_file() and p.is_dir()
             )
-            if not inside and not any((p / "config.yaml").is_file() for p in path.iterdir()):
+            if not inside and not any((p / CONFIG_FILE).is_file() for p in path.iterdir()):
                 raise ConfigError(
                     f"{str(path)!r} is no run folder and holds none: give finished run folders "
                     "or the --out of a sweep"
@@ -277,7 +277,31 @@ def compare_runs(
     """
     if split not in SPLITS:
         raise ConfigError(f"split {split!r} must be one of {', '.join(SPLITS)}")
-    folders = find_runs(paths)
+    runs = _read_runs(find_runs(paths))
+    keys = list(by) if by else _group_keys(runs)
+    groups = _group_runs(runs, keys)
+    baseline_label = _find_baseline(groups, keys, baseline or {})
+    result_groups = []
+    for label, members in groups.items():
+        members.sort(key=lambda run: str(run.seed))
+        stats = {"label": dict(zip(keys, label)), **_group_stats(members, split)}
+        if baseline_label is not None and label != baseline_label:
+            base = groups[baseline_label]
+            stats.update(_paired_stats(members, base, split, "subnet_acc_mean" in stats))
+        if split == "test" and members[0].config.get("method") == "motivation":
+            stats["efficiency"] = _motivation_efficiency(members, groups)
+        stats["curve"] = _accuracy_curve(members, f"{split}_acc")
+        result_groups.append(stats)
+    return {
+        "by": keys,
+        "split": split,
+        "groups": result_groups,
+        "baseline": dict(zip(keys, baseline_label)) if baseline_label is not None else None,
+    }
+
+
+def _read_runs(folders: Sequence[Path]) -> list[_Run]:
+    """Each run folder read once, with the overrides of the sweep that made it, if any."""
     sweeps: dict[Path, dict[str, Any]] = {}
     runs = []
     for folder in folders:
@@ -289,7 +313,15 @@ def compare_runs(
         if entry is not None:
             overrides = dict(item.split("=", 1) for item in entry["overrides"])
         runs.append(_Run(folder, overrides))
-    keys = list(by) if by else _group_keys(runs)
+    return runs
+
+
+def _group_runs(runs: Sequence[_Run], keys: list[str]) -> dict[tuple, list[_Run]]:
+    """The runs grouped by their values of ``keys``.
+
+    Raises:
+        ConfigError: a group mixes runs whose ``_MUST_AGREE`` fields differ.
+    """
     groups: dict[tuple, list[_Run]] = {}
     for run in runs:
         groups.setdefault(tuple(run.field(k) for k in keys), []).append(run)
@@ -302,29 +334,20 @@ def compare_runs(
                     f"group {named} mixes runs with different {field} ({', '.join(sorted(values))}):"
                     f" add {field} to --by"
                 )
-    baseline_label = _find_baseline(groups, keys, baseline or {})
-    result_groups = []
-    for label, members in groups.items():
-        members.sort(key=lambda run: str(run.seed))
-        named = dict(zip(keys, label))
-        stats = {"label": named, **_group_stats(members, split)}
-        if baseline_label is not None and label != baseline_label:
-            base = groups[baseline_label]
-            stats["paired_main_acc"] = _paired(members, base, lambda run: run.main_acc(split))
-            if "subnet_acc_mean" in stats:
-                stats["paired_subnet_acc_mean"] = _paired(
-                    members, base, lambda run: run.summary.get("subnet_acc_mean")
-                )
-        if split == "test" and members[0].config.get("method") == "motivation":
-            stats["efficiency"] = _motivation_efficiency(members, groups)
-        stats["curve"] = _accuracy_curve(members, f"{split}_acc")
-        result_groups.append(stats)
-    return {
-        "by": keys,
-        "split": split,
-        "groups": result_groups,
-        "baseline": dict(zip(keys, baseline_label)) if baseline_label is not None else None,
-    }
+    return groups
+
+
+def _paired_stats(
+    members: Sequence[_Run], base: Sequence[_Run], split: str, subnets: bool
+) -> dict[str, Any]:
+    """Paired differences of a group to the baseline group, seed by seed (and of the
+    sub-networks' mean accuracy when ``subnets``)."""
+    paired = {"paired_main_acc": _paired(members, base, lambda run: run.main_acc(split))}
+    if subnets:
+        paired["paired_subnet_acc_mean"] = _paired(
+            members, base, lambda run: run.summary.get("subnet_acc_mean")
+        )
+    return paired
 
 
 def _find_baseline(
@@ -448,7 +471,7 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 def write_comparison(result: dict[str, Any], out_dir: str | Path, command: str) -> list[Path]:
     """``compare.json``, ``compare.md`` and the plots into ``out_dir``; returns the files."""
-    from ..engine.checkpoint import atomic_write_text
+    from ..runfiles import atomic_write_text
     from .plots import plot_comparison
 
     out_dir = Path(out_dir)

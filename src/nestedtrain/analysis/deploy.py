@@ -39,11 +39,11 @@ from torch import nn
 from .. import bn as bn_tools
 from ..elastic.stages import model_family, unwrap
 from ..elastic.subnet import Subnet, export_subnet
-from ..engine.checkpoint import atomic_save, atomic_write_text
 from ..engine.evaluate import evaluate
 from ..errors import ConfigError
 from ..flops import count_flops, count_params
 from ..models import CIFAR_DEPTHS
+from ..runfiles import atomic_save, atomic_write_text
 
 __all__ = [
     "FORMATS",
@@ -63,6 +63,8 @@ ONNX_OPSET = 17
 ONNX_TOLERANCE = 1e-4
 _ONNX_INPUT, _ONNX_OUTPUT = "images", "logits"
 _INSTALL_HINT = "pip install 'nestedtrain[deploy]' (onnx and onnxruntime)"
+# ``{split: fn}``, each fn giving that split's (images, labels) batches
+_EvalBatches = Mapping[str, Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]]
 
 
 def format_for(path: str | Path, fmt: str | None = None) -> str:
@@ -201,6 +203,33 @@ def _legacy_exporter() -> dict[str, Any]:
     return {}
 
 
+def _onnx_bytes(module: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    """``module`` traced on ``example`` and exported as ONNX (input ``images``, output
+    ``logits``, dynamic batch dimension)."""
+    buffer = io.BytesIO()
+    with _quiet_trace(), torch.no_grad():
+        torch.onnx.export(
+            module,
+            (example,),
+            buffer,
+            **_legacy_exporter(),
+            input_names=[_ONNX_INPUT],
+            output_names=[_ONNX_OUTPUT],
+            dynamic_axes={_ONNX_INPUT: {0: "batch"}, _ONNX_OUTPUT: {0: "batch"}},
+            opset_version=opset,
+        )
+    return buffer.getvalue()
+
+
+def _onnxruntime_logits(ort: Any, data: bytes, images: torch.Tensor) -> torch.Tensor:
+    """The logits of the ONNX model ``data`` on ``images``, run in onnxruntime on the CPU
+    with torch's intra-op thread count."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run([_ONNX_OUTPUT], {_ONNX_INPUT: images.numpy()})[0])
+
+
 def export_onnx(
     module: nn.Module,
     path: str | Path,
@@ -225,24 +254,9 @@ def export_onnx(
     onnx, ort = require_onnx()
     module = module.cpu().float().eval()
     images = images.detach().cpu().float()
-    buffer = io.BytesIO()
-    with _quiet_trace(), torch.no_grad():
-        torch.onnx.export(
-            module,
-            (images[:1],),
-            buffer,
-            **_legacy_exporter(),
-            input_names=[_ONNX_INPUT],
-            output_names=[_ONNX_OUTPUT],
-            dynamic_axes={_ONNX_INPUT: {0: "batch"}, _ONNX_OUTPUT: {0: "batch"}},
-            opset_version=opset,
-        )
-    data = buffer.getvalue()
+    data = _onnx_bytes(module, images[:1], opset)
     onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run([_ONNX_OUTPUT], {_ONNX_INPUT: images.numpy()})[0])
+    got = _onnxruntime_logits(ort, data, images)
     with torch.no_grad():
         want = module(images)
     diff = float((got - want).abs().max())
@@ -293,8 +307,7 @@ def deploy_subnet(
     model_name: str,
     model_kwargs: Mapping[str, Any] | None = None,
     calib_batches: Callable[[], Iterable[torch.Tensor]] | None = None,
-    eval_batches: Mapping[str, Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]]
-    | None = None,
+    eval_batches: _EvalBatches | None = None,
     check_images: torch.Tensor | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -323,32 +336,51 @@ def deploy_subnet(
         require_onnx()  # before any work
     path = Path(path)
     is_main = subnet.is_full(model)
-    device = next(model.parameters()).device
     # 1. The standalone module, with the BN statistics its evaluation used.
     standalone = _standalone(model, subnet, None if is_main else calib_batches)
     # 2. What that very module scores and costs.
     measured = _measure(standalone, eval_batches or {}, input_size, in_chans)
     # 3. The file, and the sidecar that says how to use it.
-    if check_images is None:
-        generator = torch.Generator().manual_seed(0)
-        check_images = torch.randn(8, in_chans, input_size, input_size, generator=generator)
     state = {k: v.detach().cpu() for k, v in standalone.state_dict().items()}
-    written = _write(standalone, path, fmt, check_images.to(device))
+    images = _check_images(check_images, in_chans, input_size, next(model.parameters()).device)
+    written = _write(standalone, path, fmt, images)
     rebuild = _rebuild(
-        model,
-        model_name,
-        subnet,
-        num_classes,
-        in_chans,
-        dict(model_kwargs or {}),
-        state,
-        fmt,
-        path.name,
+        model, model_name, subnet, num_classes, in_chans, model_kwargs or {}, state, fmt, path.name
     )
-    meta = dict(meta or {})
     recalibrated = not is_main and calib_batches is not None
-    sidecar = {
-        **_what_is_written(path, fmt, model_name, subnet, is_main, recalibrated),
+    what = _what_is_written(path, fmt, model_name, subnet, is_main, recalibrated)
+    sidecar = _sidecar(what, num_classes, in_chans, input_size, measured, meta, rebuild, written)
+    atomic_write_text(sidecar_path(path), _json(sidecar))
+    return sidecar
+
+
+def _check_images(
+    images: torch.Tensor | None, in_chans: int, input_size: int, device: torch.device
+) -> torch.Tensor:
+    """``images`` for the ONNX parity check on ``device``; when ``None``, 8 random ones from
+    a generator seeded with 0."""
+    if images is None:
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(8, in_chans, input_size, input_size, generator=generator)
+    return images.to(device)
+
+
+def _sidecar(
+    what: Mapping[str, Any],
+    num_classes: int,
+    in_chans: int,
+    input_size: int,
+    measured: Mapping[str, Any],
+    meta: Mapping[str, Any] | None,
+    rebuild: Mapping[str, Any],
+    written: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The sidecar, in order: ``what`` is written, the classes, the input (``meta["input"]``
+    merged into it), ``measured``, the rest of ``meta``, ``rebuild``, torch's version, and
+    what writing the file reported (``written``: the ONNX checks)."""
+    meta = dict(meta or {})
+    return {
+        **what,
         "num_classes": num_classes,
         "input": {
             "shape": [None, in_chans, input_size, input_size],
@@ -362,8 +394,6 @@ def deploy_subnet(
         "torch": torch.__version__,
         **written,
     }
-    atomic_write_text(sidecar_path(path), _json(sidecar))
-    return sidecar
 
 
 def _what_is_written(
@@ -401,7 +431,7 @@ def _standalone(
 
 def _measure(
     module: nn.Module,
-    eval_batches: Mapping[str, Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]],
+    eval_batches: _EvalBatches,
     input_size: int,
     in_chans: int,
 ) -> dict[str, Any]:

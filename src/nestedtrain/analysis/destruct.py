@@ -34,14 +34,9 @@ from torch import nn
 
 from ..elastic.stages import Stage, find_stages, unwrap
 from ..elastic.subnet import Subnet
+from ..engine.subnet_eval import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate_subnets
 from ..errors import ConfigError
-from .subnets import (
-    DEFAULT_MEMORY_MB,
-    CalibBatches,
-    EvalBatches,
-    evaluate_subnets_shared,
-    subnet_stats,
-)
+from .subnets import subnet_stats
 
 __all__ = [
     "BN_POLICIES",
@@ -414,7 +409,7 @@ def destruct(
         stages: stage numbers (from 1) to destroy; all by default.
         swaps: extra single transpositions ``(stage, block, block)`` to evaluate.
         chunk_images, memory_mb: bound the memory, not the result (see
-            :func:`~nestedtrain.analysis.subnets.subnet_logits`).
+            :func:`~nestedtrain.engine.subnet_eval.subnet_logits`).
 
     Returns:
         ``intact`` accuracy, ``delete_one`` (per skippable block: its drop), ``delete`` and
@@ -426,41 +421,84 @@ def destruct(
     """
     model = unwrap(model)
     _check_bn(bn, calib_batches)
-    all_stages = find_stages(model)
-    selected = _select_stages(all_stages, stages)
     # 1. Every network to evaluate: each single deletion, every k, the swaps asked for.
-    single = _single_deletions(model, all_stages, selected, delete_k, permute_k)
-    deletions = [(k, *deletion_subnets(model, k, max_combinations, seed, stages)) for k in delete_k]
-    permutations = [
-        (k, *permutation_subnets(model, k, max_combinations, seed, stages)) for k in permute_k
-    ]
-    swapped = [(swap, swap_subnet(model, *swap)) for swap in swaps]
-    full = Subnet.full(model)
-    wanted = [full, *(s for *_, s in single)]
-    for _, subnets, _ in deletions + permutations:
-        wanted.extend(subnets)
-    wanted.extend(s for _, s in swapped)
-    wanted = list(dict.fromkeys(wanted))
+    destroyed = _destroy(model, stages, delete_k, permute_k, swaps, max_combinations, seed)
+    wanted = destroyed.subnets()
     # 2. All of them in one shared-prefix pass.
     calib = calib_batches if bn == "recalibrate" else None
-    results = evaluate_subnets_shared(model, wanted, eval_batches, calib, chunk_images, memory_mb)
+    results = evaluate_subnets(model, wanted, eval_batches, calib, chunk_images, memory_mb)
     acc = {subnet: r["acc"] for subnet, r in zip(wanted, results)}
     # 3. Drops against the intact network.
-    intact = acc[full]
+    intact = acc[destroyed.full]
     return {
         "bn": bn,
-        "intact": {"subnet": str(full), "acc": intact},
+        "intact": {"subnet": str(destroyed.full), "acc": intact},
         "max_combinations": max_combinations,
         "seed": seed,
-        "stages": [s + 1 for s in selected],
-        "delete_one": _delete_one_rows(all_stages, single, acc, intact),
-        "delete": _per_k(deletions, acc, intact),
-        "permute": _per_k(permutations, acc, intact),
-        "swaps": [
-            {"swap": f"{stage}:{i}:{j}", **_drop_row(subnet, acc, intact)}
-            for (stage, i, j), subnet in swapped
-        ],
+        "stages": [s + 1 for s in destroyed.selected],
+        **destroyed.drops(acc, intact),
     }
+
+
+@dataclass(frozen=True)
+class _Destroyed:
+    """The networks that one :func:`destruct` evaluates, by how they were destroyed."""
+
+    stages: list[Stage]  # every stage of the model
+    selected: list[int]  # 0-based indices of the stages destroyed
+    full: Subnet  # the intact network
+    single: list[tuple[int, int, Subnet]]  # (stage, block, network) per block deleted alone
+    deletions: list[tuple[int, list[Subnet], int]]  # (k, networks evaluated, how many in all)
+    permutations: list[tuple[int, list[Subnet], int]]  # the same, for k transpositions
+    swapped: list[tuple[tuple[int, int, int], Subnet]]  # ((stage, block, block), network)
+
+    def subnets(self) -> list[Subnet]:
+        """Every network to evaluate, each once, the intact one first."""
+        wanted = [self.full, *(s for *_, s in self.single)]
+        for _, subnets, _ in self.deletions + self.permutations:
+            wanted.extend(subnets)
+        wanted.extend(s for _, s in self.swapped)
+        return list(dict.fromkeys(wanted))
+
+    def drops(self, acc: dict[Subnet, float], intact: float) -> dict[str, Any]:
+        """``delete_one``, ``delete``, ``permute`` and ``swaps``: each network's accuracy
+        and its drop from ``intact``."""
+        return {
+            "delete_one": _delete_one_rows(self.stages, self.single, acc, intact),
+            "delete": _per_k(self.deletions, acc, intact),
+            "permute": _per_k(self.permutations, acc, intact),
+            "swaps": [
+                {"swap": f"{stage}:{i}:{j}", **_drop_row(subnet, acc, intact)}
+                for (stage, i, j), subnet in self.swapped
+            ],
+        }
+
+
+def _destroy(
+    model: nn.Module,
+    stages: Sequence[int] | None,
+    delete_k: Sequence[int],
+    permute_k: Sequence[int],
+    swaps: Sequence[tuple[int, int, int]],
+    max_combinations: int | None,
+    seed: int,
+) -> _Destroyed:
+    """The networks :func:`destruct` evaluates (its arguments of the same names)."""
+    all_stages = find_stages(model)
+    selected = _select_stages(all_stages, stages)
+    return _Destroyed(
+        stages=all_stages,
+        selected=selected,
+        full=Subnet.full(model),
+        single=_single_deletions(model, all_stages, selected, delete_k, permute_k),
+        deletions=[
+            (k, *deletion_subnets(model, k, max_combinations, seed, stages)) for k in delete_k
+        ],
+        permutations=[
+            (k, *permutation_subnets(model, k, max_combinations, seed, stages)) for k in permute_k
+        ],
+        swapped=[(swap, swap_subnet(model, *swap)) for swap in swaps],
+    )
 
 
 def _check_bn(bn: str, calib_batches: CalibBatches | None) -> None:

@@ -19,9 +19,9 @@ from torch import nn
 from .. import bn as bn_tools
 from ..elastic.stages import unwrap
 from ..elastic.subnet import Subnet, use_subnet
+from ..engine.subnet_eval import CalibBatches
 from ..errors import ConfigError
 from ..modes import kept_modes
-from .subnets import CalibBatches
 
 __all__ = ["effective_receptive_field", "erf_area_ratios"]
 
@@ -50,17 +50,7 @@ def effective_receptive_field(
             ``subnet`` without ``calib_batches``, a bad size.
     """
     model = unwrap(model)
-    if not callable(getattr(model, "forward_features", None)):
-        raise ConfigError(
-            f"{type(model).__name__} has no forward_features(): the ERF needs the last feature "
-            "map (timm models and nestedtrain's CIFAR ResNets have it)"
-        )
-    if input_size is not None and input_size < 1:
-        raise ConfigError(f"input_size={input_size} must be >= 1")
-    if num_images is not None and num_images < 1:
-        raise ConfigError(f"num_images={num_images} must be >= 1")
-    if subnet is not None and calib_batches is None:
-        raise ConfigError("an ERF of a sub-network needs calib_batches to re-estimate its BNs")
+    _check_arguments(model, input_size, num_images, subnet, calib_batches)
     saved = bn_tools.save_stats(model)
     total: torch.Tensor | None = None
     seen = 0
@@ -90,6 +80,28 @@ def effective_receptive_field(
     if total is None:
         raise ConfigError("effective_receptive_field got no images")
     return (total / seen).numpy()
+
+
+def _check_arguments(
+    model: nn.Module,
+    input_size: int | None,
+    num_images: int | None,
+    subnet: Subnet | str | None,
+    calib_batches: CalibBatches | None,
+) -> None:
+    """Raise a ConfigError for the bad arguments :func:`effective_receptive_field` can tell
+    before it runs the model."""
+    if not callable(getattr(model, "forward_features", None)):
+        raise ConfigError(
+            f"{type(model).__name__} has no forward_features(): the ERF needs the last feature "
+            "map (timm models and nestedtrain's CIFAR ResNets have it)"
+        )
+    if input_size is not None and input_size < 1:
+        raise ConfigError(f"input_size={input_size} must be >= 1")
+    if num_images is not None and num_images < 1:
+        raise ConfigError(f"num_images={num_images} must be >= 1")
+    if subnet is not None and calib_batches is None:
+        raise ConfigError("an ERF of a sub-network needs calib_batches to re-estimate its BNs")
 
 
 def _input_gradient(

@@ -34,14 +34,9 @@ from ..elastic.stages import (
 )
 from ..elastic.weightmap import block_depths, inherit
 from ..engine.evaluate import evaluate
+from ..engine.subnet_eval import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate_subnets
 from ..errors import ConfigError
-from .subnets import (
-    DEFAULT_MEMORY_MB,
-    CalibBatches,
-    EvalBatches,
-    evaluate_subnets_shared,
-    match_subnet,
-)
+from .subnets import match_subnet
 
 __all__ = ["loafing_matrix"]
 
@@ -136,7 +131,7 @@ def loafing_matrix(
         architectures: a column label per model (its architecture, e.g. ``"resnet32"``);
             models of identical architecture share a column. Defaults to ``names``.
         chunk_images, memory_mb: bound the memory, not the result (see
-            :func:`~nestedtrain.analysis.subnets.subnet_logits`).
+            :func:`~nestedtrain.engine.subnet_eval.subnet_logits`).
 
     Returns:
         ``family`` (``"resnet"``: cells are ordered sub-networks, as for every model with
@@ -199,7 +194,7 @@ def _row(
             )
     if subnets:
         # All sub-networks of one row at once: they share their computed prefixes.
-        results = evaluate_subnets_shared(
+        results = evaluate_subnets(
             model, [s for _, s in subnets], eval_batches, calib_batches, chunk_images, memory_mb
         )
         for (j, subnet), result in zip(subnets, results):

@@ -26,12 +26,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..engine.checkpoint import atomic_write_text
 from ..engine.config import load_config
 from ..engine.evaluate import evaluate
 from ..engine.trainer import Trainer
 from ..errors import ConfigError
 from ..flops import acc_flops_ratio
+from ..runfiles import CONFIG_FILE, SUMMARY_FILE, atomic_write_text, read_summary
 
 __all__ = ["cross_validate_k", "efficiency"]
 
@@ -114,18 +114,7 @@ def _read_roles(paths: dict[str, Sequence[str | Path]]) -> dict[str, list[_Summa
 
 def _read_summary(path: str | Path) -> _Summary:
     path = Path(path)
-    file = path / "summary.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ConfigError(
-            f"{str(path)!r} has no summary.json: give a finished run folder or its summary.json"
-        )
-    try:
-        summary = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{str(file)!r} is not valid JSON ({err.msg})") from None
-    if not isinstance(summary, dict):
-        raise ConfigError(f"{str(file)!r} holds no JSON object: give a run's summary.json")
-    return summary, file
+    return read_summary(path), path / SUMMARY_FILE if path.is_dir() else path
 
 
 def _check_methods(read: dict[str, list[_Summary]]) -> None:
@@ -164,7 +153,7 @@ def _number(summary: dict[str, Any], key: str, file: Path, what: str) -> float:
 
 def _motivated_name(file: Path) -> str | None:
     """``motivation.model`` from the run's config.yaml, when the run folder has one."""
-    config = file.parent / "config.yaml"
+    config = file.parent / CONFIG_FILE
     if not config.is_file():
         return None
     return OmegaConf.load(config).get("motivation", {}).get("model")
@@ -219,15 +208,9 @@ def cross_validate_k(
     results = []
     for k in ks:
         for fold in range(folds):
-            fold_overrides = [
-                *overrides,
-                f"motivation.k={k}",
-                f"data.num_folds={folds}",
-                f"data.fold={fold}",
-                "data.val_size=0",
-            ]
             run = Path(out) / f"k{k}" / f"fold{fold}"
             result = {"k": int(k), "fold": fold}
+            fold_overrides = _fold_overrides(overrides, k, folds, fold)
             result.update(_train_fold(recipe, fold_overrides, run, cfg.eval.batch_size))
             results.append(result)
             if on_result is not None:
@@ -246,6 +229,18 @@ def cross_validate_k(
     if int(os.environ.get("RANK", "0")) == 0:
         atomic_write_text(Path(out) / "tune_k.json", json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _fold_overrides(overrides: Sequence[str], k: int, folds: int, fold: int) -> list[str]:
+    """``overrides`` plus those that train with ``k`` on every fold but ``fold``, which is
+    the validation split (and no other validation split is held out)."""
+    return [
+        *overrides,
+        f"motivation.k={k}",
+        f"data.num_folds={folds}",
+        f"data.fold={fold}",
+        "data.val_size=0",
+    ]
 
 
 def _check_tune_k(

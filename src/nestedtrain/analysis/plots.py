@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..engine.checkpoint import atomic_save
+from ..runfiles import atomic_save
 
 __all__ = [
     "plot_comparison",

@@ -17,10 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine.checkpoint import atomic_write_text
 from ..errors import ConfigError
-from ..runlog import read_metrics
-from .kl_drift import KL_DRIFT_FILE, kl_drift_summary, read_kl_drift
+from ..runfiles import (
+    CONFIG_FILE,
+    KL_DRIFT_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    atomic_write_text,
+    read_kl_drift,
+    read_metrics,
+)
+from .kl_drift import kl_drift_summary
 from .plots import plot_kl_drift, plot_training_curves
 
 __all__ = ["write_report"]
@@ -71,7 +78,7 @@ def _read_json(path: Path) -> Any:
 # ------------------------------------------------------------------------ sections
 def _training(run: Path, out: Path) -> list[_Section]:
     sections = []
-    metrics_path, summary_path = run / "metrics.jsonl", run / "summary.json"
+    metrics_path, summary_path = run / METRICS_FILE, run / SUMMARY_FILE
     origin = "nestedtrain train (recipe: config.yaml of this run)"
     if summary_path.is_file():
         summary = _read_json(summary_path)
@@ -404,7 +411,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             f"run folder {str(run)!r} does not exist: give a folder that `nestedtrain train` wrote"
         )
     out = run / REPORT_FILES
-    config_path = run / "config.yaml"
+    config_path = run / CONFIG_FILE
     config = config_path.read_text() if config_path.is_file() else None
     sections = _training(run, out)
     analyses = sorted((run / "analysis").glob("*/*.json")) if (run / "analysis").is_dir() else []

@@ -32,10 +32,10 @@ from torch import nn
 from ..elastic.stages import unwrap
 from ..elastic.subnet import Subnet, export_subnet
 from ..engine.evaluate import evaluate
+from ..engine.subnet_eval import evaluate_subnets
 from ..errors import ConfigError
 from ..flops import count_flops, count_params
 from .deploy import measure_latency
-from .subnets import evaluate_subnets_shared
 
 __all__ = ["Budget", "LatencySpec", "pareto_front", "pick_best", "select_subnet"]
 
@@ -210,15 +210,14 @@ def select_subnet(
         latency_fn: ``(module, subnet, spec) -> {"ms": ...}``; default
             :func:`~nestedtrain.analysis.deploy.measure_latency` on standalone exports, all
             candidates interleaved in ``spec.rounds`` rounds, median of every timed run.
-        chunk_images: see :func:`~nestedtrain.analysis.subnets.subnet_logits`.
+        chunk_images: see :func:`~nestedtrain.engine.subnet_eval.subnet_logits`.
 
     Returns:
         ``subnets`` (one row per sub-network: ``subnet``, ``depths``, ``blocks``, ``is_main``,
-        ``bn``, ``val_acc``, ``test_acc``, ``flops``, ``params``, ``latency_ms`` (or
-        ``None``), ``on_front``, ``on_latency_front``, ``fits_budget``), ``main`` and
-        ``pick`` (rows), ``front`` and ``latency_front`` (sub-network strings, cheapest
-        first), ``selection_split``, ``budget`` and ``latency`` (the settings, threads
-        included).
+        ``bn``, ``val_acc``, ``test_acc``, ``flops``, ``params``, ``latency_ms`` (or ``None``),
+        ``on_front``, ``on_latency_front``, ``fits_budget``), ``main`` and ``pick`` (rows),
+        ``front`` and ``latency_front`` (sub-network strings, cheapest first), ``selection_split``,
+        ``budget`` and ``latency`` (the settings, threads included).
 
     Raises:
         ConfigError: a bad split choice, a latency bound without a way to measure it, or a
@@ -228,29 +227,40 @@ def select_subnet(
     budget = budget or Budget()
     _check_request(budget, select_on, val_batches, latency)
     acc_key = f"{select_on}_acc"
-    full = Subnet.full(model)
-    parsed = [Subnet.parse(model, s) if isinstance(s, str) else s for s in subnets]
-    candidates = list(dict.fromkeys([*parsed, full]))
-    main_index = candidates.index(full)
+    candidates, main_index = _candidates(model, subnets)
     # 1. Costs; a budget nothing meets fails here, before any evaluation.
-    rows = [_cost_row(model, subnet, subnet == full, input_size, in_chans) for subnet in candidates]
-    if not any(budget.fits_cost(r) for r in rows):
-        raise _nothing_fits(rows, budget)
-    time_rows = None
-    if latency is not None or latency_fn is not None:
-        shape = (latency.batch if latency else 1, in_chans, input_size, input_size)
-        time_rows = _row_timer(model, candidates, rows, latency, latency_fn, shape)
-    if budget.max_latency_ms is not None:
-        _stop_if_cheapest_is_too_slow(rows, budget, time_rows)
+    rows = _cost_rows(model, candidates, main_index, budget, input_size, in_chans)
+    time_rows = _row_timer(model, candidates, rows, latency, latency_fn, in_chans, input_size)
+    _stop_if_cheapest_is_too_slow(rows, budget, time_rows)
     # 2. Accuracy: the main network with its own BN statistics, the others re-estimated.
     splits = {"test": test_batches, **({"val": val_batches} if val_batches is not None else {})}
-    for split, batches in splits.items():
-        _evaluate_split(
-            model, rows, candidates, main_index, split, batches, calib_batches, chunk_images
-        )
+    _evaluate_splits(model, rows, candidates, main_index, splits, calib_batches, chunk_images)
     # 3. The fronts (latency measured for the front inside the budget), then the pick.
     front, latency_front = _fronts(rows, budget, acc_key, main_index, time_rows)
     pick = pick_best(rows, budget, acc_key)
+    return _result(rows, main_index, pick, front, latency_front, select_on, budget, latency)
+
+
+def _candidates(model: nn.Module, subnets: Sequence[Subnet | str]) -> tuple[list[Subnet], int]:
+    """The distinct ``subnets`` (strings parsed) with the main network added when missing,
+    and the main network's index among them."""
+    full = Subnet.full(model)
+    parsed = [Subnet.parse(model, s) if isinstance(s, str) else s for s in subnets]
+    candidates = list(dict.fromkeys([*parsed, full]))
+    return candidates, candidates.index(full)
+
+
+def _result(
+    rows: list[dict[str, Any]],
+    main_index: int,
+    pick: int,
+    front: Sequence[int],
+    latency_front: Sequence[int],
+    select_on: str,
+    budget: Budget,
+    latency: LatencySpec | None,
+) -> dict[str, Any]:
+    """What :func:`select_subnet` returns: the settings, then the rows picked out, then all."""
     return {
         "selection_split": select_on,
         "bn": "re-estimated per sub-network from training images; the main network keeps its own",
@@ -298,15 +308,42 @@ def _cost_row(
     }
 
 
+def _cost_rows(
+    model: nn.Module,
+    candidates: Sequence[Subnet],
+    main_index: int,
+    budget: Budget,
+    input_size: int,
+    in_chans: int,
+) -> list[dict[str, Any]]:
+    """Every candidate's row with its costs.
+
+    Raises:
+        ConfigError: no candidate meets the FLOPs and parameter bounds of ``budget``.
+    """
+    rows = [
+        _cost_row(model, subnet, i == main_index, input_size, in_chans)
+        for i, subnet in enumerate(candidates)
+    ]
+    if not any(budget.fits_cost(r) for r in rows):
+        raise _nothing_fits(rows, budget)
+    return rows
+
+
 def _row_timer(
     model: nn.Module,
     candidates: Sequence[Subnet],
     rows: list[dict[str, Any]],
     latency: LatencySpec | None,
     latency_fn: LatencyFn | None,
-    shape: tuple[int, ...],
-) -> Callable[[Sequence[int]], None]:
-    """A function that measures the latency of the rows it is given, side by side."""
+    in_chans: int,
+    input_size: int,
+) -> Callable[[Sequence[int]], None] | None:
+    """A function that measures the latency of the rows it is given, side by side; ``None``
+    when neither ``latency`` nor ``latency_fn`` asks for latency."""
+    if latency is None and latency_fn is None:
+        return None
+    shape = (latency.batch if latency else 1, in_chans, input_size, input_size)
 
     def time_rows(indices: Sequence[int]) -> None:
         modules = [export_subnet(model, candidates[i]) for i in indices]
@@ -323,9 +360,12 @@ def _row_timer(
 
 
 def _stop_if_cheapest_is_too_slow(
-    rows: list[dict[str, Any]], budget: Budget, time_rows: Callable[[Sequence[int]], None]
+    rows: list[dict[str, Any]], budget: Budget, time_rows: Callable[[Sequence[int]], None] | None
 ) -> None:
-    """Before the costly evaluation: if the cheapest sub-network is too slow, stop here."""
+    """Before the costly evaluation: if the cheapest sub-network is too slow for the latency
+    bound of ``budget`` (if any; ``time_rows`` then measures), stop here."""
+    if budget.max_latency_ms is None:
+        return
     cheapest = min(
         (i for i, r in enumerate(rows) if budget.fits_cost(r)),
         key=lambda i: (rows[i]["flops"], rows[i]["params"]),
@@ -333,6 +373,22 @@ def _stop_if_cheapest_is_too_slow(
     time_rows([cheapest])
     if rows[cheapest]["latency_ms"] > budget.max_latency_ms:
         raise _nothing_fits([rows[cheapest]], budget)
+
+
+def _evaluate_splits(
+    model: nn.Module,
+    rows: list[dict[str, Any]],
+    candidates: Sequence[Subnet],
+    main_index: int,
+    splits: dict[str, Batches],
+    calib_batches: Callable[[], Iterable[torch.Tensor]],
+    chunk_images: int | None,
+) -> None:
+    """Fill every row's ``<split>_acc`` for each of ``splits``, in their order."""
+    for split, batches in splits.items():
+        _evaluate_split(
+            model, rows, candidates, main_index, split, batches, calib_batches, chunk_images
+        )
 
 
 def _evaluate_split(
@@ -350,7 +406,7 @@ def _evaluate_split(
     others = [s for i, s in enumerate(candidates) if i != main_index]
     if not others:
         return
-    results = evaluate_subnets_shared(
+    results = evaluate_subnets(
         model,
         others,
         eval_batches=batches,

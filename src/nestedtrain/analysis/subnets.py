@@ -1,7 +1,7 @@
 """Accuracy of every sub-network of a sampling space, and of individually trained models.
 
 The evaluation itself is the engine's shared-prefix evaluator
-(:func:`nestedtrain.engine.subnet_eval.evaluate_subnets_shared`): each block of the space's
+(:func:`nestedtrain.engine.subnet_eval.evaluate_subnets`): each block of the space's
 trie runs once, BN statistics are re-estimated per sub-network, and memory stays within
 ``memory_mb`` whatever the number of images.
 """
@@ -12,61 +12,19 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..elastic.sampling import OrderedSampler
 from ..elastic.stages import find_stages, unwrap
 from ..elastic.subnet import Subnet, export_subnet
-from ..engine.evaluate import evaluate
-from ..engine.subnet_eval import (
-    DEFAULT_MEMORY_MB,
-    CalibBatches,
-    EvalBatches,
-    evaluate_subnets_shared,
-    subnet_logits,
-)
+from ..engine.evaluate import evaluate, space_subnets
+from ..engine.subnet_eval import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate_subnets
 from ..errors import ConfigError
 
-__all__ = [
-    "DEFAULT_MEMORY_MB",
-    "CalibBatches",
-    "EvalBatches",
-    "evaluate_space",
-    "evaluate_subnets_shared",
-    "match_subnet",
-    "space_subnets",
-    "subnet_logits",
-    "subnet_stats",
-]
+__all__ = ["evaluate_space", "match_subnet", "subnet_stats"]
 
 
 # ----------------------------------------------------------------------- the analysis
-def space_subnets(
-    model: nn.Module, space: Any = None, sample: int | None = None, seed: int = 0
-) -> list[Subnet]:
-    """The ordered sub-networks of a sampling space, or a seeded sample of ``sample`` of them.
-
-    Args:
-        model: the main network.
-        space: ``None``/``"full"`` (every ordered depth), a name from ``SAMPLING_SPACES``
-            (``"space3"``), an int or per-stage list of how many trailing blocks may drop.
-        sample: evaluate this many, drawn without replacement (all when the space is not
-            larger); kept in the space's order, deepest first.
-        seed: seeds the sample.
-    """
-    everything = OrderedSampler(unwrap(model), max_drop=space).all()
-    if sample is None or sample >= len(everything):
-        if sample is not None and sample < 1:
-            raise ConfigError(f"sample={sample}: evaluate at least 1 sub-network")
-        return everything
-    if sample < 1:
-        raise ConfigError(f"sample={sample}: evaluate at least 1 sub-network")
-    g = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(everything), generator=g)[:sample].sort().values.tolist()
-    return [everything[i] for i in picks]
-
-
 def subnet_stats(accuracies: Sequence[float]) -> dict[str, float]:
     """Count, max, mean, population standard deviation and min of accuracies."""
     if not accuracies:
@@ -144,8 +102,8 @@ def evaluate_space(
 
     Args:
         model: the main network.
-        eval_batches, calib_batches: as for :func:`evaluate_subnets_shared`.
-        space, sample, seed: which sub-networks (see :func:`space_subnets`).
+        eval_batches, calib_batches: as for :func:`evaluate_subnets`.
+        space, sample, seed: which sub-networks (see :func:`nestedtrain.engine.evaluate.space_subnets`).
         individual: ``(label, model)`` pairs of individually trained models, each of the
             architecture of one sub-network (see :func:`match_subnet`); each is evaluated
             with its own BN statistics, and its sub-network is evaluated inside ``model``
@@ -164,9 +122,28 @@ def evaluate_space(
     extra = [s for _, _, s in matched if s not in chosen]
     extra = list(dict.fromkeys(extra))
     subnets = chosen + extra
-    results = evaluate_subnets_shared(
-        model, subnets, eval_batches, calib_batches, chunk_images, memory_mb
-    )
+    results = evaluate_subnets(model, subnets, eval_batches, calib_batches, chunk_images, memory_mb)
+    rows = _subnet_rows(subnets, results, chosen)
+    individual_rows = _individual_rows(matched, eval_batches, rows)
+    main = evaluate(model, eval_batches())
+    return {
+        "space": "full" if space is None else space,
+        "space_size": space_size,
+        "sample": sample,
+        "seed": seed,
+        "bn": "recalibrated per sub-network",
+        "main": main,
+        "subnets": rows,
+        "stats": subnet_stats([row["acc"] for row in rows if row["in_space"]]),
+        "individual": individual_rows,
+    }
+
+
+def _subnet_rows(
+    subnets: Sequence[Subnet], results: Sequence[dict[str, Any]], chosen: Sequence[Subnet]
+) -> list[dict[str, Any]]:
+    """Each sub-network's evaluation ``results`` with its ``blocks``, ``depths`` and whether
+    it is ``in_space`` (one of ``chosen``)."""
     rows = []
     for subnet, result in zip(subnets, results):
         rows.append(
@@ -177,6 +154,16 @@ def evaluate_space(
                 "in_space": subnet in chosen,
             }
         )
+    return rows
+
+
+def _individual_rows(
+    matched: Sequence[tuple[str, nn.Module, Subnet]],
+    eval_batches: EvalBatches,
+    rows: Sequence[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Per individually trained model: its own accuracy (its own BN statistics) beside the
+    accuracy of its sub-network inside the main network (``acc_inside``, from ``rows``)."""
     by_subnet = {row["subnet"]: row for row in rows}
     individual_rows = []
     for label, other, subnet in matched:
@@ -190,15 +177,4 @@ def evaluate_space(
                 "acc_inside": by_subnet[str(subnet)]["acc"],
             }
         )
-    main = evaluate(model, eval_batches())
-    return {
-        "space": "full" if space is None else space,
-        "space_size": space_size,
-        "sample": sample,
-        "seed": seed,
-        "bn": "recalibrated per sub-network",
-        "main": main,
-        "subnets": rows,
-        "stats": subnet_stats([row["acc"] for row in rows if row["in_space"]]),
-        "individual": individual_rows,
-    }
+    return individual_rows

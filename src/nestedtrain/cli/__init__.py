@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nestedtrain",
         description="Train residual networks through their nested sub-networks.",
     )
+    # what read the arguments travels with them: the recorded command line is rebuilt from it
+    parser.set_defaults(root_parser=parser)
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train.register(subparsers)  # train, eval, flops, demo
     deploy.register(subparsers)  # export, select

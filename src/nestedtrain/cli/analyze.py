@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from ..analysis.destruct import BN_POLICIES, destruct
 from ..analysis.erf import effective_receptive_field, erf_area_ratios
-from ..analysis.kl_drift import kl_drift_summary, read_kl_drift
+from ..analysis.kl_drift import kl_drift_summary
 from ..analysis.logits import logit_norms
 from ..analysis.matrix import loafing_matrix
 from ..analysis.plots import (
@@ -33,16 +33,18 @@ from ..analysis.plots import (
     plot_subnet_accuracy,
 )
 from ..analysis.report import write_report
-from ..analysis.subnets import DEFAULT_MEMORY_MB, evaluate_space
+from ..analysis.subnets import evaluate_space
 from ..data import Data
 from ..elastic.subnet import Subnet
-from ..engine.checkpoint import atomic_write_text
 from ..engine.distributed import pick_device
+from ..engine.subnet_eval import DEFAULT_MEMORY_MB
 from ..errors import ConfigError
+from ..runfiles import atomic_write_text, read_kl_drift
 from .common import (
     Checkpoint,
     Handler,
     add_command,
+    add_memory_option,
     batch_size,
     checkpoint_data,
     command_line,
@@ -50,7 +52,6 @@ from .common import (
     output_folder,
     parse_ints,
     parse_space,
-    positive,
     table,
 )
 
@@ -418,14 +419,7 @@ def _report(args: argparse.Namespace) -> int:
 def _chunk_options(parser: argparse.ArgumentParser) -> None:
     """``--memory-mb`` and ``--chunk-images``: where an analysis caches activations of shared
     prefixes."""
-    parser.add_argument(
-        "--memory-mb",
-        type=positive(float, "memory budget", "MiB > 0, e.g. 512"),
-        default=DEFAULT_MEMORY_MB,
-        metavar="MB",
-        help="cache at most about MB MiB of activations at a time: images run in chunks "
-        f"sized to fit; results do not change (default {DEFAULT_MEMORY_MB})",
-    )
+    add_memory_option(parser, DEFAULT_MEMORY_MB, str(DEFAULT_MEMORY_MB))
     parser.add_argument(
         "--chunk-images",
         type=int,
@@ -558,6 +552,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "`nestedtrain train` or its run folder (then checkpoints/last.pt).",
     )
     which = analyze.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    _register_subnets(which)
+    _register_matrix(which)
+    _register_destruct(which)
+    _register_kl_drift(which)
+    _register_logits(which)
+    _register_erf(which)
+    _register_report(subparsers)
+
+
+def _register_subnets(which: argparse._SubParsersAction) -> None:
+    """``analyze subnets``."""
     _add_analysis(
         which,
         "subnets",
@@ -567,6 +572,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Accuracy of every sub-network of an ordered sampling space, each with BN "
         "statistics re-estimated for it; sub-networks that share blocks share their computation.",
     )
+
+
+def _register_matrix(which: argparse._SubParsersAction) -> None:
+    """``analyze matrix``."""
     _add_analysis(
         which,
         "matrix",
@@ -577,6 +586,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(ResNets: ordered sub-networks; DenseNets: inherited weights), BN re-calibrated; the "
         "diagonal is each model's own accuracy.",
     )
+
+
+def _register_destruct(which: argparse._SubParsersAction) -> None:
+    """``analyze destruct``."""
     _add_analysis(
         which,
         "destruct",
@@ -586,6 +599,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Accuracy drop when deleting each skippable block, deleting k of them, or "
         "permuting blocks within a stage by k transpositions (ST paper, Fig. 6).",
     )
+
+
+def _register_kl_drift(which: argparse._SubParsersAction) -> None:
+    """``analyze kl-drift``: it reads a run folder's records, not a checkpoint."""
     p = add_command(
         which,
         "kl-drift",
@@ -596,6 +613,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", metavar="RUN")
     p.add_argument("--out", metavar="DIR", help="write here instead of RUN/analysis/kl-drift/")
+
+
+def _register_logits(which: argparse._SubParsersAction) -> None:
+    """``analyze logits``."""
     _add_analysis(
         which,
         "logits",
@@ -606,6 +627,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Logit amplitude (mean L2 norm over the dataset) and top-1 of one model or a "
         "family of models (ST++, Fig. 4).",
     )
+
+
+def _register_erf(which: argparse._SubParsersAction) -> None:
+    """``analyze erf``."""
     _add_analysis(
         which,
         "erf",
@@ -617,6 +642,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with respect to the input; absolute value summed over channels, mean over images.",
     )
 
+
+def _register_report(subparsers: argparse._SubParsersAction) -> None:
+    """``report``, a top-level command beside ``analyze``."""
     p = add_command(
         subparsers,
         "report",

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..data import Data, build_data
-from ..engine.checkpoint import load_model, resolve_checkpoint
+from ..engine.build import load_model
+from ..engine.checkpoint import resolve_checkpoint
 from ..errors import ConfigError
 
 __all__ = [
@@ -119,6 +120,19 @@ def positive(kind: Callable[[str], Number], what: str, hint: str) -> Callable[[s
     return read
 
 
+def add_memory_option(parser: argparse.ArgumentParser, default: float | None, said: str) -> None:
+    """``--memory-mb MB``, the one declaration of the option: how many MiB of activations a
+    sub-network evaluation caches at a time (``said``: its default, in words)."""
+    parser.add_argument(
+        "--memory-mb",
+        type=positive(float, "memory budget", "MiB > 0, e.g. 512"),
+        default=default,
+        metavar="MB",
+        help="cache at most about MB MiB of activations at a time: images run in chunks "
+        f"sized to fit; results do not change (default {said})",
+    )
+
+
 def add_recipe_arguments(
     parser: argparse.ArgumentParser, overrides: str, recipe: str = "YAML recipe (see recipes/)"
 ) -> None:
@@ -134,9 +148,7 @@ def command_line(args: argparse.Namespace) -> str:
     Rebuilt from the parser that read ``args``: the command words, the positional arguments,
     then every option whose value differs from its default (in the order declared).
     """
-    from . import build_parser  # the parser of the whole command line
-
-    parser: argparse.ArgumentParser = build_parser()
+    parser: argparse.ArgumentParser = args.root_parser  # set by cli.build_parser
     words = ["nestedtrain"]
     while (subcommands := _subcommands(parser)) is not None:
         words.append(getattr(args, subcommands.dest))

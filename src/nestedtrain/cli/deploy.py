@@ -19,16 +19,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .. import __version__
 from ..analysis.deploy import FORMATS, deploy_subnet, format_for, require_onnx, sidecar_path
 from ..analysis.plots import plot_pareto
 from ..analysis.select import Budget, LatencySpec, select_subnet
-from ..analysis.subnets import space_subnets
 from ..data import Data
 from ..elastic import OrderedSampler, Subnet
-from ..engine.checkpoint import atomic_write_text
 from ..engine.distributed import pick_device
+from ..engine.evaluate import space_subnets
 from ..errors import ConfigError
+from ..runfiles import atomic_write_text
+from ..version import __version__
 from .common import (
     Checkpoint,
     add_command,
@@ -309,25 +309,8 @@ def cmd_select(args: argparse.Namespace) -> int:
         select_on=args.select_on,
         latency=latency,
     )
-    payload = {
-        "analysis": "select",
-        "command": command_line(args),
-        "checkpoint": str(ckpt.path),
-        "model": cfg.model.name,
-        "method": cfg.method,
-        "epoch": ckpt.state.get("epoch"),
-        "dataset": cfg.data.name,
-        "split": result["selection_split"],
-        "images": {"val": data.n_val, "test": data.n_test},
-        "seconds": time.perf_counter() - start,
-        "evaluated": chosen["how"],
-        "space": args.space,
-        "space_size": chosen["space_size"],
-        "sample": chosen["sample"],
-        "seed": args.seed,
-        "budget_text": budget.describe(),
-        **result,
-    }
+    seconds = time.perf_counter() - start
+    payload = _select_payload(args, ckpt, data, chosen, budget, seconds, result)
     out = output_folder(args.out, ckpt, "select")
     json_path, png_path = out / "select.json", out / "select.png"
     _print_select(payload, data)
@@ -342,6 +325,39 @@ def cmd_select(args: argparse.Namespace) -> int:
         _print_export(sidecar, args.export)
     print(f"\nwrote {json_path} and {png_path}")
     return 0
+
+
+def _select_payload(
+    args: argparse.Namespace,
+    ckpt: Checkpoint,
+    data: Data,
+    chosen: dict[str, Any],
+    budget: Budget,
+    seconds: float,
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """``select.json``: the command, the checkpoint, the data, how the candidates were
+    ``chosen`` (:func:`_candidates`), the budget, then :func:`select_subnet`'s ``result``."""
+    cfg = ckpt.cfg
+    return {
+        "analysis": "select",
+        "command": command_line(args),
+        "checkpoint": str(ckpt.path),
+        "model": cfg.model.name,
+        "method": cfg.method,
+        "epoch": ckpt.state.get("epoch"),
+        "dataset": cfg.data.name,
+        "split": result["selection_split"],
+        "images": {"val": data.n_val, "test": data.n_test},
+        "seconds": seconds,
+        "evaluated": chosen["how"],
+        "space": args.space,
+        "space_size": chosen["space_size"],
+        "sample": chosen["sample"],
+        "seed": args.seed,
+        "budget_text": budget.describe(),
+        **result,
+    }
 
 
 # --------------------------------------------------------------------------------- parser

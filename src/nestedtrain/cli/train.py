@@ -11,21 +11,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from ..analysis.subnets import evaluate_subnets_shared
 from ..demo import run_demo
 from ..elastic import Subnet
-from ..engine.checkpoint import atomic_write_text
 from ..engine.config import describe_fields, load_config
 from ..engine.distributed import pick_device
 from ..engine.evaluate import evaluate, select_subnets
 from ..engine.faults import TrainingDiverged, TrainingInterrupted
+from ..engine.subnet_eval import evaluate_subnets
 from ..engine.trainer import Trainer
 from ..errors import ConfigError
 from ..flops import count_flops, count_params
 from ..models import create_model
+from ..runfiles import atomic_write_text
 from ..signals import StopRequested, StopSignals
 from .common import (
     add_command,
+    add_memory_option,
     add_recipe_arguments,
     checkpoint_data,
     fmt,
@@ -67,13 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subnets", default="all", help="none | all | sample:N | 3-2-4,2-2-2")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument(
-        "--memory-mb",
-        type=float,
-        metavar="MB",
-        help="MiB of activations sub-network evaluation caches at a time; images run in chunks "
-        "sized to fit, results do not change (default: the run's eval.memory_mb, 1024)",
-    )
+    add_memory_option(p, None, "the run's eval.memory_mb")
     p.add_argument("--device", default="auto")
 
     p = add_command(
@@ -156,8 +151,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, cfg = ckpt.model, ckpt.cfg
     data = checkpoint_data(ckpt, device, name=args.data)
     memory_mb = cfg.eval.memory_mb if args.memory_mb is None else args.memory_mb
-    if not memory_mb > 0:
-        raise ConfigError(f"--memory-mb {memory_mb} must be > 0 (MiB)")
 
     def eval_batches():
         return data.eval_batches(args.split, batch_size=args.batch_size)
@@ -171,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     main.update(flops=count_flops(model, side, chans), params=count_params(model))
     subnets = select_subnets(model, args.subnets, seed=cfg.seed)
     evaluated = (
-        evaluate_subnets_shared(model, subnets, eval_batches, calib, memory_mb=memory_mb)
+        evaluate_subnets(model, subnets, eval_batches, calib, memory_mb=memory_mb)
         if subnets
         else []
     )

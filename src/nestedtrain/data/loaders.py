@@ -83,6 +83,28 @@ class _Sharding:
             yield order[start : start + local]
 
 
+def _build_mixup(cfg: DataConfig, num_classes: int, local_batch_size: int) -> Mixup | None:
+    """timm's Mixup/CutMix as ``cfg`` sets it, or ``None`` when both are off.
+
+    Raises:
+        ConfigError: an odd per-rank batch, which Mixup/CutMix cannot pair.
+    """
+    if not (cfg.mixup > 0 or cfg.cutmix > 0):
+        return None
+    if local_batch_size % 2:
+        raise ConfigError(
+            f"per-rank batch {local_batch_size} is odd: timm's Mixup/CutMix pairs "
+            "images, so use an even batch_size // world_size"
+        )
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=cfg.mixup_prob,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
 class Data(abc.ABC):
     """A dataset's splits as batches on the device, sharded over ranks.
 
@@ -137,23 +159,8 @@ class Data(abc.ABC):
             cfg.bad_images, cfg.max_bad_fraction, n_train + n_val + n_test, cfg.root
         )
         self.steps_per_epoch = self._sharding.steps
-        self.mixup_active = cfg.mixup > 0 or cfg.cutmix > 0
-        if self.mixup_active and self.local_batch_size % 2:
-            raise ConfigError(
-                f"per-rank batch {self.local_batch_size} is odd: timm's Mixup/CutMix pairs "
-                "images, so use an even batch_size // world_size"
-            )
-        self._mixup = (
-            Mixup(
-                mixup_alpha=cfg.mixup,
-                cutmix_alpha=cfg.cutmix,
-                prob=cfg.mixup_prob,
-                label_smoothing=cfg.label_smoothing,
-                num_classes=self.num_classes,
-            )
-            if self.mixup_active
-            else None
-        )
+        self._mixup = _build_mixup(cfg, self.num_classes, self.local_batch_size)
+        self.mixup_active = self._mixup is not None
 
         self._lighting = cfg.pca_lighting
         self._std = torch.tensor(self.std).to(self.device)
@@ -669,31 +676,58 @@ def build_data(
         )
     pil_augment = build_pil_augment(cfg.auto_augment, cfg.color_jitter, img_size, spec.mean)
     common = dict(batch_size=batch_size, seed=seed, device=device, rank=rank, world_size=world_size)
-
     if cfg.name == "imagefolder":
-        train_folder = _scan_folder(Path(cfg.root) / "train", cfg.root)
-        test_folder = _scan_folder(Path(cfg.root) / "val", cfg.root)
-        if test_folder.classes != train_folder.classes:
-            raise ConfigError(
-                f"imagefolder: class folders differ between {cfg.root}/train "
-                f"({len(train_folder.classes)}) and {cfg.root}/val ({len(test_folder.classes)})"
-            )
-        train_index, val_index = _split_train(
-            len(train_folder.samples), cfg.val_size, cfg.train_subset, seed, cfg.num_folds, cfg.fold
-        )
-        samples = train_folder.samples
-        splits = {
-            "train": [samples[i] for i in train_index],
-            "val": [samples[i] for i in val_index],
-            "test": list(test_folder.samples),
-        }
-        return _FolderData(
-            cfg, spec, splits, train_folder.classes, train_folder.loader, pil_augment, **common
-        )
+        return _folder_data(cfg, spec, pil_augment, common)
+    return _tensor_data(cfg, spec, pil_augment, common)
 
+
+def _folder_data(
+    cfg: DataConfig, spec: DatasetSpec, pil_augment: Callable | None, common: dict[str, Any]
+) -> _FolderData:
+    """``imagefolder``: ``root/train`` split into train and val, ``root/val`` as test;
+    ``common`` holds the keyword arguments of :class:`Data` (batch_size, seed, device, ...).
+
+    Raises:
+        ConfigError: the two folders hold different classes.
+        FileNotFoundError: a folder is missing.
+    """
+    train_folder = _scan_folder(Path(cfg.root) / "train", cfg.root)
+    test_folder = _scan_folder(Path(cfg.root) / "val", cfg.root)
+    if test_folder.classes != train_folder.classes:
+        raise ConfigError(
+            f"imagefolder: class folders differ between {cfg.root}/train "
+            f"({len(train_folder.classes)}) and {cfg.root}/val ({len(test_folder.classes)})"
+        )
+    seed = common["seed"]
+    train_index, val_index = _split_train(
+        len(train_folder.samples), cfg.val_size, cfg.train_subset, seed, cfg.num_folds, cfg.fold
+    )
+    samples = train_folder.samples
+    splits = {
+        "train": [samples[i] for i in train_index],
+        "val": [samples[i] for i in val_index],
+        "test": list(test_folder.samples),
+    }
+    return _FolderData(
+        cfg, spec, splits, train_folder.classes, train_folder.loader, pil_augment, **common
+    )
+
+
+def _tensor_data(
+    cfg: DataConfig, spec: DatasetSpec, pil_augment: Callable | None, common: dict[str, Any]
+) -> _TensorData:
+    """A dataset held as tensors: its training split divided into train and val, its test
+    split as test, stored on ``common["device"]`` unless ``cfg.on_device`` is false;
+    ``common`` holds the keyword arguments of :class:`Data` (batch_size, seed, device, ...).
+
+    Raises:
+        ConfigError: labels outside the dataset's classes.
+        FileNotFoundError: the dataset is not on disk (and not downloaded).
+    """
     arrays = load_arrays(cfg.name, cfg.root, cfg.download)
     _check_labels(cfg.name, arrays.train_labels, len(arrays.classes))
     _check_labels(cfg.name, arrays.test_labels, len(arrays.classes))
+    seed = common["seed"]
     train_index, val_index = _split_train(
         len(arrays.train_labels), cfg.val_size, cfg.train_subset, seed, cfg.num_folds, cfg.fold
     )
@@ -703,5 +737,5 @@ def build_data(
         "test": (arrays.test_images, arrays.test_labels),
     }
     on_device = True if cfg.on_device is None else cfg.on_device
-    storage = device if on_device else torch.device("cpu")
+    storage = common["device"] if on_device else torch.device("cpu")
     return _TensorData(cfg, spec, splits, arrays.classes, pil_augment, storage=storage, **common)

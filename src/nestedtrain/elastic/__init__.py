@@ -2,7 +2,7 @@
 piece by piece (stem, blocks, head) to compute shared prefixes once."""
 
 from .sampling import SAMPLING_SPACES, OrderedSampler, StochasticSampler, build_sampler
-from .split import ModelSplit, SplitError, TrieNode, build_trie, draws_random, run_path
+from .split import ModelSplit, SplitError, draws_random
 from .stages import (
     SUPPORTED_FAMILIES,
     Stage,
@@ -13,6 +13,7 @@ from .stages import (
     unwrap,
 )
 from .subnet import Subnet, export_subnet, use_subnet
+from .trie import TrieNode, build_trie, run_path, walk_trie
 
 __all__ = [
     "ModelSplit",
@@ -35,4 +36,5 @@ __all__ = [
     "model_family",
     "unwrap",
     "use_subnet",
+    "walk_trie",
 ]

@@ -1,11 +1,6 @@
-"""A model run piece by piece: stem, one block at a time, head; and the trie of run paths.
+"""A model run piece by piece: stem, one block at a time, head.
 
-A sub-network runs stem -> its kept blocks in run order -> head. Two sub-networks (or a
-sub-network and the main network) on the same input compute the same thing up to the first
-block where their paths differ, so the blocks of several sub-networks form a trie
-(:func:`build_trie`) whose nodes need computing once for everything below them. The
-shared-prefix evaluator (:mod:`nestedtrain.engine.subnet_eval`) and the ST step
-(:class:`nestedtrain.methods.StimulativeTraining`) both walk that trie with a
+The walks of a trie of sub-networks (:mod:`nestedtrain.elastic.trie`) run its pieces with a
 :class:`ModelSplit`.
 
 The stem and the head are whatever the model's forward does before its first stage and after
@@ -20,21 +15,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..bnstats import batchnorms, frozen_stats
 from ..modes import eval_mode, kept_modes
 from .stages import Stage, unwrap
-from .subnet import Subnet, swapped_blocks
+from .subnet import swapped_blocks
+from .trie import HEAD, STEM, Key
 
-__all__ = ["ModelSplit", "SplitError", "TrieNode", "build_trie", "draws_random", "run_path"]
-
-# A piece of a run: ("stem",), ("block", stage index, block index) or ("head",).
-Key = tuple
+__all__ = ["ModelSplit", "SplitError", "draws_random"]
 
 
 class SplitError(Exception):
@@ -57,64 +50,6 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
     return None
-
-
-def _tracked_batchnorms(model: nn.Module) -> list[_BatchNorm]:
-    # bn.batchnorms, which sits a layer above elastic/.
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-
-
-# ----------------------------------------------------------------------------- the trie
-def run_path(subnet: Subnet) -> list[Key]:
-    """The blocks ``subnet`` runs, in order, as trie keys (without stem and head)."""
-    return [("block", s, b) for s, kept in enumerate(subnet.blocks) for b in kept]
-
-
-@dataclass(eq=False)
-class TrieNode:
-    """One piece of a run: the stem (the root), a block, or the head (a leaf).
-
-    ``subnets`` holds, at a head, the indices of the sub-networks that end there (equal
-    sub-networks share one head); ``size`` counts the nodes of the subtree.
-    """
-
-    key: Key
-    children: dict[Key, TrieNode] = field(default_factory=dict)
-    subnets: list[int] = field(default_factory=list)
-    size: int = 1
-
-    @property
-    def is_head(self) -> bool:
-        return self.key[0] == "head"
-
-    def ordered_children(self) -> list[TrieNode]:
-        """Children, the one that continues this node's stage last: its subtree is the
-        deepest, so a walk can drop this node's output before running it."""
-        stage = self.key[1] if self.key[0] == "block" else -1
-
-        def order(child: TrieNode) -> tuple:
-            return (child.key[0] == "block" and child.key[1] == stage, child.size)
-
-        return sorted(self.children.values(), key=order)
-
-
-def build_trie(subnets: Sequence[Subnet], node: type[TrieNode] = TrieNode) -> TrieNode:
-    """The trie of the run paths of ``subnets``; ``node`` may be a subclass carrying more."""
-    root = node(("stem",))
-    for index, subnet in enumerate(subnets):
-        current = root
-        for key in [*run_path(subnet), ("head",)]:
-            if key not in current.children:
-                current.children[key] = node(key)
-            current = current.children[key]
-        current.subnets.append(index)
-
-    def count(current: TrieNode) -> int:
-        current.size = 1 + sum(count(child) for child in current.children.values())
-        return current.size
-
-    count(root)
-    return root
 
 
 # ---------------------------------------------------------------------------- the model
@@ -154,8 +89,9 @@ class ModelSplit:
         self._classify(probe)
 
     def block(self, key: Key) -> nn.Module:
-        """The block module of a ``("block", s, b)`` key."""
-        return self.stages[key[1]].blocks[key[2]]
+        """The block module of a block's key (``Key("block", s, b)``, or the plain tuple)."""
+        _, stage, block = key
+        return self.stages[stage].blocks[block]
 
     # ---------------------------------------------------------------------- discovery
     @torch.no_grad()
@@ -167,7 +103,7 @@ class ModelSplit:
         """
         inside = {id(m) for stage in self.stages for b in stage.blocks for m in b.modules()}
         inside |= {id(stage.container) for stage in self.stages}
-        outside = [m for m in _tracked_batchnorms(self.model) if id(m) not in inside]
+        outside = [m for m in batchnorms(self.model) if id(m) not in inside]
         phase = {"now": "stem"}
         seen: dict[int, str] = {}
         calls: list[tuple[int, str, torch.Tensor | None]] = []
@@ -226,15 +162,15 @@ class ModelSplit:
         # eval_mode before installed(): an installed split hides the blocks from modules().
         with eval_mode(self.model), self.installed():
             x = self.stem(probe)
-            sizes["stem",] = _bytes_per_image(x)
+            sizes[STEM] = _bytes_per_image(x)
             for s, stage in enumerate(self.stages):
                 for b, block in enumerate(stage.blocks):
                     x = block(x)
                     if not isinstance(x, torch.Tensor):
                         raise SplitError(f"block {b} of stage {s} returns no tensor")
-                    sizes["block", s, b] = _bytes_per_image(x)
+                    sizes[Key("block", s, b)] = _bytes_per_image(x)
             logits = self.head(x)
-            sizes["head",] = _bytes_per_image(logits)
+            sizes[HEAD] = _bytes_per_image(logits)
         if not isinstance(reference, torch.Tensor) or logits.shape != reference.shape:
             raise SplitError("the head does not return the model's logits")
         if not torch.allclose(logits.float(), reference.float(), rtol=1e-4, atol=1e-5):
@@ -305,20 +241,13 @@ def draws_random(model: nn.Module, images: torch.Tensor) -> bool:
     every module's mode and the random state as they were.
     """
     model = unwrap(model)
-    bns = _tracked_batchnorms(model)
     before = _rng_states(images.device)
     devices = [images.device] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=images.device.type):
-        for m in bns:
-            m.track_running_stats = False
-        try:
-            with torch.no_grad(), kept_modes(model):
-                model.train()
-                model(images[:2])
-            after = _rng_states(images.device)
-        finally:
-            for m in bns:
-                m.track_running_stats = True
+        with frozen_stats(model), torch.no_grad(), kept_modes(model):
+            model.train()
+            model(images[:2])
+        after = _rng_states(images.device)
     return any(not torch.equal(a, b) for a, b in zip(before, after))
 
 

@@ -12,7 +12,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -25,18 +25,22 @@ from ..data import Data
 from ..elastic.sampling import build_sampler
 from ..elastic.weightmap import WeightMap
 from ..errors import ConfigError
-from ..methods import CommonTraining, MethodStep, MotivationTraining, StimulativeTraining
+from ..methods import (
+    CommonTraining,
+    MethodStep,
+    MotivationTraining,
+    Precision,
+    StimulativeTraining,
+)
 from ..methods.conditions import Condition, build_condition
 from ..models import create_model
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-from .config import plain
-from .distributed import wrap_ddp
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from .config import TrainConfig, plain
+from .distributed import DistInfo, wrap_ddp
 
 __all__ = [
     "METHODS",
+    "MethodParts",
     "MethodSpec",
     "build_criterion",
     "build_method",
@@ -45,6 +49,7 @@ __all__ = [
     "build_optimizer",
     "build_run_model",
     "build_scheduler",
+    "load_model",
     "method_spec",
 ]
 
@@ -65,6 +70,23 @@ def build_model(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Module:
         pretrained=cfg.model.pretrained,
         **kwargs,
     )
+
+
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu", key: str = "model"
+) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
+    """Rebuild a checkpoint's model with its weights (never fetching pretrained ones).
+
+    Returns:
+        ``(model, config, checkpoint)``; the model is in eval mode.
+    """
+    state = load_checkpoint(path, map_location)
+    # On today's schema: a field added since the run was trained takes its default.
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config"])
+    fresh = OmegaConf.merge(cfg, {"model": {"pretrained": False}})
+    model = build_model(fresh, state["num_classes"], state["in_chans"])
+    model.load_state_dict(state[key])
+    return model.eval(), cfg, state
 
 
 def build_run_model(
@@ -224,16 +246,38 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, steps_per
 
 
 # -------------------------------------------------------------------------------- methods
-# A builder gets the trainer with its model (``trainer.model``, DDP-wrapped as
-# ``trainer.wrapped``), optimizer, precision, generator and data already set up.
+@dataclass(frozen=True)
+class MethodParts:
+    """What a method's step object is built from, once the run has set it up.
+
+    Attributes:
+        cfg: the recipe.
+        model: the model being trained; ``wrapped`` is the same, DDP-wrapped under torchrun.
+        optimizer: the model's optimizer.
+        precision: the autocast/GradScaler policy.
+        generator: the run's seeded generator (sub-network sampling).
+        data: the run's data (sizes, held-out batches).
+        device: where the model lives.
+        dist: the process group's facts.
+    """
+
+    cfg: DictConfig
+    model: nn.Module
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    generator: torch.Generator
+    data: Data
+    device: torch.device
+    dist: DistInfo
 
 
-def _build_ct(trainer: Trainer) -> MethodStep:
-    cfg = trainer.cfg
+def _build_ct(parts: MethodParts) -> MethodStep:
+    cfg = parts.cfg
     return CommonTraining(
-        trainer.wrapped,
-        trainer.optimizer,
-        trainer.precision,
+        parts.wrapped,
+        parts.optimizer,
+        parts.precision,
         cfg.data.label_smoothing,
         criterion=build_criterion(cfg),
     )
@@ -244,43 +288,45 @@ def _build_ct(trainer: Trainer) -> MethodStep:
 _SAMPLER_FIELDS = ("sampler", "space", "p")
 
 
-def _build_st(trainer: Trainer) -> MethodStep:
-    cfg = trainer.cfg
+def _build_st(parts: MethodParts) -> MethodStep:
+    cfg = parts.cfg
     options = plain(cfg.st)
     kind, space, p = (options.pop(name) for name in _SAMPLER_FIELDS)
     return StimulativeTraining(
-        trainer.wrapped,
-        trainer.optimizer,
-        sampler=build_sampler(trainer.model, kind=kind, space=space, p=p),
-        generator=trainer.generator,
-        precision=trainer.precision,
+        parts.wrapped,
+        parts.optimizer,
+        sampler=build_sampler(parts.model, kind=kind, space=space, p=p),
+        generator=parts.generator,
+        precision=parts.precision,
         label_smoothing=cfg.data.label_smoothing,
         criterion=build_criterion(cfg),
+        # the shared path is decided here, on two test images
+        example_inputs=next(iter(parts.data.eval_batches("test", batch_size=2)))[0],
         **options,
     )
 
 
-def _build_motivation(trainer: Trainer) -> MethodStep:
+def _build_motivation(parts: MethodParts) -> MethodStep:
     """The trainer's model is the base model; ``motivation`` names the motivated one."""
-    cfg, data = trainer.cfg, trainer.data
+    cfg, data = parts.cfg, parts.data
     motivated = build_motivated_model(cfg, data.num_classes, data.in_chans)
-    motivated = _to_device(motivated, cfg, trainer.device)
+    motivated = _to_device(motivated, cfg, parts.device)
     # Pair the models before anything else: a base that is not smaller fails here.
-    weight_map = WeightMap(trainer.model, motivated, qkv=cfg.motivation.qkv)
+    weight_map = WeightMap(parts.model, motivated, qkv=cfg.motivation.qkv)
     optimizer = build_optimizer(cfg, motivated)
-    for group, lead in zip(optimizer.param_groups, trainer.optimizer.param_groups):
+    for group, lead in zip(optimizer.param_groups, parts.optimizer.param_groups):
         group["lr"] = lead["lr"]  # start on the schedule, as the loop keeps it afterwards
     condition = _build_condition(cfg, data.steps_per_epoch)
     val_batch = _held_out_batch(data) if "val_loss" in condition.needs else None
     return MotivationTraining(
-        trainer.wrapped,
-        wrap_ddp(motivated, trainer.dist, trainer.device),
-        trainer.optimizer,
+        parts.wrapped,
+        wrap_ddp(motivated, parts.dist, parts.device),
+        parts.optimizer,
         optimizer,
         condition,
         val_batch=val_batch,
         weight_map=weight_map,
-        precision=trainer.precision,
+        precision=parts.precision,
         label_smoothing=cfg.data.label_smoothing,
         criterion=build_criterion(cfg),
     )
@@ -322,12 +368,12 @@ class MethodSpec:
     """A training method as the trainer sees it.
 
     Attributes:
-        build: ``build(trainer)``, the method's step object.
+        build: ``build(parts)``, the method's step object.
         samples_subnets: its steps run sub-networks, whose skipped blocks get no gradient
             (DDP must then look for unused parameters).
     """
 
-    build: Callable[[Trainer], MethodStep]
+    build: Callable[[MethodParts], MethodStep]
     samples_subnets: bool = False
 
 
@@ -351,6 +397,6 @@ def method_spec(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-def build_method(trainer: Trainer) -> MethodStep:
-    """The step object of ``trainer.cfg.method``."""
-    return method_spec(trainer.cfg.method).build(trainer)
+def build_method(parts: MethodParts) -> MethodStep:
+    """The step object of ``parts.cfg.method``."""
+    return method_spec(parts.cfg.method).build(parts)

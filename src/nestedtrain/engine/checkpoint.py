@@ -2,90 +2,35 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from ..errors import ConfigError
+from ..runfiles import atomic_save, previous_path
+from ..version import __version__
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "atomic_save",
-    "atomic_append_line",
-    "atomic_write_text",
+    "RunState",
+    "gather_rng_states",
     "load_checkpoint",
-    "load_model",
     "load_resume_checkpoint",
-    "previous_path",
     "resolve_checkpoint",
+    "restore_run",
+    "rng_state",
+    "run_checkpoint",
     "save_checkpoint",
+    "seed_everything",
+    "set_rng_state",
 ]
 
 CHECKPOINT_FORMAT = "nestedtrain-checkpoint-v1"
-
-
-def atomic_save(
-    obj: Any, path: str | Path, saver: Callable[[Any, BinaryIO], None] = torch.save
-) -> None:
-    """Save to a temporary file in the same folder, then rename it over ``path``.
-
-    A crash before the rename leaves the previous file intact; the rename itself is atomic.
-
-    Args:
-        obj: what to save.
-        path: the destination.
-        saver: ``torch.save`` by default; ``torch.jit.save`` for TorchScript.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            saver(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _temporary(path: Path) -> tuple[int, str]:
-    """A temporary file beside ``path`` with the permissions a plain ``open`` would give it
-    (``mkstemp`` makes files only their owner can read: a run folder or an exported model is
-    often read by other accounts)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)
-    return fd, tmp
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the folder's entry is on disk too (POSIX).
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def previous_path(path: str | Path) -> Path:
-    """Where :func:`save_checkpoint` keeps the checkpoint it replaced: ``last.prev.pt``."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -95,34 +40,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     at least one whole checkpoint is on disk: ``path``, or (for the instant between the two
     renames, or if ``path`` is later found damaged) the previous one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically (temporary file, then rename)."""
-    atomic_save(text.encode(), path, saver=lambda data, f: f.write(data))
-
-
-def atomic_append_line(path: str | Path, line: str) -> None:
-    """Add a line to a text file by rewriting it atomically, so a kill leaves the file with
-    or without the line, never half of it (for logs of a line per epoch: small files)."""
-    path = Path(path)
-    before = path.read_text() if path.exists() else ""
-    atomic_write_text(path, before + line.rstrip("\n") + "\n")
+    atomic_save(state, path, keep_previous=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -198,35 +116,120 @@ def load_resume_checkpoint(
     return state, previous, note
 
 
-def load_model(
-    path: str | Path, map_location: str | torch.device = "cpu", key: str = "model"
-) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
-    """Rebuild a checkpoint's model with its weights.
+# ------------------------------------------------------------------------- run state
+def rng_state() -> dict[str, Any]:
+    """This process's random generators (torch, numpy, Python, CUDA)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
-    Returns:
-        ``(model, config, checkpoint)``; the model is in eval mode.
+
+def gather_rng_states(group: Any, world_size: int) -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order (gathered on the host ``group`` under
+    torchrun; this process's alone without one)."""
+    mine = rng_state()
+    if group is None:
+        return [mine]
+    states: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(states, mine, group=group)
+    return states
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunState:
+    """What a run holds besides its objects' own state: where it is, the best epoch so far,
+    and the wall time of earlier processes (resumed runs)."""
+
+    start_epoch: int = 0
+    partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's EpochProgress state
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": None, "val_acc": None})
+    wall_before: float = 0.0
+
+
+def run_checkpoint(
+    parts: dict[str, Any],
+    run: RunState,
+    position: tuple[int, int],
+    partial: dict[str, Any] | None,
+    rng: list[dict[str, Any]],
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """The checkpoint to continue exactly after ``position`` = (epoch, steps done in it): at
+    the next epoch's start when ``partial`` (an EpochProgress state) is None, else within the
+    epoch.
+
+    Args:
+        parts: ``config`` (a plain dict), ``num_classes``, ``in_chans``, ``test_img_size``,
+            and the objects with a ``state_dict``: ``model``, ``method``, ``scheduler``,
+            ``ema`` (None where the run has none), ``bad_images``.
+        rng: every rank's :func:`rng_state`, in rank order.
     """
-    from .build import build_model
-    from .config import TrainConfig
+    epoch, step = position
+    resume_at = (
+        {"epoch": epoch + 1, "step": 0} if partial is None else {"epoch": epoch, "step": step}
+    )
+    states = {
+        key: parts[key].state_dict() if parts[key] is not None else None
+        for key in ("model", "method", "scheduler", "ema", "bad_images")
+    }
+    return {
+        "format": CHECKPOINT_FORMAT,
+        # the last epoch whose end (evaluation, log line) is done
+        "epoch": epoch if partial is None else epoch - 1,
+        "position": resume_at,
+        "partial": partial,
+        **{key: parts[key] for key in ("config", "num_classes", "in_chans", "test_img_size")},
+        **states,
+        "rng": rng[0],
+        # under torchrun, each rank's: its dropout masks go on from where they were
+        "rng_ranks": rng if len(rng) > 1 else None,
+        "best": dict(run.best),
+        "wall_seconds": wall_seconds,
+        "versions": {"nestedtrain": __version__, "torch": torch.__version__},
+    }
 
-    state = load_checkpoint(path, map_location)
-    # On today's schema: a field added since the run was trained takes its default.
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config"])
-    with _no_pretrained(cfg):
-        model = build_model(cfg, state["num_classes"], state["in_chans"])
-    model.load_state_dict(state[key])
-    return model.eval(), cfg, state
 
-
-class _no_pretrained:
-    """Weights come from the checkpoint: never fetch pretrained ones while rebuilding."""
-
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-
-    def __enter__(self) -> None:
-        self.was = self.cfg.model.pretrained
-        self.cfg.model.pretrained = False
-
-    def __exit__(self, *exc: object) -> None:
-        self.cfg.model.pretrained = self.was
+def restore_run(
+    state: dict[str, Any], parts: dict[str, Any], rank: int, world_size: int, seed: int
+) -> RunState:
+    """Load a :func:`run_checkpoint` into ``parts`` (as given to it) and the RNGs; where the
+    run goes on from."""
+    parts["model"].load_state_dict(state["model"])
+    parts["method"].load_state_dict(state["method"])
+    for key in ("scheduler", "ema", "bad_images"):
+        if parts[key] is not None and state.get(key) is not None:
+            parts[key].load_state_dict(state[key])
+    ranks = state.get("rng_ranks")
+    if ranks is not None and len(ranks) == world_size:
+        set_rng_state(ranks[rank])
+    else:
+        set_rng_state(state["rng"])
+        if rank:  # another number of ranks than the checkpoint's
+            torch.manual_seed(seed + rank)
+    # checkpoints from before step checkpoints hold only the finished epoch
+    position = state.get("position") or {"epoch": state["epoch"] + 1, "step": 0}
+    return RunState(
+        start_epoch=position["epoch"],
+        partial=state.get("partial"),
+        best=state["best"],
+        wall_before=float(state.get("wall_seconds", 0.0)),
+    )

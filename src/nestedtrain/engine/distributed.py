@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from timm.utils import distribute_bn, unwrap_model
 from torch import nn
 
 from ..distributed import all_ranks, all_reduce_mean, barrier
@@ -18,6 +19,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "DistInfo",
+    "average_bn",
     "all_ranks",
     "all_reduce_mean",
     "barrier",
@@ -120,3 +122,20 @@ def wrap_ddp(
         # shared-prefix ST step, which all-reduces by hand, pays no memory for DDP's reducer.
         gradient_as_bucket_view=True,
     )
+
+
+def average_bn(models: list[nn.Module], info: DistInfo) -> None:
+    """Average the BN running statistics of ``models`` (each once) over the ranks.
+
+    Each rank's forwards move them with its own images, and DDP broadcasts rank 0's buffers
+    only at the start of a synchronised forward (the shared-prefix ST step runs none), so ranks
+    drift apart. The trainer calls this before every evaluation, where each rank evaluates its
+    shard, and every save, where rank 0 writes.
+    """
+    if not info.enabled:
+        return
+    seen: set[int] = set()
+    for model in map(unwrap_model, models):
+        if id(model) not in seen:  # motivation's base model is the main one
+            seen.add(id(model))
+            distribute_bn(model, info.world_size, reduce=True)

@@ -1,28 +1,32 @@
-"""Evaluation of the main network and of sub-networks (BN re-calibrated for each)."""
+"""Evaluation of one network, and the sub-networks a recipe or command names.
+
+Sub-networks are evaluated (BN re-estimated for each) by
+:func:`nestedtrain.engine.subnet_eval.evaluate_subnets`.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import bn
 from ..elastic.sampling import OrderedSampler
 from ..elastic.stages import unwrap
-from ..elastic.subnet import Subnet, use_subnet
+from ..elastic.subnet import Subnet
 from ..errors import ConfigError
-from ..modes import eval_mode, kept_modes
+from ..modes import eval_mode
 
 __all__ = [
     "accuracy_counts",
     "batch_counts",
     "evaluate",
-    "evaluate_subnets",
     "metrics_from_counts",
     "select_subnets",
+    "space_subnets",
 ]
 
 
@@ -77,37 +81,6 @@ def evaluate(
     return metrics_from_counts(counts, next(model.parameters()).device)
 
 
-def evaluate_subnets(
-    model: nn.Module,
-    subnets: Sequence[Subnet],
-    eval_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-    calib_batches: Callable[[], Iterable[torch.Tensor]],
-) -> list[dict]:
-    """Accuracy of each sub-network after re-estimating BN statistics for it.
-
-    The model's BN statistics and train/eval mode are exactly as they were afterwards.
-
-    Args:
-        model: the main network.
-        subnets: the sub-networks to evaluate.
-        eval_batches: returns a fresh iterable of ``(images, labels)`` each call.
-        calib_batches: returns a fresh iterable of training images each call.
-    """
-    module = unwrap(model)
-    saved = bn.save_stats(module)
-    results = []
-    try:
-        with kept_modes(module):
-            for subnet in subnets:
-                bn.recalibrate(module, calib_batches(), subnet)
-                with use_subnet(module, subnet):
-                    metrics = evaluate(module, eval_batches())
-                results.append({"subnet": str(subnet), **metrics})
-    finally:
-        bn.load_stats(module, saved)
-    return results
-
-
 def select_subnets(model: nn.Module, spec: str, seed: int = 0) -> list[Subnet]:
     """Sub-networks named by a CLI/recipe string.
 
@@ -118,19 +91,42 @@ def select_subnets(model: nn.Module, spec: str, seed: int = 0) -> list[Subnet]:
     spec = str(spec).strip()
     if spec in ("none", ""):
         return []
-    module = unwrap(model)
-    if spec == "all" or spec.startswith("sample:"):
-        space = OrderedSampler(module).all()
-        if spec == "all":
-            return space
+    if spec == "all":
+        return space_subnets(model)
+    if spec.startswith("sample:"):
         match = re.fullmatch(r"sample:(\d+)", spec)
         if not match or int(match.group(1)) < 1:
             raise ConfigError(f"sub-network selection {spec!r}: write sample:N with N >= 1")
-        n = int(match.group(1))
-        if n >= len(space):
-            return space
-        g = torch.Generator().manual_seed(seed)
-        rest = space[:-1]
-        picks = torch.randperm(len(rest), generator=g)[: n - 1].sort().values.tolist()
-        return [rest[i] for i in picks] + [space[-1]]
-    return [Subnet.parse(module, text) for text in spec.split(",")]
+        return space_subnets(model, sample=int(match.group(1)), seed=seed, keep_shallowest=True)
+    return [Subnet.parse(unwrap(model), text) for text in spec.split(",")]
+
+
+def space_subnets(
+    model: nn.Module,
+    space: Any = None,
+    sample: int | None = None,
+    seed: int = 0,
+    keep_shallowest: bool = False,
+) -> list[Subnet]:
+    """The ordered sub-networks of a sampling space, or a seeded sample of ``sample`` of them.
+
+    Args:
+        model: the main network.
+        space: ``None``/``"full"`` (every ordered depth), a name from ``SAMPLING_SPACES``
+            (``"space3"``), an int or per-stage list of how many trailing blocks may drop.
+        sample: this many, drawn without replacement (all when the space is not larger);
+            kept in the space's order, deepest first.
+        seed: seeds the sample.
+        keep_shallowest: the sample always holds the space's shallowest sub-network (and
+            ``sample - 1`` drawn from the rest), as recipes' ``sample:N`` does.
+    """
+    everything = OrderedSampler(unwrap(model), max_drop=space).all()
+    if sample is not None and sample < 1:
+        raise ConfigError(f"sample={sample}: evaluate at least 1 sub-network")
+    if sample is None or sample >= len(everything):
+        return everything
+    g = torch.Generator().manual_seed(seed)
+    pool = everything[:-1] if keep_shallowest else everything
+    picks = torch.randperm(len(pool), generator=g)[: sample - keep_shallowest].sort().values
+    chosen = [pool[i] for i in picks.tolist()]
+    return [*chosen, everything[-1]] if keep_shallowest else chosen

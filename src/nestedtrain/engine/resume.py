@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError
-from .checkpoint import atomic_append_line, atomic_write_text
+from ..runfiles import CONFIG_FILE, atomic_append_line, atomic_write_text
 from .config import load_config, to_yaml
 
 __all__ = ["CHANGES_FILE", "NEUTRAL", "UNLOADABLE", "RecipeChanges", "check_resume_recipe"]
@@ -77,7 +77,7 @@ class RecipeChanges:
             "neutral": {k: list(v) for k, v in self.neutral.items()},
         }
         atomic_append_line(folder / CHANGES_FILE, json.dumps(entry))
-        config = folder / "config.yaml"
+        config = folder / CONFIG_FILE
         lines = config.read_text().splitlines(keepends=True) if config.exists() else []
         header = "".join(line for line in lines if line.startswith("#"))
         atomic_write_text(config, header + to_yaml(cfg))
@@ -104,7 +104,7 @@ def check_resume_recipe(folder: Path, cfg: DictConfig, allow_changes: bool) -> R
         ConfigError: a field that changes the computation differs and ``allow_changes`` is
             off, naming each as ``old → new``; or one a checkpoint cannot load across does.
     """
-    path = folder / "config.yaml"
+    path = folder / CONFIG_FILE
     if not path.exists():
         return RecipeChanges({}, {})
     old = _flatten(OmegaConf.to_container(load_config(path), resolve=True))

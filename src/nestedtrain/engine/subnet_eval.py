@@ -12,8 +12,9 @@ node is computed once for all the sub-networks below it, with the model run piec
 - **Evaluation.** Each node runs its block, in eval mode with its own statistics, on its
   parent's activations of the evaluation images; each leaf runs the head.
 
-The result equals one-at-a-time evaluation (:func:`nestedtrain.engine.evaluate.evaluate_subnets`)
-exactly, as long as train mode draws no random numbers (no dropout or drop-path before a BN).
+The result equals evaluating one whole sub-network after another (BN re-estimated for each,
+with ``bn.recalibrate``) exactly, as long as train mode draws no random numbers (no dropout or
+drop-path before a BN); the tests hold that oracle.
 Children that continue the same stage are visited last, and a node's activations are released
 before its last child runs, so memory holds about one set of activations per stage.
 
@@ -27,19 +28,18 @@ at 224 px holds at most 6.7 MiB an image, its activations and the image itself: 
 
 A model whose forward cannot be split is evaluated one sub-network at a time instead.
 
-The training loop calls :func:`evaluate_subnets_shared` every epoch and
+The training loop calls :func:`evaluate_subnets` every epoch and
 :func:`kl_drift_snapshot` every ``analysis.kl_drift_every`` epochs (Fig. 7 of ST), appending
-``{"epoch": e, "kl": [{"subnet": "3-2-4", "kl": 0.12}, ...]}`` to ``RUN/analysis/kl_drift.jsonl``
-with :func:`append_kl_drift`; ``eval`` and the analyses call the same functions.
+which the trainer appends to ``RUN/analysis/kl_drift.jsonl`` (:mod:`nestedtrain.runfiles`);
+``eval`` and the analyses call the same functions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Union
 
 import torch
@@ -49,19 +49,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import bn as bn_tools
-from ..elastic.split import ModelSplit, SplitError, TrieNode, build_trie
+from ..elastic.split import ModelSplit, SplitError
 from ..elastic.stages import Stage, find_stages, unwrap
 from ..elastic.subnet import Subnet, use_subnet
+from ..elastic.trie import HEAD, STEM, TrieNode, build_trie, walk_trie
 from ..errors import ConfigError
 from ..modes import kept_modes
-from .checkpoint import atomic_append_line
 from .evaluate import batch_counts, metrics_from_counts
 
 __all__ = [
     "DEFAULT_MEMORY_MB",
-    "KL_DRIFT_FILE",
-    "append_kl_drift",
-    "evaluate_subnets_shared",
+    "evaluate_subnets",
     "kl_drift_snapshot",
     "subnet_logits",
 ]
@@ -75,8 +73,6 @@ MainConsumer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 # MiB of activations a shared-prefix evaluation caches at once, unless told otherwise.
 DEFAULT_MEMORY_MB = 1024
-
-KL_DRIFT_FILE = Path("analysis") / "kl_drift.jsonl"
 
 
 @dataclass(eq=False)
@@ -126,7 +122,7 @@ class _Runner:
         sizes = self.split.bytes_per_image
 
         def peak(node: _Node, held: int, inputs: int, last: bool) -> int:
-            out = sizes[node.key] if node.key[0] == "block" else 0  # a head's logits go at once
+            out = sizes[node.key] if node.key.is_block else 0  # a head's logits go at once
             kept = held if last else held + inputs
             children = node.ordered_children()
             return max(
@@ -134,7 +130,7 @@ class _Runner:
                 + [peak(c, kept, out, i == len(children) - 1) for i, c in enumerate(children)]
             )
 
-        stem = sizes["stem",]
+        stem = sizes[STEM]
         children = self.root.ordered_children()
         return max(
             [stem] + [peak(c, 0, stem, i == len(children) - 1) for i, c in enumerate(children)]
@@ -184,67 +180,41 @@ class _Runner:
     def calibrate(self, batches: list[torch.Tensor]) -> None:
         """Run one chunk of calibration batches through the trie (in order, chunk after
         chunk: each node's statistics continue from the previous chunk's)."""
-        split = self.split
-        _set_mode(split, True)
-        holder = [self._calibrated(self.root, split.stem_bns, batches, split.stem)]
-        _visit_children(self.root, holder, self._calibrate)
+        _set_mode(self.split, True)
+        walk_trie(self.root, [batches], self._calibrate)
 
-    def _calibrate(self, node: _Node, holder: list) -> None:
-        if node.key[0] == "head":
-            inputs = holder.pop()
-            if self.split.head_bns:
-                self._calibrated(node, self.split.head_bns, inputs, self.split.head)
-            return
-        _, s, b = node.key
-        block = self.stages[s].blocks[b]
-        inputs = holder.pop()
-        # Handed over in a list, never bound here: this frame lives while the subtree runs.
-        outputs = [self._calibrated(node, bn_tools.batchnorms(block), inputs, block)]
-        del inputs
-        _visit_children(node, outputs, self._calibrate)
+    def _calibrate(self, node: _Node, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        split = self.split
+        if node.key.is_stem:
+            return self._calibrated(node, split.stem_bns, inputs, split.stem)
+        if node.key.is_head:
+            if split.head_bns:
+                self._calibrated(node, split.head_bns, inputs, split.head)
+            return None
+        block = split.block(node.key)
+        return self._calibrated(node, bn_tools.batchnorms(block), inputs, block)
 
     # --------------------------------------------------------------------- eval pass
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]], first: int, consume):
         """Run the eval batches (numbered from ``first``) through the trie."""
-        split = self.split
-        _set_mode(split, False)
-        if self.root.stats is not None:
-            bn_tools.load_layer_stats(split.stem_bns, self.root.stats)
+        _set_mode(self.split, False)
         labels = [y for _, y in batches]
-        holder = [[split.stem(x) for x, _ in batches]]
-        _visit_children(self.root, holder, lambda c, h: self._eval(c, h, labels, first, consume))
 
-    def _eval(self, node: _Node, holder: list, labels, first: int, consume) -> None:
-        inputs = holder.pop()
-        if node.key[0] == "head":
+        def run(node: _Node, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+            split = self.split
+            layers = split.stem_bns if node.key.is_stem else split.head_bns
+            if node.key.is_block:
+                layers = bn_tools.batchnorms(split.block(node.key))
             if node.stats is not None:
-                bn_tools.load_layer_stats(self.split.head_bns, node.stats)
-            for t, x in enumerate(inputs):
-                consume(node.subnets, first + t, self.split.head(x), labels[t])
-            return
-        _, s, b = node.key
-        block = self.stages[s].blocks[b]
-        if node.stats is not None:
-            bn_tools.load_layer_stats(bn_tools.batchnorms(block), node.stats)
-        # Handed over in a list, never bound here: this frame lives while the subtree runs.
-        outputs = [[block(x) for x in inputs]]
-        del inputs
-        _visit_children(node, outputs, lambda c, h: self._eval(c, h, labels, first, consume))
+                bn_tools.load_layer_stats(layers, node.stats)
+            if node.key.is_head:
+                for t, x in enumerate(inputs):
+                    consume(node.subnets, first + t, split.head(x), labels[t])
+                return None
+            piece = split.stem if node.key.is_stem else split.block(node.key)
+            return [piece(x) for x in inputs]
 
-
-def _visit_children(node: _Node, holder: list, visit: Callable[[_Node, list], None]) -> None:
-    """``visit(child, [outputs])`` for each child of ``node``, ``outputs`` popped from
-    ``holder``; the last child gets the only reference left, so it can drop the outputs as
-    soon as it has its own."""
-    outputs = holder.pop()
-    children = node.ordered_children()
-    for i, child in enumerate(children):
-        if i == len(children) - 1:
-            last = [outputs]
-            del outputs
-            visit(child, last)
-        else:
-            visit(child, [outputs])
+        walk_trie(self.root, [[x for x, _ in batches]], run)
 
 
 def _chunks(batches: Iterable[Any], max_images: int) -> Iterator[list]:
@@ -269,8 +239,14 @@ def _peek(batches: Iterable[Any]) -> tuple[Any, Iterator[Any]]:
     return first, (iterator if first is None else itertools.chain([first], iterator))
 
 
-def _as_subnets(model: nn.Module, subnets: Sequence[Subnet | str]) -> list[Subnet]:
-    return [Subnet.parse(model, s) if isinstance(s, str) else s for s in subnets]
+def _as_subnets(
+    model: nn.Module, subnets: Sequence[Subnet | str], stages: Sequence[Stage] | None = None
+) -> list[Subnet]:
+    """Subnets from Subnets or their strings; checked against ``stages`` when given."""
+    parsed = [Subnet.parse(model, s) if isinstance(s, str) else s for s in subnets]
+    for subnet in parsed if stages is not None else ():
+        subnet.validate(stages)
+    return parsed
 
 
 @torch.no_grad()
@@ -291,29 +267,27 @@ def subnet_logits(
     ``batch_index``. Calls come in no particular order of sub-networks, but each sub-network
     gets its batches in order.
 
-    Images run in chunks of consecutive batches, calibration images first, then evaluation
-    images; a chunk's activations are dropped before the next chunk is read, so memory does
-    not grow with the number of images. The results do not depend on the chunks.
-
     Args:
-        model: the main network; its BN statistics and train/eval mode are restored after.
-        subnets: the sub-networks (Subnets or their string forms).
+        model: the main network; its BN statistics and modes are restored after.
+        subnets: the sub-networks (Subnets or strings).
         eval_batches: returns a fresh iterable of ``(images, labels)`` each call.
         calib_batches: returns a fresh iterable of training images each call, to re-estimate
             BN statistics for every sub-network (as ``bn.recalibrate``); ``None`` runs each
             sub-network with the model's own statistics.
         chunk_images: at most this many images a chunk (but at least one batch); ``None``
             sizes chunks from ``memory_mb``.
-        memory_mb: MiB of activations (and images) a chunk may hold; ``None``: one chunk of
-            everything, fastest when it fits. The model and one batch's temporaries come on
-            top.
+        memory_mb: MiB of activations (and images) a chunk of consecutive batches may hold
+            (calibration images first, then evaluation images; a chunk is dropped before the
+            next is read, and the results do not depend on the chunks); ``None``: one chunk
+            of everything, fastest when it fits. The model and one batch's temporaries come
+            on top.
         consume_main: called as ``consume_main(batch_index, logits, labels)`` with the main
             network's logits (its own BN statistics, eval mode) on every eval batch, before
             any sub-network's logits on that batch.
 
     Returns:
-        ``"shared"``, or ``"naive"`` when the model's forward could not be split into stem,
-        blocks and head and each sub-network ran on its own.
+        ``"shared"``, or ``"naive"`` when the forward could not be split into stem, blocks
+        and head and each sub-network ran on its own.
 
     Raises:
         ConfigError: no sub-networks, a sub-network that does not fit the model, no batches,
@@ -322,37 +296,44 @@ def subnet_logits(
     model = unwrap(model)
     budget = _budget(subnets, chunk_images, memory_mb)
     stages = find_stages(model)
-    subnets = _as_subnets(model, subnets)
-    for subnet in subnets:
-        subnet.validate(stages)
+    subnets = _as_subnets(model, subnets, stages)
+    with _bn_restored(model) as saved, kept_modes(model):
+        probe, calib, evals = _first_images(calib_batches, eval_batches)
+        try:
+            split = ModelSplit(model, stages, probe)
+        except SplitError:
+            del calib, evals  # nothing read but their first batch
+            _naive(model, subnets, eval_batches, calib_batches, consume, consume_main)
+            return "naive"
+        runner, probe = _Runner(split, build_trie(subnets, _Node), stages), None
+        _calibration_pass(runner, calib, (chunk_images, budget))
+        evals = iter(eval_batches()) if evals is None else evals
+        _evaluation_pass(saved, runner, evals, (chunk_images, budget), consume, consume_main)
+        return "shared"
+
+
+def _calibration_pass(runner: _Runner, calib: Iterator | None, sizes: tuple) -> None:
+    """Every trie node's BN statistics re-estimated from the calibration images (if any),
+    chunk by chunk; a chunk is dropped before the next one is read."""
+    if calib is None:
+        return
+    with runner.split.installed():
+        for chunk in _sized_chunks(calib, runner, *sizes):
+            runner.calibrate(chunk)
+            del chunk
+
+
+@contextlib.contextmanager
+def _bn_restored(model: nn.Module) -> Iterator[dict]:
+    """The model's BN statistics (yielded) and momenta, put back however the block ends."""
     saved = bn_tools.save_stats(model)
     momenta = [(m, m.momentum) for m in bn_tools.batchnorms(model)]
-    with kept_modes(model):
-        try:
-            probe, calib, evals = _first_images(calib_batches, eval_batches)
-            try:
-                split = ModelSplit(model, stages, probe)
-            except SplitError:
-                del calib, evals  # nothing read but their first batch
-                _naive(model, subnets, eval_batches, calib_batches, consume, consume_main)
-                return "naive"
-            del probe
-            runner = _Runner(split, build_trie(subnets, _Node), stages)
-            if calib is not None:
-                with split.installed():
-                    for chunk in _sized_chunks(calib, runner, chunk_images, budget):
-                        runner.calibrate(chunk)
-                        del chunk  # dropped before the next chunk is read
-            evals = iter(eval_batches()) if evals is None else evals
-            # consume_main's caller keeps the main network's logits of a chunk's images.
-            extra = split.bytes_per_image["head",] if consume_main is not None else 0
-            chunks = _sized_chunks(evals, runner, chunk_images, budget, extra)
-            _evaluation_pass(model, saved, runner, chunks, consume, consume_main)
-            return "shared"
-        finally:
-            for m, momentum in momenta:
-                m.momentum = momentum
-            bn_tools.load_stats(model, saved)
+    try:
+        yield saved
+    finally:
+        for m, momentum in momenta:
+            m.momentum = momentum
+        bn_tools.load_stats(model, saved)
 
 
 def _budget(subnets: Sequence[Any], chunk_images: int | None, memory_mb: float | None):
@@ -404,15 +385,19 @@ def _sized_chunks(
 
 
 def _evaluation_pass(
-    model: nn.Module,
     saved: dict[str, torch.Tensor],
     runner: _Runner,
-    chunks: Iterator[list],
+    evals: Iterator[Any],
+    sizes: tuple[int | None, float | None],
     consume: Consumer,
     consume_main: MainConsumer | None,
 ) -> None:
-    """Each chunk of eval batches through the main network (``consume_main``, with its own BN
-    statistics) and then through the trie."""
+    """Each chunk of eval batches (``sizes``: chunk_images, budget) through the main network
+    (``consume_main``, with its BN statistics ``saved``) and then through the trie."""
+    model = runner.split.model
+    # consume_main's caller keeps the main network's logits of a chunk's images.
+    extra = runner.split.bytes_per_image[HEAD] if consume_main is not None else 0
+    chunks = _sized_chunks(evals, runner, *sizes, extra)
     first_batch = 0  # number of the chunk's first eval batch
     for chunk in chunks:
         if consume_main is not None:
@@ -476,7 +461,7 @@ def _naive(
         raise ConfigError("evaluation got no images")
 
 
-def evaluate_subnets_shared(
+def evaluate_subnets(
     model: nn.Module,
     subnets: Sequence[Subnet | str],
     eval_batches: EvalBatches,
@@ -484,9 +469,10 @@ def evaluate_subnets_shared(
     chunk_images: int | None = None,
     memory_mb: float | None = DEFAULT_MEMORY_MB,
 ) -> list[dict]:
-    """Accuracy of each sub-network, BN re-calibrated for it, sharing common prefixes.
+    """Accuracy of each sub-network, BN re-calibrated for it: the one sub-network evaluation.
 
-    A drop-in for :func:`nestedtrain.engine.evaluate.evaluate_subnets` with the same result:
+    Shares common prefixes when the model's forward splits into stem, blocks and head, else
+    runs one sub-network at a time (:func:`subnet_logits` picks). Returns
     ``[{"subnet", "acc", "acc5", "loss"}]`` in the order of ``subnets`` (accuracies in percent,
     counts all-reduced when distributed). ``calib_batches=None`` keeps the model's own BN
     statistics for every sub-network instead of re-estimating them. ``chunk_images`` and
@@ -574,12 +560,3 @@ def kl_drift_snapshot(
         sums, count = reduced[:-1].cpu(), reduced[-1:].cpu()
     means = (sums / count).tolist()
     return {str(s): kl for s, kl in zip(subnets, means)}
-
-
-def append_kl_drift(run_dir: str | Path, epoch: int, snapshot: dict[str, float]) -> Path:
-    """Append one snapshot as a line of ``RUN/analysis/kl_drift.jsonl``; returns the file."""
-    path = Path(run_dir) / KL_DRIFT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"epoch": int(epoch), "kl": [{"subnet": s, "kl": v} for s, v in snapshot.items()]}
-    atomic_append_line(path, json.dumps(record))
-    return path

@@ -31,7 +31,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError
-from .checkpoint import atomic_write_text, previous_path
+from ..runfiles import CONFIG_FILE, SUMMARY_FILE, atomic_write_text, previous_path
 from .config import load_config
 
 __all__ = [
@@ -184,7 +184,7 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 
 
 def _state(folder: Path) -> str:
-    if (folder / "summary.json").is_file():
+    if (folder / SUMMARY_FILE).is_file():
         return "done"
     last = folder / "checkpoints" / "last.pt"
     if last.is_file() or previous_path(last).is_file():
@@ -211,9 +211,9 @@ def plan_sweep(
             raise ConfigError(f"run {run.name}: {err}") from None
         folder = out_dir / run.name
         state = _state(folder)
-        if (folder / "config.yaml").is_file():
+        if (folder / CONFIG_FILE).is_file():
             # read through the schema: a field added since the run was made is its default
-            stored = load_config(folder / "config.yaml")
+            stored = load_config(folder / CONFIG_FILE)
             there = _comparable(OmegaConf.to_container(stored, resolve=True))
             here = _comparable(OmegaConf.to_container(cfg, resolve=True))
             difference = _first_difference(there, here)
@@ -280,15 +280,7 @@ def run_sweep(
         ConfigError: bad ``jobs``, or what :func:`plan_sweep` raises (before anything runs).
     """
     out_dir = Path(out_dir)
-    cores = _usable_cores()
-    if threads is not None and not 1 <= threads <= cores:
-        raise ConfigError(f"--threads {threads}: give 1 to {cores} (the CPU cores here)")
-    threads = threads or cores
-    if jobs < 1 or jobs > threads:
-        raise ConfigError(
-            f"--jobs {jobs}: give 1 to {threads} (the CPU threads to use), so that the runs' "
-            "threads together never exceed them"
-        )
+    threads = _check_threads(jobs, threads)
     planned = plan_sweep(recipe, runs, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _record(out_dir, recipe, runs)
@@ -302,19 +294,7 @@ def run_sweep(
     while queue or running:
         while queue and len(running) < jobs:
             run, state = queue.pop(0)
-            folder = out_dir / run.name
-            if state == "restart":  # died before its first checkpoint: nothing to keep
-                shutil.rmtree(folder)
-            command = [sys.executable, "-m", "nestedtrain.cli"]
-            command += train_command(recipe, run, out_dir)[1:]
-            command += ["--resume"] if state == "resume" else []
-            log = out_dir / "logs" / f"{run.name}.log"
-            log.parent.mkdir(exist_ok=True)
-            with open(log, "w") as f:
-                process = subprocess.Popen(
-                    command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()
-                )
-            running[run.name] = (process, time.perf_counter(), log)
+            running[run.name] = _start(recipe, run, state, out_dir, env)
             report(f"{run.name}: {'resumed' if state == 'resume' else 'started'}")
         time.sleep(0.2)
         for name, (process, start, log) in list(running.items()):
@@ -330,6 +310,40 @@ def run_sweep(
                 outcome.status, outcome.error = "failed", _one_line_error(log)
                 report(f"{name}: failed (exit {process.returncode}): {outcome.error}")
     return [outcomes[run.name] for run in runs]
+
+
+def _check_threads(jobs: int, threads: int | None) -> int:
+    """The threads to use in all, once ``jobs`` and ``threads`` are known to fit the cores."""
+    cores = _usable_cores()
+    if threads is not None and not 1 <= threads <= cores:
+        raise ConfigError(f"--threads {threads}: give 1 to {cores} (the CPU cores here)")
+    threads = threads or cores
+    if jobs < 1 or jobs > threads:
+        raise ConfigError(
+            f"--jobs {jobs}: give 1 to {threads} (the CPU threads to use), so that the runs' "
+            "threads together never exceed them"
+        )
+    return threads
+
+
+def _start(
+    recipe: str | Path, run: SweepRun, state: str, out_dir: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen, float, Path]:
+    """Start ``nestedtrain train`` for ``run`` (``state``: new, resume or restart), its output
+    to ``out_dir/logs/<name>.log``; the process, its start time and its log."""
+    folder = out_dir / run.name
+    if state == "restart":  # died before its first checkpoint: nothing to keep
+        shutil.rmtree(folder)
+    command = [sys.executable, "-m", "nestedtrain.cli"]
+    command += train_command(recipe, run, out_dir)[1:]
+    command += ["--resume"] if state == "resume" else []
+    log = out_dir / "logs" / f"{run.name}.log"
+    log.parent.mkdir(exist_ok=True)
+    with open(log, "w") as f:
+        process = subprocess.Popen(
+            command, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()
+        )
+    return process, time.perf_counter(), log
 
 
 def shell_command(words: Sequence[str]) -> str:

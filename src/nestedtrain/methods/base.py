@@ -169,6 +169,12 @@ class MethodStep(abc.ABC):
     def after_optimizer_step(self, info: dict[str, Any]) -> None:
         """Called by the loop after the optimizer stepped."""
 
+    @property
+    def reestimates_main_bn(self) -> bool:
+        """Whether the loop re-estimates the main network's BN statistics from training
+        images before evaluating (when the method's forwards moved them)."""
+        return False
+
     def extra_models(self) -> dict[str, nn.Module]:
         """Models besides the main one that the loop evaluates each epoch (logged as
         ``<name>_acc``) and saves at the end (``<name>.pt``, a plain state_dict)."""

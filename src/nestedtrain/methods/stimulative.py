@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,16 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bn import frozen_stats
-from ..distributed import all_ranks
 from ..elastic.sampling import OrderedSampler, StochasticSampler
-from ..elastic.split import ModelSplit, SplitError, TrieNode, build_trie, draws_random, run_path
 from ..elastic.stages import find_stages, model_family, unwrap
 from ..elastic.subnet import Subnet, use_subnet
+from ..elastic.trie import build_trie
 from ..errors import ConfigError
 from ..losses import KL_NORMS, kl_loss, normalize_logits
 from .base import MethodStep, Precision
+from .shared_prefix import PrefixSharing, decide_prefix_sharing
 
-__all__ = ["StimulativeTraining", "BN_POLICIES", "RESIZE_PER", "SUB_TARGETS"]
+__all__ = ["StimulativeTraining", "BN_POLICIES", "RESIZE_PER", "SUB_TARGETS", "check_options"]
 
 BN_POLICIES = ("protect", "reference")
 SUB_TARGETS = ("teacher", "label")
@@ -80,8 +80,8 @@ class StimulativeTraining(MethodStep):
             one where their paths differ. Gradients, losses and BN statistics equal the
             plain step's up to float summation order. It applies when the sub-network sees
             the same input, ``bn="protect"``, the model draws no random numbers in train mode
-            and its forward splits into stem, blocks and head; ``shared_prefix`` says after
-            the first sampling step whether it runs, or why not (also logged once).
+            and its forward splits into stem, blocks and head; ``prefix_sharing`` says whether
+            it runs, or why not (also logged once), once decided.
         resize_per: with ``resize``, draw a side per sub-network (``"subnet"``, as the
             reference code) or one side per step for all of them (``"step"``: they then share
             prefixes among themselves).
@@ -89,6 +89,9 @@ class StimulativeTraining(MethodStep):
             within the range (8: about 14 sides at 224 px instead of ~128, so cuDNN's
             benchmark mode tunes a few shapes, each a multiple of the tensor cores' tile).
             1 draws every side, as the reference code.
+        example_inputs: a few inputs like the training batches' (the trainer passes two
+            test images): whether the shared path applies is decided here, with them; without
+            them, on the first sampling step, with its batch.
     """
 
     def __init__(
@@ -113,28 +116,20 @@ class StimulativeTraining(MethodStep):
         share_prefix: bool = True,
         resize_per: str = "subnet",
         resize_multiple: int = 1,
+        example_inputs: torch.Tensor | None = None,
     ):
         super().__init__(model, optimizer, precision, label_smoothing, criterion)
-        if lam < 0:
-            raise ConfigError(f"st.lam={lam} must be >= 0")
-        if num_subnets < 0:
-            raise ConfigError(f"st.num_subnets={num_subnets} must be >= 0")
-        if kl_norm not in KL_NORMS:
-            raise ConfigError(f"st.kl_norm={kl_norm!r} must be one of {', '.join(KL_NORMS)}")
-        if temperature <= 0:
-            raise ConfigError(f"st.temperature={temperature} must be > 0")
-        if target not in SUB_TARGETS:
-            raise ConfigError(f"st.target={target!r} must be one of {', '.join(SUB_TARGETS)}")
-        if bn not in BN_POLICIES:
-            raise ConfigError(f"st.bn={bn!r} must be one of {', '.join(BN_POLICIES)}")
-        if start_epoch < 0:
-            raise ConfigError(f"st.start_epoch={start_epoch} must be >= 0")
-        if resize_per not in RESIZE_PER:
-            raise ConfigError(
-                f"st.resize_per={resize_per!r} must be one of {', '.join(RESIZE_PER)}"
-            )
-        if resize_multiple < 1:
-            raise ConfigError(f"st.resize_multiple={resize_multiple} must be >= 1")
+        check_options(
+            lam=lam,
+            num_subnets=num_subnets,
+            kl_norm=kl_norm,
+            temperature=temperature,
+            target=target,
+            bn=bn,
+            start_epoch=start_epoch,
+            resize_per=resize_per,
+            resize_multiple=resize_multiple,
+        )
         self.resize = _check_resize(resize, unwrap(model))
         self.resize_multiple = int(resize_multiple)
         self.lam = float(lam)
@@ -151,10 +146,12 @@ class StimulativeTraining(MethodStep):
         self.stages = find_stages(model)
         self.share_prefix = bool(share_prefix)
         self.resize_per = resize_per
-        # Whether the shared path runs, and why not: decided on the first sampling step.
-        self.shared_prefix: str | None = None
-        self._split: ModelSplit | None = None
-        self._main_subnet = Subnet(tuple(range(len(stage))) for stage in self.stages)
+        # "on: ..." or "off: <why>", once decided: here with example inputs, else on the first
+        # sampling step
+        self.prefix_sharing: str | None = None
+        self._sharing: PrefixSharing | None = None
+        if example_inputs is not None and self.lam > 0 and self.num_subnets > 0:
+            self._prefix_sharing(example_inputs)
 
     @property
     def reestimates_main_bn(self) -> bool:
@@ -170,17 +167,7 @@ class StimulativeTraining(MethodStep):
         every sub-network, then one side (``resize_per="step"``)."""
 
         def side() -> int:
-            if self.resize is None:
-                return crop
-            lo, hi = max(int(self.resize[0] * crop), 1), max(int(self.resize[1] * crop), 1)
-            m = self.resize_multiple
-            if m == 1:
-                return int(torch.randint(lo, hi + 1, (1,), generator=self.generator))
-            # the multiples of m in [lo, hi]; when there is none, the one just above hi (>= m)
-            first, last = -(-lo // m), hi // m
-            if first > last:
-                return (last + 1) * m
-            return m * int(torch.randint(first, last + 1, (1,), generator=self.generator))
+            return _draw_side(self.resize, crop, self.resize_multiple, self.generator)
 
         if self.resize_per == "step":
             subnets = [self.sampler.sample(self.generator) for _ in range(self.num_subnets)]
@@ -209,10 +196,11 @@ class StimulativeTraining(MethodStep):
                 ce, _ = self._main_forward_backward(images, labels)
             return {"loss": ce, "ce": ce, "kl": torch.zeros_like(ce), "subnets": []}
         drawn = self._draw(images.shape[-1])
-        if self._shared_split(images) is None:
+        sharing = self._prefix_sharing(images)
+        if sharing is None:
             terms, ce = self._plain_step(images, labels, drawn)
         else:
-            terms, ce = self._shared_step(images, labels, drawn)
+            terms, ce = self._shared_step(sharing, images, labels, drawn)
         kl = torch.stack(terms)
         loss = ce + self.lam * kl.sum()
         return {"loss": loss, "ce": ce, "kl": kl.mean(), "subnets": [str(s) for s, _ in drawn]}
@@ -271,60 +259,44 @@ class StimulativeTraining(MethodStep):
         return term.detach()
 
     # ----------------------------------------------------------------- the shared path
-    def _shared_split(self, images: torch.Tensor) -> ModelSplit | None:
-        """The model split into pieces when the shared path applies, else None; decided on
-        the first sampling step and logged once, with the reason when it does not apply."""
-        if self.shared_prefix is not None:
-            return self._split
-        reason = None
+    def _prefix_sharing(self, images: torch.Tensor) -> PrefixSharing | None:
+        """The shared path's runner when it applies, else None; decided once (the model is
+        probed with ``images``) and logged, with the reason when it does not apply."""
+        if self.prefix_sharing is not None:
+            return self._sharing
+        why_not = None
         if not self.share_prefix:
-            reason = "st.share_prefix is off"
+            why_not = "st.share_prefix is off"
         elif self.bn == "reference":
             # The reference code's sub-network forwards update the running statistics of the
             # blocks they share with the main network a second time; only the plain path,
             # which runs those forwards, keeps that.
-            reason = "st.bn=reference updates BN statistics in every sub-network forward"
-        elif draws_random(self.module, images):
-            reason = (
-                "the model draws random numbers in train mode (dropout or drop-path), so a "
-                "sub-network's prefix is not the main network's"
-            )
-        else:
-            try:
-                self._split = ModelSplit(self.module, self.stages, images[:2])
-            except SplitError as err:
-                reason = f"the model's forward cannot be split into stem, blocks and head ({err})"
-        if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            # All ranks take one path: the shared one all-reduces gradients by hand, the
-            # plain one in DDP's backward; ranks on different paths would hang.
-            everywhere = all_ranks(reason is None, self.model.process_group, images.device)
-            if reason is None and not everywhere:
-                reason = "it does not apply on another rank"
-                self._split = None
-        if reason is None:
+            why_not = "st.bn=reference updates BN statistics in every sub-network forward"
+        split, status = decide_prefix_sharing(self.model, self.stages, images, why_not)
+        if split is not None:
             where = "the main network's input" if self.resize is None else "the same input"
-            self.shared_prefix = f"on: sub-networks that see {where} compute shared blocks once"
-        else:
-            self.shared_prefix = f"off: {reason}"
-        logger.info("ST shared prefix %s", self.shared_prefix)
-        return self._split
+            status = f"on: sub-networks that see {where} compute shared blocks once"
+            self._sharing = PrefixSharing(
+                self.model, split, self.stages, self.precision, self._term, self.lam
+            )
+        self.prefix_sharing = status
+        logger.info("ST shared prefix %s", status)
+        return self._sharing
 
     def _shared_step(
-        self, images: torch.Tensor, labels: torch.Tensor, drawn: list[tuple[Subnet, int]]
+        self,
+        sharing: PrefixSharing,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        drawn: list[tuple[Subnet, int]],
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The plain step's losses and gradients, computing every shared prefix once.
 
-        The sub-networks that see the main network's input form a trie with the main network
-        (its spine). The main network's forward is cut at each spine node where a sub-network
-        branches off: the rest of the forward continues from a leaf copy of the activation.
-        After the main network's backward, the cut nodes are visited deepest first: the
-        sub-networks branching off there run from the leaf and backpropagate into it, then
-        the segment above the cut backpropagates the summed gradient once. Held at any time:
-        the main network's activations up to the cut, and one sub-network's rest.
-
-        Sub-networks that see another size share prefixes among themselves, per size. Under
-        DDP every backward accumulates locally and the gradients are all-reduced once, at
-        the end.
+        The sub-networks that see the main network's input branch off the main network's
+        forward (:meth:`PrefixSharing.main_and_branches`). Held at any time: the main
+        network's activations up to the cut, and one sub-network's rest. Sub-networks that
+        see another size share prefixes among themselves, per size. Under DDP every backward
+        accumulates locally and the gradients are all-reduced once, at the end.
         """
         crop = images.shape[-1]
         terms: list = [None] * len(drawn)
@@ -334,7 +306,13 @@ class StimulativeTraining(MethodStep):
             if side != crop:
                 others.setdefault(side, []).append(j)
         with self.local_gradients():
-            ce, teacher = self._main_and_branches(images, labels, drawn, same, terms)
+            ce, teacher = sharing.main_and_branches(
+                lambda at_head: self._main_forward_backward(images, labels, at_head, terms),
+                [drawn[j][0] for j in same],
+                labels,
+                same,
+                terms,
+            )
             for side, group in others.items():
                 inputs = self._resized(images, side)
                 if len(group) == 1:
@@ -342,116 +320,13 @@ class StimulativeTraining(MethodStep):
                     terms[j] = self._subnet_whole(drawn[j][0], inputs, teacher, labels)
                     continue
                 root = build_trie([drawn[j][0] for j in group])
-                with self._sub_forwards():
-                    self._run_subtree(root, inputs, teacher, labels, group, terms)
+                with sharing.sub_forwards():
+                    sharing.run_subtree(root, inputs, teacher, labels, group, terms)
         self.all_reduce_gradients()
         return terms, ce
 
-    @contextlib.contextmanager
-    def _sub_forwards(self) -> Iterator[None]:
-        """BN statistics left alone (``protect``), and the pieces installed (after: an
-        installed split hides the blocks from ``model.modules()``)."""
-        with frozen_stats(self.model), self._split.installed():
-            yield
-
-    def _main_and_branches(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        drawn: list[tuple[Subnet, int]],
-        same: list[int],
-        terms: list,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        subnets = [drawn[j][0] for j in same]
-        root = build_trie([*subnets, self._main_subnet])
-        spine = [root]
-        for key in [*run_path(self._main_subnet), ("head",)]:
-            spine.append(spine[-1].children[key])
-        # Sub-networks equal to the main network end at its head: no cut, one backward.
-        main_index = len(subnets)
-        at_main_head = [same[i] for i in spine[-1].subnets if i != main_index]
-        cut_at = [node for node in spine[:-1] if len(node.children) > 1]
-        cuts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        with self._cut(cut_at, cuts):
-            ce, teacher = self._main_forward_backward(images, labels, at_main_head, terms)
-        # Deepest cut first: its segment's gradient is complete once its branches are done.
-        for node in reversed(cut_at):
-            out, leaf = cuts.pop(node.key)
-            on_spine = spine[spine.index(node) + 1]
-            for child in node.ordered_children():
-                if child is not on_spine:
-                    with self._sub_forwards():
-                        self._run_subtree(child, leaf, teacher, labels, same, terms)
-            torch.autograd.backward(out, leaf.grad)
-            del out, leaf
-        return ce, teacher
-
-    @contextlib.contextmanager
-    def _cut(self, nodes: list[TrieNode], cuts: dict) -> Iterator[None]:
-        """Hooks that cut the main network's forward after each node: the forward goes on
-        from a leaf copy of the activation, recorded with the output in ``cuts``."""
-
-        def cut(key: tuple, output: torch.Tensor) -> torch.Tensor:
-            leaf = output.detach().requires_grad_()
-            cuts[key] = (output, leaf)
-            return leaf
-
-        handles = []
-        try:
-            for node in nodes:
-                if node.key == ("stem",):  # before the first stage: its input is the stem's
-                    container = self.stages[0].container
-
-                    def pre(module: nn.Module, args: tuple, key=node.key) -> tuple:
-                        return (cut(key, args[0]), *args[1:])
-
-                    handles.append(container.register_forward_pre_hook(pre))
-                else:
-
-                    def post(module: nn.Module, args: tuple, output, key=node.key):
-                        return cut(key, output)
-
-                    handles.append(self._split.block(node.key).register_forward_hook(post))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _run_subtree(
-        self,
-        node: TrieNode,
-        x: torch.Tensor,
-        teacher: torch.Tensor,
-        labels: torch.Tensor,
-        indices: list[int],
-        terms: list,
-    ) -> None:
-        """Run ``node`` and everything below it from ``x`` (the node's input), backpropagate
-        each head's loss terms into ``x``; ``indices`` maps the trie's sub-networks to the
-        step's. A node with several children is cut like the main network's forward."""
-        split = self._split
-        while not node.is_head:
-            with self.precision.autocast():
-                x = split.stem(x) if node.key == ("stem",) else split.block(node.key)(x)
-            children = node.ordered_children()
-            if len(children) > 1:
-                leaf = x.detach().requires_grad_()
-                for child in children:
-                    self._run_subtree(child, leaf, teacher, labels, indices, terms)
-                torch.autograd.backward(x, leaf.grad)
-                return
-            node = children[0]
-        with self.precision.autocast():
-            sub_logits = split.head(x).float()
-        loss = 0.0
-        for i in node.subnets:
-            term = self._term(sub_logits, teacher, labels)
-            terms[indices[i]] = term.detach()
-            loss = loss + self.lam * term
-        self.precision.backward(loss)
-
     def summary_extras(self, summary: dict[str, Any]) -> dict[str, Any]:
-        return {"st_shared_prefix": self.shared_prefix} if self.shared_prefix else {}
+        return {"st_shared_prefix": self.prefix_sharing} if self.prefix_sharing else {}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "generator": self.generator.get_state()}
@@ -459,6 +334,55 @@ class StimulativeTraining(MethodStep):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.generator.set_state(state["generator"])
+
+
+def _draw_side(
+    resize: tuple[float, float] | None, crop: int, multiple: int, generator: torch.Generator
+) -> int:
+    """A side drawn uniformly from ``int(lo·crop) .. int(hi·crop)`` (``crop`` without
+    ``resize``), among the multiples of ``multiple`` when it is above 1."""
+    if resize is None:
+        return crop
+    lo, hi = max(int(resize[0] * crop), 1), max(int(resize[1] * crop), 1)
+    m = multiple
+    if m == 1:
+        return int(torch.randint(lo, hi + 1, (1,), generator=generator))
+    # the multiples of m in [lo, hi]; when there is none, the one just above hi (>= m)
+    first, last = -(-lo // m), hi // m
+    if first > last:
+        return (last + 1) * m
+    return m * int(torch.randint(first, last + 1, (1,), generator=generator))
+
+
+def check_options(**options: Any) -> None:
+    """The ranges of the options ``lam``, ``num_subnets``, ``kl_norm``, ``temperature``,
+    ``target``, ``bn``, ``start_epoch``, ``resize_per`` and ``resize_multiple``: the first one
+    out of range raises ConfigError, named as the recipe's ``st.<option>`` (recipes are
+    checked with this too; other keys are ignored)."""
+    o = options
+    checks = [
+        (o["lam"] >= 0, f"st.lam={o['lam']} must be >= 0"),
+        (o["num_subnets"] >= 0, f"st.num_subnets={o['num_subnets']} must be >= 0"),
+        (
+            o["kl_norm"] in KL_NORMS,
+            f"st.kl_norm={o['kl_norm']!r} must be one of {', '.join(KL_NORMS)}",
+        ),
+        (o["temperature"] > 0, f"st.temperature={o['temperature']} must be > 0"),
+        (
+            o["target"] in SUB_TARGETS,
+            f"st.target={o['target']!r} must be one of {', '.join(SUB_TARGETS)}",
+        ),
+        (o["bn"] in BN_POLICIES, f"st.bn={o['bn']!r} must be one of {', '.join(BN_POLICIES)}"),
+        (o["start_epoch"] >= 0, f"st.start_epoch={o['start_epoch']} must be >= 0"),
+        (
+            o["resize_per"] in RESIZE_PER,
+            f"st.resize_per={o['resize_per']!r} must be one of {', '.join(RESIZE_PER)}",
+        ),
+        (o["resize_multiple"] >= 1, f"st.resize_multiple={o['resize_multiple']} must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def _check_resize(resize: Sequence[float] | None, model: nn.Module) -> tuple[float, float] | None:

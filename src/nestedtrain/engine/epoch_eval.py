@@ -1,0 +1,71 @@
+"""What a run evaluates at an epoch's end: the main network, its EMA and other models, and the
+chosen sub-networks; and the KL-drift snapshots of ``analysis.kl_drift_every``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .. import bn
+from ..data import Data
+from ..methods import MethodStep
+from ..modes import kept_modes
+from .evaluate import evaluate, select_subnets
+from .subnet_eval import evaluate_subnets, kl_drift_snapshot
+
+__all__ = ["EpochEvaluation"]
+
+
+class EpochEvaluation:
+    """The evaluations of one run, on its data, with the recipe's ``eval`` settings."""
+
+    def __init__(self, cfg: Any, model: nn.Module, method: MethodStep, ema: Any, data: Data):
+        self.model, self.method, self.ema, self.data = model, method, ema, data
+        self.batch_size, self.memory_mb = cfg.eval.batch_size, cfg.eval.memory_mb
+        self.subnets = select_subnets(model, cfg.eval.subnets, seed=cfg.seed)
+        drift = cfg.analysis.kl_drift_subnets if cfg.analysis.kl_drift_every else "none"
+        self.drift_subnets = select_subnets(model, drift, seed=cfg.seed)
+
+    def _calib(self):
+        return self.data.calibration_batches(batch_size=self.batch_size)
+
+    def _batches(self, split: str) -> Callable[[], Any]:
+        return lambda: self.data.eval_batches(split, batch_size=self.batch_size)
+
+    def epoch(self) -> dict[str, Any]:
+        """``test_acc``, ``test_acc5``, ``test_loss``, ``val_acc`` (with a validation split),
+        ``ema_test_acc``, ``<model>_acc`` for the method's other models, ``subnets``."""
+        if self.method.reestimates_main_bn:
+            # BN policy "reference": sub-network forwards moved the main statistics; the
+            # reference code re-estimates them from training images before evaluating.
+            with kept_modes(self.model):
+                bn.recalibrate(self.model, self._calib())
+        test = evaluate(self.model, self._batches("test")())
+        out = {"test_acc": test["acc"], "test_acc5": test["acc5"], "test_loss": test["loss"]}
+        if self.data.n_val:
+            out["val_acc"] = evaluate(self.model, self._batches("val")())["acc"]
+        if self.ema is not None:
+            out["ema_test_acc"] = evaluate(self.ema.module, self._batches("test")())["acc"]
+        for name, model in self.method.extra_models().items():
+            if model is self.model:  # e.g. motivation's base model: evaluated just above
+                out[f"{name}_acc"] = test["acc"]
+            else:
+                out[f"{name}_acc"] = evaluate(model, self._batches("test")())["acc"]
+        if self.subnets:
+            # Shared-prefix evaluation: equal to evaluate_subnets, several times faster.
+            results = self._on_test_split(evaluate_subnets, self.subnets)
+            out["subnets"] = [{"subnet": r["subnet"], "acc": r["acc"]} for r in results]
+        return out
+
+    def kl_drift(self) -> dict[str, float]:
+        """KL(main || sub-network) on the test split for the drift sub-networks."""
+        return self._on_test_split(kl_drift_snapshot, self.drift_subnets)
+
+    def _on_test_split(self, evaluation: Callable, subnets: list) -> Any:
+        """``evaluation`` (the shared-prefix evaluator or a KL snapshot) of ``subnets`` on the
+        test split, BN re-estimated from training images, within ``eval.memory_mb``."""
+        return evaluation(
+            self.model, subnets, self._batches("test"), self._calib, memory_mb=self.memory_mb
+        )

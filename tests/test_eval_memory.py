@@ -29,6 +29,7 @@ from nestedtrain.engine.subnet_eval import (
     evaluate_subnets,
     kl_drift_snapshot,
     subnet_logits,
+    within_free_memory,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -268,3 +269,14 @@ def test_peak_memory_does_not_grow_with_the_eval_set():
     # activations alive while a subtree ran).
     small, large = _peak_growth_mb([64, 384], memory_mb=64)
     assert large - small < 40, (small, large)
+
+
+def test_a_cuda_budget_is_at_most_half_the_free_device_memory(monkeypatch):
+    # CUDA-only; the device's free memory stands in for torch.cuda.mem_get_info here.
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gib, 80 * gib))
+    cuda = torch.device("cuda", 0)
+    assert within_free_memory(4 * gib, cuda) == gib
+    assert within_free_memory(DEFAULT_MEMORY_MB * 2**20, cuda) == DEFAULT_MEMORY_MB * 2**20
+    assert within_free_memory(None, cuda) is None  # no limit, asked for
+    assert within_free_memory(4 * gib, torch.device("cpu")) == 4 * gib

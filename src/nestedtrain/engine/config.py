@@ -102,7 +102,7 @@ class EvalConfig:
     # MiB of activations that sub-network evaluation caches at once (shared prefixes): the
     # evaluation and calibration images are run in chunks sized to fit, so memory does not
     # grow with the dataset; results are identical for every value
-    memory_mb: float = 1024.0
+    memory_mb: float = 1024.0  # sub-network evaluation's activation cache (CUDA: <= free/2)
 
 
 @dataclass

@@ -62,6 +62,7 @@ __all__ = [
     "evaluate_subnets",
     "kl_drift_snapshot",
     "subnet_logits",
+    "within_free_memory",
 ]
 
 EvalBatches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -280,7 +281,7 @@ def subnet_logits(
             (calibration images first, then evaluation images; a chunk is dropped before the
             next is read, and the results do not depend on the chunks); ``None``: one chunk
             of everything, fastest when it fits. The model and one batch's temporaries come
-            on top.
+            on top. On CUDA, at most half the device memory free when it starts.
         consume_main: called as ``consume_main(batch_index, logits, labels)`` with the main
             network's logits (its own BN statistics, eval mode) on every eval batch, before
             any sub-network's logits on that batch.
@@ -294,7 +295,7 @@ def subnet_logits(
             a ``chunk_images`` or ``memory_mb`` that is not positive.
     """
     model = unwrap(model)
-    budget = _budget(subnets, chunk_images, memory_mb)
+    budget = within_free_memory(_budget(subnets, chunk_images, memory_mb), _device_of(model))
     stages = find_stages(model)
     subnets = _as_subnets(model, subnets, stages)
     with _bn_restored(model) as saved, kept_modes(model):
@@ -323,6 +324,11 @@ def _calibration_pass(runner: _Runner, calib: Iterator | None, sizes: tuple) -> 
             del chunk
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 @contextlib.contextmanager
 def _bn_restored(model: nn.Module) -> Iterator[dict]:
     """The model's BN statistics (yielded) and momenta, put back however the block ends."""
@@ -345,6 +351,17 @@ def _budget(subnets: Sequence[Any], chunk_images: int | None, memory_mb: float |
     if memory_mb is not None and not memory_mb > 0:
         raise ConfigError(f"memory_mb={memory_mb} must be > 0 (MiB) or None for no limit")
     return None if memory_mb is None else memory_mb * 2**20
+
+
+def within_free_memory(budget: float | None, device: torch.device) -> float | None:
+    """On CUDA, a ``budget`` in bytes capped to half the device memory free now: a budget set
+    for another GPU, or left at its default on a busy one, then cannot run the device out of
+    memory (the result does not depend on it). Elsewhere, or None (no limit, asked for),
+    ``budget`` as it is."""
+    if device.type != "cuda" or budget is None:
+        return budget
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(budget, free / 2)
 
 
 def _first_images(

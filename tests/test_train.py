@@ -381,3 +381,12 @@ def test_ema_and_clipping_and_label_smoothing_run(tmp_path):
     assert summary["ema_test_acc"] is not None
     state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)
     assert state["ema"] is not None
+
+
+def test_the_recipe_schema_and_the_builders_know_the_same_methods():
+    from nestedtrain.engine.build import METHODS
+    from nestedtrain.engine.config import METHOD_NAMES
+
+    assert set(METHODS) == set(METHOD_NAMES)
+    with pytest.raises(ValueError, match="unknown method 'sst': use one of ct, st, stpp"):
+        nt.load_config(None, ["method=sst"])

@@ -195,13 +195,16 @@ class Trainer:
                 )
         if not record and self.dist.is_main:
             # resumed from the final checkpoint: the summary comes from the last log line
-            records = read_metrics(self.out_dir / METRICS_FILE)
+            metrics = self.out_dir / METRICS_FILE
+            records = read_metrics(metrics) if metrics.exists() else []
             record = records[-1] if records else {}
         summary = self._finish(record)
         barrier()
         return summary
 
-    def _epoch(self, epoch: int, progress: bool, step_hook) -> dict[str, Any]:
+    def _epoch(
+        self, epoch: int, progress: bool, step_hook: Callable[[int, int], None] | None
+    ) -> dict[str, Any]:
         """Train one epoch, evaluate when due, log it and save the checkpoint."""
         epoch_start = time.perf_counter()
         train_stats = self.train_epoch(epoch, progress, step_hook)

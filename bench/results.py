@@ -147,10 +147,7 @@ def main() -> None:
     st_val = [g for g in val["groups"] if g["label"].get("method") == "st"]
     chosen = max(st_val, key=lambda g: g["main_acc"]["mean"])
     lam = chosen["label"]["st.lam"]
-    chosen_runs = [
-        str(Path(run).relative_to(REPO)) if Path(run).is_absolute() else run
-        for run in chosen["runs"]
-    ]
+    chosen_runs = list(chosen["runs"])
     ct_runs = sorted(str(p) for p in (out / "ct_st").glob("*method=ct*") if p.is_dir())
     test = ["compare", *ct_runs, *chosen_runs, f"{out}/stpp", "--by", "method"]
     test += ["--baseline", "method=ct", "--out", f"{out}/compare_test"]

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,deploy]"
+	$(PY) -m pip install --quiet -e ".[dev,deploy,dali]"
 	touch $(STAMP)
 
 install: $(STAMP)

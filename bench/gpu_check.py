@@ -14,8 +14,10 @@ Three parts, one process, about 5 minutes on one GPU at the defaults:
 2. **A JPEG folder** the script writes (``--images`` random-noise JPEGs of 300-500 px, as an
    ImageFolder tree): images/s of torchvision's reference pipeline (ImageFolder,
    RandomResizedCrop, flip, ToTensor, Normalize, a DataLoader with ``--workers``), of
-   nestedtrain's loader alone, and of CT steps fed by nestedtrain's loader: what the data path
-   gives a GPU with this machine's cores.
+   nestedtrain's loader alone with each ``--decoders`` value (``data.decoder``: PIL in the
+   workers, torchvision's ``decode_jpeg`` or DALI on the device), of the host half of the last
+   two alone (read, check; no decode), and of CT steps fed by each: what the data path gives a
+   GPU with this machine's cores. ``--repeats N`` times each loader N times in rotation.
 3. **Ranks**: not run here (NCCL needs a GPU per rank); the doc says so, and that
    tests/test_distributed.py checks BN agreement with 2 gloo processes on the CPU.
 
@@ -195,19 +197,20 @@ def torchvision_reference(args, root: Path) -> float:
         drop_last=True,
         persistent_workers=False,
     )
-    return _loader_rate(iter(loader), args)
+    return _loader_rate(iter(loader))
 
 
-def _loader_rate(batches, args) -> float:
+def _loader_rate(batches) -> float:
     """Images/s over every batch after the first (worker start-up excluded)."""
+    batches = iter(batches)
     next(batches)
     start, seen = time.perf_counter(), 0
     for images, _ in batches:
-        seen += images.shape[0]
+        seen += len(images)
     return seen / max(time.perf_counter() - start, 1e-9)
 
 
-def folder_data(args, root: Path, device: torch.device):
+def folder_data(args, root: Path, device: torch.device, decoder: str = "pil"):
     cfg = load_config(
         None,
         [
@@ -216,27 +219,94 @@ def folder_data(args, root: Path, device: torch.device):
             f"data.img_size={args.img_size}",
             "data.val_size=0",
             f"data.num_workers={args.workers}",
+            f"data.decoder={decoder}",
         ],
     )
     return build_data(cfg.data, batch_size=args.batch_size, seed=0, device=device)
 
 
-def data_path(args, device: torch.device, parts: set[str]) -> list[tuple[str, float]]:
+def bytes_only(args, root: Path) -> float:
+    """Images/s of what stays on the host when JPEGs are decoded on the device: the workers'
+    file reads and JPEG checks (decoder=torchvision|dali's worker half), no decoding."""
+    from torchvision.datasets import ImageFolder
+
+    from nestedtrain.data.decode import EncodedSamples, collate_encoded
+
+    samples = ImageFolder(str(root / "train")).samples
+    loader = torch.utils.data.DataLoader(
+        EncodedSamples(samples, None, None),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        collate_fn=collate_encoded,
+        drop_last=True,
+    )
+    return _loader_rate(([item.label for item in batch], None) for batch in loader)
+
+
+DECODER_ROWS = {
+    "pil": "nestedtrain loader, decoder=pil (PIL decode, RRC, flip in workers; uint8)",
+    "torchvision": "nestedtrain loader, decoder=torchvision (decode_jpeg, RRC, flip on {device})",
+    "dali": "nestedtrain loader, decoder=dali (DALI decode on {device}, RRC, flip)",
+}
+
+
+def _decoder_timer(args, root: Path, device: torch.device, decoder: str):
+    """A function timing one epoch of ``decoder``'s loader, or the reason it cannot run."""
+    try:
+        data = folder_data(args, root, device, decoder)
+    except ValueError as err:  # DALI not installed: say so in the table
+        return str(err)
+
+    def rate() -> float:
+        value = _loader_rate(data.train_batches(0))
+        _sync(device)
+        return value
+
+    return rate
+
+
+def data_path(args, device: torch.device, parts: set[str]) -> list[tuple[str, str]]:
+    """Rows of (loader, images/s): each loader timed ``--repeats`` times in rotation, so that
+    a slow spell of the machine hits them alike; the median and the range."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_jpegs(root, args.images)
-        reference = torchvision_reference(args, root)
-        rows = [("torchvision reference pipeline (decode, RRC, flip, ToTensor)", reference)]
-        data = folder_data(args, root, device)
-        batches = iter(data.train_batches(0))
-        rate = _loader_rate(batches, args)
-        _sync(device)
-        rows.append(
-            ("nestedtrain loader (decode, RRC, flip; uint8, normalised on the device)", rate)
-        )
+        timers = {
+            "torchvision reference pipeline (decode, RRC, flip, ToTensor)": lambda: (
+                torchvision_reference(args, root)
+            )
+        }
+        rows = []
+        for decoder in args.decoders.split(","):
+            timer = _decoder_timer(args, root, device, decoder)
+            if isinstance(timer, str):
+                rows.append((f"decoder={decoder}: {timer}", "not run"))
+            else:
+                timers[DECODER_ROWS[decoder].format(device=device.type)] = timer
+        if args.decoders != "pil":
+            timers["their host half alone: read bytes, check JPEG (no decode)"] = lambda: (
+                bytes_only(args, root)
+            )
+        rates: dict[str, list[float]] = {name: [] for name in timers}
+        for _ in range(args.repeats):
+            for name, timer in timers.items():
+                rates[name].append(timer())
+        rows = [(name, _median_range(values)) for name, values in rates.items()] + rows
         if "feed" in parts:
-            rows.append(("nestedtrain CT fed by its loader", _fed(args, data, device)))
+            for decoder in args.decoders.split(","):
+                if DECODER_ROWS[decoder].format(device=device.type) in timers:
+                    fed = _fed(args, folder_data(args, root, device, decoder), device)
+                    rows.append(
+                        (f"nestedtrain CT fed by its loader, decoder={decoder}", f"{fed:.0f}")
+                    )
     return rows
+
+
+def _median_range(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.0f}"
+    return f"{float(np.median(values)):.0f} ({min(values):.0f}-{max(values):.0f})"
 
 
 def _fed(args, data, device: torch.device) -> float:
@@ -280,6 +350,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--images", type=int, default=1536, help="JPEGs to write and read")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument(
+        "--decoders",
+        default="pil,torchvision,dali",
+        help="comma-separated data.decoder values to time on the JPEG folder",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="times each loader is timed, in rotation"
+    )
     parser.add_argument("--resize-multiple", type=int, default=8, help="ST++ side multiple")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--doc", default=str(REPO / "docs" / "gpu_check.md"))
@@ -298,7 +376,11 @@ def main() -> None:
     ranks = ranks_line(device) if "ranks" in parts else ""
     plain = train_rows[0][1] if train_rows else 1.0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    command = "python bench/gpu_check.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = (
+        "" if threads is None else f"OMP_NUM_THREADS={threads} "
+    ) + "python bench/gpu_check.py "
+    command += " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [
         "# GPU check: training speed and the data path",
         "",
@@ -318,13 +400,24 @@ def main() -> None:
         "",
         *(
             [
-                f"| JPEG folder ({args.images} images, {args.workers} workers) | images/s |",
+                f"| JPEG folder ({args.images} images, {args.workers} workers) | images/s"
+                + (f", median of {args.repeats} (range)" if args.repeats > 1 else "")
+                + " |",
                 "|---|---|",
             ]
             if data_rows
             else []
         ),
-        *(f"| {n} | {r:.0f} |" for n, r in data_rows),
+        *(f"| {n} | {r} |" for n, r in data_rows),
+        *(
+            [
+                "",
+                "With `--workers 0` and one thread (OMP_NUM_THREADS=1) each row runs on one core:",
+                "its images/s are images/s per CPU core.",
+            ]
+            if data_rows and args.workers == 0
+            else []
+        ),
         "",
         ranks,
         "",

@@ -48,7 +48,7 @@ def test_gpu_study_runs_its_three_recipes_concurrently_and_compares(tmp_path):
 def test_gpu_check_times_every_method_and_the_data_path_and_writes_its_doc(tmp_path):
     doc = tmp_path / "gpu_check.md"
     args = ["--device", "cpu", "--model", "resnet18", "--img-size", "64", "--batch-size", "8"]
-    args += ["--steps", "2", "--warmup", "1", "--images", "48", "--workers", "2"]
+    args += ["--steps", "2", "--warmup", "1", "--images", "24", "--workers", "2"]
     _run_script("gpu_check.py", [*args, "--doc", str(doc)])
     text = doc.read_text()
     assert "python bench/gpu_check.py --device cpu --model resnet18" in text
@@ -58,9 +58,19 @@ def test_gpu_check_times_every_method_and_the_data_path_and_writes_its_doc(tmp_p
         "nestedtrain CT",
         "ST (1",
         "ST++",
-        "torchvision",
-        "nestedtrain loader",
+        "torchvision reference",
+        "decoder=pil (",
+        "decoder=torchvision (",
+        "host half",
+        "fed by its loader, decoder=pil",
+        "fed by its loader, decoder=torchvision",
     )
+    try:
+        import nvidia.dali  # noqa: F401
+
+        names += ("decoder=dali (", "fed by its loader, decoder=dali")
+    except ImportError:
+        assert "decoder=dali: data.decoder='dali': NVIDIA DALI is not installed" in text
     for name in names:
         (row,) = [r for r in rows if name in r and not (name == "nestedtrain CT" and "fed" in r)]
         assert float(row.split("|")[2]) > 0  # a measured rate

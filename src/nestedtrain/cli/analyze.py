@@ -424,7 +424,7 @@ def _chunk_options(parser: argparse.ArgumentParser) -> None:
         "--chunk-images",
         type=int,
         metavar="N",
-        help="chunks of at most N images (at least one batch) instead of --memory-mb",
+        help="chunks of at most N images (evaluation batches split to fit) instead of --memory-mb",
     )
 
 

@@ -35,6 +35,7 @@ from torchvision.datasets import ImageFolder
 from ..errors import ConfigError
 from .config import CROPS, DataConfig
 from .datasets import DATASETS, SPECS, DatasetSpec, load_arrays
+from .decode import BatchDecoder, EncodedSamples, check_decoder, collate_encoded, make_decode
 from .images import BAD_IMAGE_POLICIES, BadImages, read_or_replace
 from .transforms import (
     apply_pil_transform,
@@ -423,19 +424,55 @@ class _FolderData(Data):
             **kwargs,
         )
         self._splits, self._loader = splits, loader
+        self._workers = default_workers() if cfg.num_workers is None else cfg.num_workers
+        # decoder=torchvision|dali: the workers read bytes, the main process decodes
+        self._decode = (
+            None if cfg.decoder == "pil" else make_decode(cfg.decoder, self.device, self._workers)
+        )
         train_transform = folder_train_transform(
             self.img_size, self.crop, self.crop_padding, self.hflip, pil_augment
         )
         self._eval_transform = folder_eval_transform(self.test_img_size, cfg.test_crop_pct)
         self._train_sampler = _TrainBatchSampler(self._sharding)
-        self._train_loader = DataLoader(
-            _FolderSamples(splits["train"], loader, train_transform),
-            batch_sampler=self._train_sampler,
-            **self._loader_options(persistent=True),
+        self._train_loader, self._train_unpack = self._make_loader(
+            splits["train"], train_transform, batch_sampler=self._train_sampler, persistent=True
         )
 
+    def _make_loader(
+        self,
+        samples: list[tuple[str, int]],
+        transform: Callable,
+        persistent: bool = False,
+        **batching: Any,
+    ) -> tuple[DataLoader, Callable[[Any], tuple[torch.Tensor, torch.Tensor]]]:
+        """A DataLoader of ``samples`` (``batching``: its batch sampler or size) and the
+        function that turns its batches into uint8 images and labels on the device."""
+        if self._decode is None:
+            dataset: Dataset = _FolderSamples(samples, self._loader, transform)
+            collate = None
+        else:
+            dataset, collate = EncodedSamples(samples, self._loader, transform), collate_encoded
+        loader = DataLoader(
+            dataset, collate_fn=collate, **batching, **self._loader_options(persistent)
+        )
+        device, bad_images = self.device, self.bad_images
+        decoder = (
+            None
+            if self._decode is None
+            else BatchDecoder(self._decode, device, samples, self._loader, transform)
+        )
+
+        # No reference to self: the train loader's ``unpack`` is kept on self, and a cycle
+        # would leave its persistent workers to the garbage collector (see _TrainBatchSampler).
+        def unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y, reports = batch if decoder is None else decoder(batch)
+            bad_images.record(reports)
+            return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+        return loader, unpack
+
     def _loader_options(self, persistent: bool = False) -> dict[str, Any]:
-        workers = default_workers() if self.cfg.num_workers is None else self.cfg.num_workers
+        workers = self._workers
         return dict(
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
@@ -446,12 +483,11 @@ class _FolderData(Data):
             worker_init_fn=_ignore_stop_signals,
         )
 
-    def _eval_loader(self, samples: list[tuple[str, int]], batch_size: int) -> DataLoader:
-        return DataLoader(
-            _FolderSamples(samples, self._loader, self._eval_transform),
-            batch_size=batch_size,
-            shuffle=False,
-            **self._loader_options(),
+    def _eval_loader(
+        self, samples: list[tuple[str, int]], batch_size: int
+    ) -> tuple[DataLoader, Callable[[Any], tuple[torch.Tensor, torch.Tensor]]]:
+        return self._make_loader(
+            samples, self._eval_transform, batch_size=batch_size, shuffle=False
         )
 
     def train_batches(
@@ -464,14 +500,11 @@ class _FolderData(Data):
         for _ in range(start):
             torch.randint(2**62, (3,), generator=generator)
 
-        def prepare(batch: tuple[torch.Tensor, torch.Tensor, list[str]]):
-            x, y, reports = batch
-            self.bad_images.record(reports)
+        def prepare(batch: Any):
+            x, y = self._train_unpack(batch)
             mix_seed, lighting_seed, erase_seed = torch.randint(
                 2**62, (3,), generator=generator
             ).tolist()
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
             return self._mix(self._finish(x, lighting_seed, erase_seed), y, mix_seed)
 
         yield from ahead_on_device(self._train_loader, prepare, self.device)
@@ -479,24 +512,22 @@ class _FolderData(Data):
     def _eval_batches(
         self, split: str, start: int, end: int, batch_size: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        def prepare(batch: tuple[torch.Tensor, torch.Tensor, list[str]]):
-            x, y, reports = batch
-            self.bad_images.record(reports)
-            x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
-            return x, y.to(self.device, non_blocking=True)
+        loader, unpack = self._eval_loader(self._splits[split][start:end], batch_size)
 
-        loader = self._eval_loader(self._splits[split][start:end], batch_size)
+        def prepare(batch: Any):
+            x, y = unpack(batch)
+            return normalize(x, self.mean, self.std), y
+
         yield from ahead_on_device(loader, prepare, self.device)
 
     def _calibration_batches(self, index: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         train = self._splits["train"]
 
-        def prepare(batch: tuple[torch.Tensor, torch.Tensor, list[str]]):
-            x, _, reports = batch
-            self.bad_images.record(reports)
-            return (normalize(x.to(self.device, non_blocking=True), self.mean, self.std),)
+        loader, unpack = self._eval_loader([train[i] for i in index.tolist()], batch_size)
 
-        loader = self._eval_loader([train[i] for i in index.tolist()], batch_size)
+        def prepare(batch: Any):
+            return (normalize(unpack(batch)[0], self.mean, self.std),)
+
         for (x,) in ahead_on_device(loader, prepare, self.device):
             yield x
 
@@ -582,6 +613,7 @@ def _check_config(cfg: DataConfig, batch_size: int, rank: int, world_size: int) 
     for ok, field, want in checks:
         if not ok:
             raise ConfigError(f"data.{field}={getattr(cfg, field)!r}: must be {want}")
+    check_decoder(cfg.name, cfg.decoder, cfg.auto_augment)
     if cfg.name == "imagefolder" and cfg.on_device:
         raise ConfigError(
             "data.on_device=true: imagefolder is read from disk by workers; leave on_device unset"

@@ -218,6 +218,16 @@ class _Runner:
         walk_trie(self.root, [[x for x, _ in batches]], run)
 
 
+def _pieces(batches: Iterable[Any], max_images: int) -> Iterator[Any]:
+    """Each ``(images, labels)`` batch of more than ``max_images`` images as consecutive pieces
+    of at most ``max_images``: eval-mode outputs do not depend on the batch they come in."""
+    for images, labels in batches:
+        if images.shape[0] <= max_images:
+            yield images, labels
+        else:
+            yield from zip(images.split(max_images), labels.split(max_images))
+
+
 def _chunks(batches: Iterable[Any], max_images: int) -> Iterator[list]:
     """Consecutive batches, at most ``max_images`` images a chunk but at least one batch
     (``max_images=0``: everything in one chunk)."""
@@ -275,13 +285,15 @@ def subnet_logits(
         calib_batches: returns a fresh iterable of training images each call, to re-estimate
             BN statistics for every sub-network (as ``bn.recalibrate``); ``None`` runs each
             sub-network with the model's own statistics.
-        chunk_images: at most this many images a chunk (but at least one batch); ``None``
-            sizes chunks from ``memory_mb``.
+        chunk_images: at most this many images a chunk (evaluation batches are split to
+            fit; a calibration chunk holds at least one batch); ``None`` sizes chunks from
+            ``memory_mb``.
         memory_mb: MiB of activations (and images) a chunk of consecutive batches may hold
             (calibration images first, then evaluation images; a chunk is dropped before the
-            next is read, and the results do not depend on the chunks); ``None``: one chunk
-            of everything, fastest when it fits. The model and one batch's temporaries come
-            on top. On CUDA, at most half the device memory free when it starts.
+            next is read; the results do not depend on the chunks, except the loss's last
+            bits where a batch is split); ``None``: one chunk of everything, fastest when it
+            fits. The model and one batch's temporaries come on top. On CUDA, at most half
+            the device memory free when it starts.
         consume_main: called as ``consume_main(batch_index, logits, labels)`` with the main
             network's logits (its own BN statistics, eval mode) on every eval batch, before
             any sub-network's logits on that batch.
@@ -388,8 +400,13 @@ def _sized_chunks(
     chunk_images: int | None,
     budget: float | None,
     extra: int = 0,
+    split_batches: bool = False,
 ) -> Iterator[list]:
-    """``batches`` in chunks of ``chunk_images``, or of as many images as ``budget`` holds."""
+    """``batches`` in chunks of ``chunk_images``, or of as many images as ``budget`` holds.
+
+    With ``split_batches`` (evaluation batches, eval-mode BN) a batch larger than that is
+    split to fit; calibration batches are not (train-mode BN normalises by the batch's own
+    statistics, so a calibration chunk holds at least one whole batch)."""
     first, batches = _peek(batches)
     if first is None:
         return iter(())
@@ -398,6 +415,8 @@ def _sized_chunks(
     else:
         size = runner.images_per_chunk(_images(first), budget, extra)
     del first
+    if split_batches and size:
+        batches = _pieces(batches, size)
     return _chunks(batches, size)
 
 
@@ -414,7 +433,7 @@ def _evaluation_pass(
     model = runner.split.model
     # consume_main's caller keeps the main network's logits of a chunk's images.
     extra = runner.split.bytes_per_image[HEAD] if consume_main is not None else 0
-    chunks = _sized_chunks(evals, runner, *sizes, extra)
+    chunks = _sized_chunks(evals, runner, *sizes, extra, split_batches=True)
     first_batch = 0  # number of the chunk's first eval batch
     for chunk in chunks:
         if consume_main is not None:

@@ -1,0 +1,301 @@
+"""JPEG decoding outside the loader workers: torchvision's ``decode_jpeg`` or NVIDIA DALI.
+
+With ``data.decoder=pil`` (the default) a DataLoader worker decodes each image with PIL and
+runs the whole per-image transform. With ``torchvision`` or ``dali`` a worker only reads the
+file's bytes (and checks that they are a complete RGB or greyscale JPEG); the main process
+decodes the batch where the model runs: ``torchvision.io.decode_jpeg`` (nvJPEG, batched, on
+CUDA; libjpeg-turbo on the CPU) or a DALI pipeline (its ``mixed`` decoder on CUDA, its CPU
+decoder threads otherwise). Each decoded image then goes through the same torchvision/timm
+transform objects as the PIL path, on the tensor, inside the image's own seed scope: the same
+crop box, flip and colour-jitter factors as ``decoder=pil`` for every image, only resampled by
+torch instead of PIL.
+
+Files that are not such JPEGs (PNG, CMYK, truncated, not an image at all) take the PIL path in
+the worker, where a file that does not decode is replaced and reported as before
+(``read_or_replace``). A batch the decoder rejects is redone image by image with PIL in the
+main process, with the same replacement and report.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from ..errors import ConfigError
+from .images import DECODE_ERRORS, read_or_replace
+from .transforms import TRIVIAL_AUGMENT, host_rng_scope
+
+__all__ = [
+    "DECODERS",
+    "BatchDecoder",
+    "Encoded",
+    "EncodedSamples",
+    "check_decoder",
+    "collate_encoded",
+    "make_decode",
+    "tensor_stages",
+]
+
+DECODERS = ("pil", "torchvision", "dali")
+_DALI_INSTALL = (
+    "pip install 'nestedtrain[dali]' (the CUDA 13 build; nvidia-dali-cuda120 for CUDA 12)"
+)
+_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
+
+
+def check_decoder(name: str, decoder: str, auto_augment: str | None) -> None:
+    """Raise ConfigError unless ``decoder`` can run on dataset ``name`` with ``auto_augment``."""
+    if decoder not in DECODERS:
+        raise ConfigError(f"data.decoder={decoder!r}: must be one of {list(DECODERS)}")
+    if decoder == "pil":
+        return
+    if name != "imagefolder":
+        raise ConfigError(
+            f"data.decoder={decoder!r} decodes image files: {name} is held as tensors, "
+            "so leave data.decoder=pil"
+        )
+    if auto_augment and auto_augment != TRIVIAL_AUGMENT:
+        raise ConfigError(
+            f"data.auto_augment={auto_augment!r} runs on PIL images only (timm's policies): "
+            f"use data.decoder=pil with it, or {TRIVIAL_AUGMENT!r}, which runs on tensors"
+        )
+    if decoder == "dali":
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"data.decoder='dali': NVIDIA DALI is not installed: {_DALI_INSTALL}"
+            ) from None
+
+
+@dataclass
+class Encoded:
+    """One sample as a worker sends it: the file's bytes, or an image it decoded itself.
+
+    Attributes:
+        data: the JPEG file's bytes (uint8), or None when ``image`` is set.
+        image: the uint8 CHW result of the PIL path (a file that is not a plain JPEG).
+        label, index, seed: the sample's label, its place in the split, its transform seed
+            (None for the evaluation transform).
+        report: "" or the bad-file report of ``read_or_replace``.
+    """
+
+    data: torch.Tensor | None
+    image: torch.Tensor | None
+    label: int
+    index: int
+    seed: int | None
+    report: str = ""
+
+
+def _plain_jpeg(data: bytes) -> bool:
+    """Whether ``data`` looks like a whole baseline/progressive RGB or greyscale JPEG.
+
+    A truncated file lacks the end marker (PIL refuses it, libjpeg-turbo and DALI would fill
+    it with grey silently); CMYK and odd modes are left to PIL's conversion. Reads only the
+    header.
+    """
+    if not data.startswith(_JPEG_START) or not data.rstrip(b"\0").endswith(_JPEG_END):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format == "JPEG" and img.mode in ("RGB", "L")
+    except DECODE_ERRORS:
+        return False
+
+
+class EncodedSamples(Dataset):
+    """``(path, label)`` samples as :class:`Encoded`: bytes of plain JPEGs, PIL for the rest.
+
+    A key is an index or ``(index, seed)``, as for the PIL path; ``pil_transform`` is that
+    path's whole transform (up to a uint8 tensor), used for files that are not plain JPEGs.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], loader: Callable, pil_transform: Callable):
+        self.samples, self.loader, self.pil_transform = samples, loader, pil_transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: Any) -> Encoded:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            data = b""
+        if _plain_jpeg(data):
+            return Encoded(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), None, label, index, seed
+            )
+        image, label, report = pil_sample(
+            self.samples, index, seed, self.loader, self.pil_transform
+        )
+        return Encoded(None, image, label, index, seed, report)
+
+
+def pil_sample(
+    samples: Sequence[tuple[str, int]],
+    index: int,
+    seed: int | None,
+    loader: Callable,
+    transform: Callable,
+) -> tuple[torch.Tensor, int, str]:
+    """Sample ``index`` (or the next that decodes) through the PIL path: image, label, report."""
+    image, label, report = read_or_replace(samples, index, loader)
+    with host_rng_scope(seed) if seed is not None else nullcontext():
+        return transform(image), label, report
+
+
+def collate_encoded(items: list[Encoded]) -> list[Encoded]:
+    """DataLoader's collate for :class:`EncodedSamples`: files differ in length, keep a list."""
+    return items
+
+
+class _DaliDecoder:
+    """A DALI pipeline that decodes a list of JPEG byte tensors into HWC uint8 images.
+
+    Fed from the main process (``external_source``), run synchronously: the batch's images are
+    what the trainer asks for now, in its order, and it runs one batch ahead on its own.
+    """
+
+    def __init__(self, device: torch.device, threads: int):
+        self.device, self.threads, self.max_batch = device, threads, 0
+        self._pipe = None
+
+    def _build(self) -> Any:
+        from nvidia.dali import fn, pipeline_def, types
+
+        cuda = self.device.type == "cuda"
+
+        @pipeline_def(
+            batch_size=self.max_batch,
+            num_threads=self.threads,
+            device_id=(self.device.index or 0) if cuda else None,
+            exec_pipelined=False,
+            exec_async=False,
+            prefetch_queue_depth=1,
+        )
+        def pipeline():
+            jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
+            # EXIF orientation is not applied, as torchvision's ImageFolder loader and
+            # decode_jpeg do not apply it: the three decoders see the same pixels
+            return fn.decoders.image(
+                jpegs,
+                device="mixed" if cuda else "cpu",
+                output_type=types.RGB,
+                adjust_orientation=False,
+            )
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def __call__(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(datas) > self.max_batch:  # DALI fixes the largest batch when it builds
+            self.max_batch, self._pipe = len(datas), None
+        if self._pipe is None:
+            self._pipe = self._build()
+        try:
+            self._pipe.feed_input("jpegs", [d.numpy() for d in datas])
+            (out,) = self._pipe.run()
+        except Exception:
+            self._pipe = None  # DALI leaves a pipeline that failed unusable
+            raise
+        return [self._to_torch(out[i]) for i in range(len(datas))]
+
+    def _to_torch(self, tensor: Any) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.array(tensor)).permute(2, 0, 1)
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        image = torch.empty(tuple(tensor.shape()), dtype=torch.uint8, device=self.device)
+        feed_ndarray(tensor, image, cuda_stream=torch.cuda.current_stream(self.device))
+        return image.permute(2, 0, 1)
+
+
+def _torchvision_decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    return [images] if isinstance(images, torch.Tensor) else list(images)
+
+
+def make_decode(
+    decoder: str, device: torch.device, threads: int
+) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """JPEG byte tensors to CHW uint8 images on ``device``, with ``decoder`` ("torchvision" or
+    "dali"; DALI with ``threads`` CPU threads)."""
+    if decoder == "dali":
+        return _DaliDecoder(device, max(1, threads))
+    return functools.partial(_torchvision_decode, device=device)
+
+
+def tensor_stages(pil_transform: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The stages of a PIL transform ending in ``PILToTensor``, to run on a CHW uint8 tensor.
+
+    torchvision's and timm's crops, resizes, flips, ColorJitter and TrivialAugmentWide take
+    tensors as well as PIL images, and draw the same random numbers for both."""
+    stages = list(pil_transform.transforms)
+    if not stages or not isinstance(stages[-1], T.PILToTensor):
+        raise ValueError(f"expected a transform ending in PILToTensor, got {pil_transform}")
+    return T.Compose(stages[:-1])
+
+
+class BatchDecoder:
+    """The main process's half of ``decoder=torchvision|dali``: a list of :class:`Encoded`
+    to a uint8 batch on ``device``, its labels and its bad-file reports.
+
+    Args:
+        decode: from :func:`make_decode`.
+        device: where the images are transformed.
+        samples, loader: the split's ``(path, label)`` list and PIL loader (for fallbacks).
+        pil_transform: the PIL path's transform, up to a uint8 tensor; its stages before
+            ``PILToTensor`` run on each decoded image.
+    """
+
+    def __init__(
+        self,
+        decode: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+        device: torch.device,
+        samples: list[tuple[str, int]],
+        loader: Callable,
+        pil_transform: Any,
+    ):
+        self.decode, self.device, self.samples, self.loader = decode, device, samples, loader
+        self.pil_transform, self.tensor_transform = pil_transform, tensor_stages(pil_transform)
+
+    def __call__(self, items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        labels = [item.label for item in items]
+        reports = [item.report for item in items]
+        images = [
+            None if item.image is None else item.image.to(self.device, non_blocking=True)
+            for item in items
+        ]
+        todo = [i for i, item in enumerate(items) if item.image is None]
+        try:
+            decoded = self.decode([items[i].data for i in todo]) if todo else []
+        except (RuntimeError, ValueError):
+            decoded = None  # a file the decoder refuses: this batch's JPEGs go through PIL
+        for slot, i in enumerate(todo):
+            item = items[i]
+            if decoded is None:
+                image, labels[i], reports[i] = pil_sample(
+                    self.samples, item.index, item.seed, self.loader, self.pil_transform
+                )
+                images[i] = image.to(self.device)
+                continue
+            seeded = item.seed is not None
+            with host_rng_scope(item.seed, self.device) if seeded else nullcontext():
+                images[i] = self.tensor_transform(decoded[slot])
+        return torch.stack(images), torch.tensor(labels), reports

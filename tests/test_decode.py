@@ -1,0 +1,204 @@
+"""data.decoder=torchvision|dali: workers read JPEG bytes, the main process decodes them; the
+batches are the PIL path's (same crops, flips, jitter, labels, bad-file account), resampled by
+torch instead of PIL."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_bad_images import BAD, _break, _tree
+
+from nestedtrain.cli import main
+from nestedtrain.data import DataConfig, build_data
+from nestedtrain.data.decode import BatchDecoder, EncodedSamples, make_decode
+from nestedtrain.data.transforms import folder_train_transform
+
+try:
+    import nvidia.dali  # noqa: F401
+
+    HAS_DALI = True
+except ImportError:
+    HAS_DALI = False
+# DALI is the [dali] extra, which `make install` and CI install on x86-64 Linux.
+DECODERS = [
+    "torchvision",
+    pytest.param("dali", marks=pytest.mark.skipif(not HAS_DALI, reason="no DALI wheel here")),
+]
+
+
+def _smooth_tree(root: Path, per_class: int = 10) -> Path:
+    """JPEGs of smooth gradients (so that PIL's and torch's resampling agree closely), of
+    several sizes and aspect ratios, 2 classes; 5 test images per class; the first of each
+    class folder carries an EXIF orientation (rotate 90°)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", 5)):
+        for c in range(2):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = (int(v) for v in rng.integers(40, 90, 2))
+                yy, xx = np.mgrid[0:h, 0:w]
+                pixels = np.stack([xx * 255 / w, yy * 255 / h, np.full((h, w), 40 + 100 * c)], -1)
+                pixels = (pixels + rng.normal(0, 3, pixels.shape)).clip(0, 255).astype(np.uint8)
+                image = Image.fromarray(pixels)
+                exif = image.getexif()
+                if i == 0:  # an EXIF rotation, which no decoder applies (as ImageFolder's)
+                    exif[0x0112] = 6
+                image.save(folder / f"{i}.jpg", quality=95, exif=exif)
+    return root
+
+
+def _folder(root: Path, decoder: str, **options) -> DataConfig:
+    """An image-folder config with no validation split."""
+    return DataConfig(name="imagefolder", root=str(root), val_size=0.0, decoder=decoder, **options)
+
+
+def _batches(root: Path, decoder: str, seed: int = 3, **options):
+    cfg = _folder(root, decoder, img_size=32, num_workers=0, **options)
+    data = build_data(cfg, batch_size=8, seed=seed, device="cpu")
+    # 10 test images in batches of 4: the last batch is partial
+    return list(data.train_batches(0)) + list(data.eval_batches("test", batch_size=4))
+
+
+@pytest.fixture(scope="module")
+def smooth_root(tmp_path_factory):
+    return _smooth_tree(tmp_path_factory.mktemp("smooth"))
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_decoders_give_the_pil_batches_up_to_resampling(smooth_root, decoder):
+    options = dict(color_jitter=0.4, hflip=0.5)
+    pil = _batches(smooth_root, "pil", **options)
+    got = _batches(smooth_root, decoder, **options)
+    other_seed = _batches(smooth_root, "pil", seed=4, **options)
+    assert len(got) == len(pil) == 2 + 3
+    for (x, y), (x_pil, y_pil), (_x_other, _) in zip(got, pil, other_seed):
+        assert x.shape == x_pil.shape and x.dtype == torch.float32
+        assert torch.equal(y, y_pil)
+        # normalised units: 0.02 is about a grey level; another seed's crops are far apart
+        assert (x - x_pil).abs().mean() < 0.02
+    train_gap = [(x - x_o).abs().mean() for (x, _), (x_o, _) in zip(got[:2], other_seed[:2])]
+    assert min(train_gap) > 0.2
+
+
+def test_decoded_batches_resume_at_any_step_with_workers(smooth_root):
+    cfg = _folder(smooth_root, "torchvision", img_size=16, num_workers=2, color_jitter=0.4)
+    data = build_data(cfg, batch_size=4, seed=0, device="cpu")
+    whole = list(data.train_batches(1))
+    rest = list(data.train_batches(1, start=3))
+    assert len(rest) == len(whole) - 3 == 2
+    for (x, y), (x_rest, y_rest) in zip(whole[3:], rest):
+        assert torch.equal(x, x_rest) and torch.equal(y, y_rest)
+    # the same images whichever process decodes them: with no workers, bit for bit
+    cfg.num_workers = 0
+    alone = list(build_data(cfg, batch_size=4, seed=0, device="cpu").train_batches(1))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(whole, alone))
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_decoders_replace_and_report_bad_files_as_pil_does(tmp_path, decoder):
+    root = _tree(tmp_path / "images", per_class=6)
+    files = _break(root)  # truncated, empty, text; CMYK, grey and a misnamed JPEG are good
+    accounts, labels = {}, {}
+    for name in ("pil", decoder):
+        cfg = _folder(root, name, img_size=16, num_workers=0, max_bad_fraction=0.5)
+        data = build_data(cfg, batch_size=4, seed=0, device="cpu")
+        batches = list(data.train_batches(0)) + list(data.eval_batches("test", batch_size=4))
+        labels[name] = torch.cat([y for _, y in batches])
+        accounts[name] = data.bad_images.summary()
+    assert torch.equal(labels[decoder], labels["pil"])
+    assert accounts[decoder] == accounts["pil"]
+    assert sorted(accounts["pil"]["bad_image_paths"]) == sorted(str(files[k]) for k in BAD)
+
+
+def test_a_batch_the_decoder_refuses_is_redone_with_pil(smooth_root):
+    samples = sorted(
+        (str(p), int(p.parent.name[-1])) for p in (smooth_root / "train").rglob("*.jpg")
+    )
+    transform = folder_train_transform(16, "rrc", 0, 0.5, None)
+    dataset = EncodedSamples(samples, lambda path: Image.open(path).convert("RGB"), transform)
+    items = [dataset[(i, 100 + i)] for i in range(4)]
+    assert all(item.data is not None and item.image is None for item in items)
+
+    def refuse(datas):
+        raise RuntimeError("nvjpeg: bad bitstream")
+
+    x, y, reports = BatchDecoder(refuse, torch.device("cpu"), samples, dataset.loader, transform)(
+        items
+    )
+    expected = torch.stack(
+        [transform_with_seed(transform, samples[i][0], 100 + i) for i in range(4)]
+    )
+    assert torch.equal(x, expected)
+    assert y.tolist() == [samples[i][1] for i in range(4)] and reports == [""] * 4
+    decoded, *_ = BatchDecoder(
+        make_decode("torchvision", torch.device("cpu"), 1),
+        torch.device("cpu"),
+        samples,
+        dataset.loader,
+        transform,
+    )(items)
+    assert (decoded.float() - expected.float()).abs().mean() < 2  # grey levels
+
+
+def transform_with_seed(transform, path: str, seed: int) -> torch.Tensor:
+    from nestedtrain.data.transforms import host_rng_scope
+
+    with host_rng_scope(seed):
+        return transform(Image.open(path).convert("RGB"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.decoder=nvjpeg"], "data.decoder='nvjpeg': must be one of"),
+        (["data.name=digits", "data.decoder=torchvision"], "leave data.decoder=pil"),
+        (["data.auto_augment=rand-m9-mstd0.5", "data.decoder=torchvision"], "decoder=pil"),
+    ],
+)
+def test_bad_decoder_settings_stop_in_one_line(tmp_path, capsys, smooth_root, overrides, message):
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "digits_ct.yaml")
+    folder = ["data.name=imagefolder", f"data.root={smooth_root}", "data.img_size=16"]
+    status = main(["train", recipe, *folder, *overrides, "epochs=1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.count("\n") == 0 and message in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_dali_not_installed_says_how_to_install_it(smooth_root, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import fails as if absent
+    cfg = DataConfig(name="imagefolder", root=str(smooth_root), decoder="dali")
+    with pytest.raises(
+        ValueError, match=r"NVIDIA DALI is not installed: pip install 'nestedtrain\[dali\]'"
+    ):
+        build_data(cfg, batch_size=4, seed=0, device="cpu")
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_st_run_trains_calibrates_and_evaluates_with_the_decoder(tmp_path, smooth_root, decoder):
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "digits_st.yaml")
+    overrides = [
+        "data.name=imagefolder",
+        f"data.root={smooth_root}",
+        "data.img_size=16",
+        "data.val_size=0",
+        "data.num_workers=1",
+        "data.calib_images=6",
+        f"data.decoder={decoder}",
+        "data.train_subset=null",
+        "model.name=resnet20",
+        "batch_size=4",
+        "epochs=1",
+        "eval.subnets=sample:2",
+    ]
+    assert main(["train", recipe, *overrides, "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["bad_images"] == 0 and 0 <= summary["main_acc"] <= 100
+    assert len(summary["subnets"]) == 2
+    assert f"decoder: {decoder}" in (tmp_path / "run" / "config.yaml").read_text()

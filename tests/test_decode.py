@@ -202,3 +202,24 @@ def test_a_st_run_trains_calibrates_and_evaluates_with_the_decoder(tmp_path, smo
     assert summary["bad_images"] == 0 and 0 <= summary["main_acc"] <= 100
     assert len(summary["subnets"]) == 2
     assert f"decoder: {decoder}" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_batch_color_jitter_is_torchvisions_per_image_jitter():
+    from torchvision import transforms as T
+
+    from nestedtrain.data.transforms import BatchColorJitter, host_rng_scope
+
+    images = torch.randint(0, 256, (40, 3, 12, 10), dtype=torch.uint8)
+    for strengths in [(0.4, 0.4, 0.4), (0.8, 0.0, 0.3)]:
+        jitter = T.ColorJitter(*strengths)
+        batched = BatchColorJitter(jitter)
+        expected, params = [], []
+        for i, image in enumerate(images):
+            with host_rng_scope(1000 + i):
+                expected.append(jitter(image))
+            with host_rng_scope(1000 + i):
+                params.append(batched.draw())
+        assert len({order for order, *_ in params}) > 5  # many orders in one batch
+        got = batched(images, params)
+        diff = (got.int() - torch.stack(expected).int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, diff.max()

@@ -34,7 +34,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..errors import ConfigError
 from .images import DECODE_ERRORS, read_or_replace
-from .transforms import TRIVIAL_AUGMENT, host_rng_scope
+from .transforms import TRIVIAL_AUGMENT, BatchColorJitter, host_rng_reseeder, host_rng_scope
 
 __all__ = [
     "DECODERS",
@@ -241,15 +241,25 @@ def make_decode(
     return functools.partial(_torchvision_decode, device=device)
 
 
-def tensor_stages(pil_transform: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The stages of a PIL transform ending in ``PILToTensor``, to run on a CHW uint8 tensor.
+def tensor_stages(pil_transform: Any) -> tuple[Callable, BatchColorJitter | None]:
+    """The stages of a PIL transform ending in ``PILToTensor``, to run on a CHW uint8 tensor:
+    the per-image ones, and a final colour jitter to run on the whole batch (or None).
 
     torchvision's and timm's crops, resizes, flips, ColorJitter and TrivialAugmentWide take
     tensors as well as PIL images, and draw the same random numbers for both."""
-    stages = list(pil_transform.transforms)
+    stages = _flat(pil_transform)
     if not stages or not isinstance(stages[-1], T.PILToTensor):
         raise ValueError(f"expected a transform ending in PILToTensor, got {pil_transform}")
-    return T.Compose(stages[:-1])
+    stages = stages[:-1]
+    if stages and isinstance(stages[-1], T.ColorJitter) and stages[-1].hue is None:
+        return T.Compose(stages[:-1]), BatchColorJitter(stages[-1])
+    return T.Compose(stages), None
+
+
+def _flat(transform: Any) -> list:
+    if isinstance(transform, T.Compose):
+        return [stage for inner in transform.transforms for stage in _flat(inner)]
+    return [transform]
 
 
 class BatchDecoder:
@@ -273,7 +283,8 @@ class BatchDecoder:
         pil_transform: Any,
     ):
         self.decode, self.device, self.samples, self.loader = decode, device, samples, loader
-        self.pil_transform, self.tensor_transform = pil_transform, tensor_stages(pil_transform)
+        self.pil_transform = pil_transform
+        self.per_image, self.jitter = tensor_stages(pil_transform)
 
     def __call__(self, items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         labels = [item.label for item in items]
@@ -287,15 +298,24 @@ class BatchDecoder:
             decoded = self.decode([items[i].data for i in todo]) if todo else []
         except (RuntimeError, ValueError):
             decoded = None  # a file the decoder refuses: this batch's JPEGs go through PIL
-        for slot, i in enumerate(todo):
-            item = items[i]
-            if decoded is None:
-                image, labels[i], reports[i] = pil_sample(
-                    self.samples, item.index, item.seed, self.loader, self.pil_transform
-                )
-                images[i] = image.to(self.device)
-                continue
-            seeded = item.seed is not None
-            with host_rng_scope(item.seed, self.device) if seeded else nullcontext():
-                images[i] = self.tensor_transform(decoded[slot])
+        jitter: list[tuple[int, tuple]] = []  # (place in the batch, factors) of decoded images
+        with host_rng_reseeder() as reseed:  # one RNG save and restore for the batch
+            for slot, i in enumerate(todo):
+                item = items[i]
+                if decoded is None:
+                    image, labels[i], reports[i] = pil_sample(
+                        self.samples, item.index, item.seed, self.loader, self.pil_transform
+                    )
+                    images[i] = image.to(self.device)
+                    continue
+                if item.seed is not None:
+                    reseed(item.seed)
+                images[i] = self.per_image(decoded[slot])
+                if self.jitter is not None:  # drawn after the crop's and flip's numbers
+                    jitter.append((i, self.jitter.draw()))
+        if jitter:
+            places = [i for i, _ in jitter]
+            jittered = self.jitter(torch.stack([images[i] for i in places]), [p for _, p in jitter])
+            for i, image in zip(places, jittered):
+                images[i] = image
         return torch.stack(images), torch.tensor(labels), reports

@@ -23,15 +23,18 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from timm.data.transforms_factory import transforms_imagenet_eval, transforms_imagenet_train
 from torchvision import transforms as T
 from torchvision.ops import roi_align
+from torchvision.transforms import functional as TF
 
 from ..errors import ConfigError
 
 __all__ = [
+    "BatchColorJitter",
     "apply_pil_transform",
     "build_pil_augment",
     "derive_seed",
     "folder_eval_transform",
     "folder_train_transform",
+    "host_rng_reseeder",
     "host_rng_scope",
     "to_device",
     "make_generator",
@@ -102,6 +105,40 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @contextmanager
+def host_rng_reseeder(device: torch.device | None = None) -> Iterator[Callable[[int], None]]:
+    """Save Python's, numpy's and torch's CPU global RNGs (and ``device``'s, on CUDA), yield a
+    function that seeds them all from one seed, and restore them on the way out.
+
+    One save and restore for many seeds: a batch decoded in the main process seeds the RNGs
+    once per image (see :func:`host_rng_scope`) at a fraction of the cost of a scope each.
+    """
+    py_state, np_state, torch_state = (
+        random.getstate(),
+        np.random.get_state(),
+        torch.get_rng_state(),
+    )
+    cuda = device is not None and device.type == "cuda"
+    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
+
+    def reseed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        # Not torch.manual_seed: that would also reseed every CUDA generator, outside the scope.
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+
+    try:
+        yield reseed
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda:
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+@contextmanager
 def host_rng_scope(seed: int, device: torch.device | None = None) -> Iterator[None]:
     """Seed Python's, numpy's and torch's CPU global RNGs for a block, then restore them.
 
@@ -111,27 +148,9 @@ def host_rng_scope(seed: int, device: torch.device | None = None) -> Iterator[No
     that device's generator is seeded and restored too (for noise drawn on the GPU, e.g.
     RandomErasing's); its state lives on the host, so this does not wait for the GPU.
     """
-    py_state, np_state, torch_state = (
-        random.getstate(),
-        np.random.get_state(),
-        torch.get_rng_state(),
-    )
-    cuda = device is not None and device.type == "cuda"
-    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    # Not torch.manual_seed: that would also reseed every CUDA generator, outside the scope.
-    torch.default_generator.manual_seed(seed)
-    if cuda:
-        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
-    try:
+    with host_rng_reseeder(device) as reseed:
+        reseed(seed)
         yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if cuda:
-            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -261,6 +280,58 @@ def uniform_augment(mean: Sequence[float]) -> Callable[[Image.Image], Image.Imag
         magnitude=10, prob=0.5, hparams=hparams, transforms=list(_UNIFORM_AUGMENT_OPS)
     )
     return timm_auto_augment.RandAugment(ops, num_layers=2)
+
+
+class BatchColorJitter:
+    """torchvision's ``ColorJitter`` (brightness, contrast, saturation) on a uint8 batch, with
+    each image's own factors and order as ``jitter.get_params`` drew them.
+
+    By hand because torchvision's ``adjust_*`` take one factor per call, and a call per image
+    costs the main process about 0.3 ms of dispatch (measured on the CPU on 8-px images),
+    more than decoding on the device saves. The arithmetic is torchvision's tensor path: blend
+    in float32 with the factor and its complement rounded from double, clamp, back to uint8
+    after every operation; greyscale from ``rgb_to_grayscale``.
+    """
+
+    def __init__(self, jitter: T.ColorJitter):
+        if jitter.hue is not None:
+            raise ValueError("BatchColorJitter has no hue: use ColorJitter per image")
+        self.jitter = jitter
+
+    def draw(self) -> tuple[tuple[int, ...], float | None, float | None, float | None]:
+        """One image's order and factors, from the global RNGs as ``ColorJitter`` draws them."""
+        order, b, c, s, _ = self.jitter.get_params(
+            self.jitter.brightness, self.jitter.contrast, self.jitter.saturation, None
+        )
+        return tuple(int(i) for i in order), b, c, s
+
+    def __call__(self, images: torch.Tensor, params: Sequence[tuple]) -> torch.Tensor:
+        out = images.clone()
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (order, *_) in enumerate(params):
+            groups.setdefault(order, []).append(i)
+        for order, members in groups.items():
+            index = torch.tensor(members, device=images.device)
+            x = out[index]
+            for op in order:
+                factors = [params[i][1 + op] if op < 3 else None for i in members]
+                if op == 3 or factors[0] is None:
+                    continue  # no hue; an unset component draws no factor
+                x = self._adjust(x, op, factors)
+            out[index] = x
+        return out
+
+    @staticmethod
+    def _adjust(x: torch.Tensor, op: int, factors: list[float]) -> torch.Tensor:
+        ratio = torch.tensor(factors, dtype=torch.float64, device=x.device).view(-1, 1, 1, 1)
+        if op == 0:  # brightness: blend with black
+            other = torch.zeros((), dtype=torch.float32, device=x.device)
+        elif op == 1:  # contrast: blend with the mean grey level
+            other = TF.rgb_to_grayscale(x).float().mean(dim=(-3, -2, -1), keepdim=True)
+        else:  # saturation: blend with the greyscale image
+            other = TF.rgb_to_grayscale(x)
+        blended = ratio.float() * x + (1.0 - ratio).float() * other
+        return blended.clamp(0, 255).to(x.dtype)
 
 
 def pca_lighting_offset(alpha: torch.Tensor) -> torch.Tensor:

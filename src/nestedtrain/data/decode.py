@@ -6,9 +6,10 @@ file's bytes (and checks that they are a complete RGB or greyscale JPEG); the ma
 decodes the batch where the model runs: ``torchvision.io.decode_jpeg`` (nvJPEG, batched, on
 CUDA; libjpeg-turbo on the CPU) or a DALI pipeline (its ``mixed`` decoder on CUDA, its CPU
 decoder threads otherwise). Each decoded image then goes through the same torchvision/timm
-transform objects as the PIL path, on the tensor, inside the image's own seed scope: the same
-crop box, flip and colour-jitter factors as ``decoder=pil`` for every image, only resampled by
-torch instead of PIL.
+transform objects as the PIL path, on the tensor, inside the image's own seed scope (a final
+colour jitter runs on the whole batch with the factors each image drew): the same crop box,
+flip and colour-jitter factors as ``decoder=pil`` for every image, only resampled by torch
+instead of PIL.
 
 Files that are not such JPEGs (PNG, CMYK, truncated, not an image at all) take the PIL path in
 the worker, where a file that does not decode is replaced and reported as before

@@ -45,6 +45,7 @@ __all__ = [
     "check_decoder",
     "collate_encoded",
     "make_decode",
+    "pil_sample",
     "tensor_stages",
 ]
 
@@ -107,7 +108,8 @@ def _plain_jpeg(data: bytes) -> bool:
     it with grey silently); CMYK and odd modes are left to PIL's conversion. Reads only the
     header.
     """
-    if not data.startswith(_JPEG_START) or not data.rstrip(b"\0").endswith(_JPEG_END):
+    # the tail only: no copy of the whole file (longer zero padding falls back to PIL)
+    if not data.startswith(_JPEG_START) or not data[-4096:].rstrip(b"\0").endswith(_JPEG_END):
         return False
     try:
         with Image.open(io.BytesIO(data)) as img:

@@ -35,8 +35,15 @@ from torchvision.datasets import ImageFolder
 from ..errors import ConfigError
 from .config import CROPS, DataConfig
 from .datasets import DATASETS, SPECS, DatasetSpec, load_arrays
-from .decode import BatchDecoder, EncodedSamples, check_decoder, collate_encoded, make_decode
-from .images import BAD_IMAGE_POLICIES, BadImages, read_or_replace
+from .decode import (
+    BatchDecoder,
+    EncodedSamples,
+    check_decoder,
+    collate_encoded,
+    make_decode,
+    pil_sample,
+)
+from .images import BAD_IMAGE_POLICIES, BadImages
 from .transforms import (
     apply_pil_transform,
     build_pil_augment,
@@ -355,11 +362,7 @@ class _FolderSamples(Dataset):
 
     def __getitem__(self, key: Any) -> tuple[torch.Tensor, int, str]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        image, label, report = read_or_replace(self.samples, index, self.loader)
-        if seed is None:
-            return self.transform(image), label, report
-        with host_rng_scope(seed):
-            return self.transform(image), label, report
+        return pil_sample(self.samples, index, seed, self.loader, self.transform)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -285,15 +285,13 @@ def subnet_logits(
         calib_batches: returns a fresh iterable of training images each call, to re-estimate
             BN statistics for every sub-network (as ``bn.recalibrate``); ``None`` runs each
             sub-network with the model's own statistics.
-        chunk_images: at most this many images a chunk (evaluation batches are split to
-            fit; a calibration chunk holds at least one batch); ``None`` sizes chunks from
-            ``memory_mb``.
-        memory_mb: MiB of activations (and images) a chunk of consecutive batches may hold
-            (calibration images first, then evaluation images; a chunk is dropped before the
-            next is read; the results do not depend on the chunks, except the loss's last
-            bits where a batch is split); ``None``: one chunk of everything, fastest when it
-            fits. The model and one batch's temporaries come on top. On CUDA, at most half
-            the device memory free when it starts.
+        chunk_images: at most this many images a chunk (see :func:`_sized_chunks`); ``None``
+            sizes chunks from ``memory_mb``.
+        memory_mb: MiB of activations (and images) a chunk of consecutive batches may hold,
+            calibration images first (a chunk is dropped before the next is read; results do
+            not depend on chunks but for the loss's last bits where a batch is split);
+            ``None``: one chunk of everything. The model and one batch's temporaries come on
+            top. On CUDA, at most half the device memory free when it starts.
         consume_main: called as ``consume_main(batch_index, logits, labels)`` with the main
             network's logits (its own BN statistics, eval mode) on every eval batch, before
             any sub-network's logits on that batch.

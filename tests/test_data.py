@@ -6,6 +6,9 @@ import gzip
 import os
 import pickle
 import random
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -567,3 +570,47 @@ def test_default_workers_share_the_cpus_among_the_ranks_of_a_node(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert default_workers() == 1  # at least 1
     assert DataConfig().num_workers is None
+
+
+_HOLD_WORKERS = """
+import multiprocessing, sys, time, torch
+from nestedtrain.data import DataConfig, build_data
+cfg = DataConfig(name="imagefolder", root=sys.argv[1], img_size=8, val_size=0, num_workers=2)
+data = build_data(cfg, batch_size=4, seed=0, device=torch.device("cpu"))
+next(data.train_batches(epoch=0))
+print(*(p.pid for p in multiprocessing.active_children()), flush=True)
+time.sleep(300)
+"""
+
+
+def test_folder_workers_leave_when_their_process_is_killed(tmp_path):
+    """SIGKILL leaves the main process no say: its workers (which ignore SIGTERM) notice
+    that their parent is gone (torch's worker watchdog, every 5 s) and leave."""
+    write_image_tree(tmp_path / "images", {"train": 8, "val": 2}, size=12)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_WORKERS, str(tmp_path / "images")],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(workers) == 2, workers
+    killed = time.monotonic()
+    while any(_alive(pid) for pid in workers) and time.monotonic() < killed + 15:
+        time.sleep(0.2)
+    left = [pid for pid in workers if _alive(pid)]
+    assert not left, f"workers {left} alive {time.monotonic() - killed:.1f} s after the kill"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by init) is gone too
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().split(")")[-1].split()[0] == "Z")

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+from test_data import write_image_tree
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -15,3 +21,35 @@ def test_readme_python_example_runs():
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own code
     assert namespace["info"]["subnets"] and not namespace["model"].training
     assert str(namespace["sub"]) == "5-9-3"
+
+
+def test_readme_example_on_an_image_folder_with_workers_exits(tmp_path):
+    """The example's ``data`` is a module global when the script ends: its persistent
+    workers, which ignore SIGTERM, must not keep the interpreter from exiting."""
+    write_image_tree(tmp_path / "images", {"train": 8, "val": 2}, size=12)
+    text = README.read_text()
+    start = text.index("```python\n") + len("```python\n")
+    code = text[start : text.index("```", start)]
+    folder = f'DataConfig(name="imagefolder", root={str(tmp_path / "images")!r}, img_size=8'
+    for old, new in [
+        ('DataConfig(name="digits"', f"{folder}, val_size=0, num_workers=2"),
+        ("batch_size=64", "batch_size=8"),
+        ("in_chans=1", "in_chans=3"),
+        ("torch.randn(8, 1, 8, 8)", "torch.randn(8, 3, 8, 8)"),
+    ]:
+        assert old in code
+        code = code.replace(old, new)
+    script = tmp_path / "example.py"
+    script.write_text(code + '\nprint("end", flush=True)\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout.readline() == b"end\n", proc.stderr.read()[-2000:]
+        end = time.monotonic()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert time.monotonic() - end < 10  # measured about 2 s (the workers' join, torch's exit)

@@ -18,8 +18,12 @@ of workers).
 from __future__ import annotations
 
 import abc
+import atexit
 import os
 import signal
+import threading
+import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +257,11 @@ class Data(abc.ABC):
     def _calibration_batches(self, index: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         """Training images ``index`` with the evaluation transform, on the device."""
 
+    def close(self) -> None:
+        """Stop the loader workers this object keeps (an image folder's persistent training
+        workers); nothing to do for tensor datasets. Also done when it is garbage collected
+        and at interpreter exit; iterating again starts new workers."""
+
     def _mix(
         self, images: torch.Tensor, labels: torch.Tensor, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,17 +374,70 @@ class _FolderSamples(Dataset):
         return pil_sample(self.samples, index, seed, self.loader, self.transform)
 
 
+# The loaders whose persistent workers must be stopped at interpreter exit, if still alive.
+_PERSISTENT: weakref.WeakSet[DataLoader] = weakref.WeakSet()
+
+
+def _stop_at_exit(loader: DataLoader) -> None:
+    """Stop ``loader``'s workers at interpreter exit, should it still be alive then.
+
+    atexit calls its functions last registered first, and multiprocessing registered its own
+    when torch loaded: the first registration here runs before it. Its handler sends daemonic
+    children SIGTERM, which our workers ignore, and then joins them: without this, a script
+    that still holds a folder ``Data`` when it ends (the README's own loop) never exits.
+    """
+    if not _PERSISTENT:
+        atexit.unregister(_stop_persistent)  # registered once, however many Data are built
+        atexit.register(_stop_persistent)
+    _PERSISTENT.add(loader)
+
+
+def _stop_persistent() -> None:
+    for loader in list(_PERSISTENT):
+        _stop_workers(loader)
+
+
+def _stop_workers(loader: DataLoader) -> None:
+    """End ``loader``'s persistent workers now, as its iterator's collection would.
+
+    By hand because torch has no public call for it: DataLoader keeps the iterator of
+    persistent workers in ``_iterator`` and stops them in its ``_shutdown_workers`` (asks
+    each worker to leave, joins it, terminates what is left), also run when it is collected.
+    """
+    iterator, loader._iterator = getattr(loader, "_iterator", None), None
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader worker outlives SIGTERM and SIGUSR1: the main process decides on them.
 
     torch's workers die on SIGTERM (a C handler prints and re-raises it), and a scheduler
     sends it to every process of a job: the dead worker would end the main process mid-step
     with a traceback, before it can write its checkpoint. The main process ends its workers
-    itself on the way out (and they leave by themselves when it is gone).
+    itself on the way out (:func:`_stop_workers`), and they leave by themselves when it is
+    gone (:func:`_leave_with_parent`).
     """
     for name in ("SIGTERM", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    parent = os.getppid()
+    threading.Thread(target=_leave_with_parent, args=(parent,), daemon=True).start()
+
+
+def _leave_with_parent(parent: int, every: float = 0.5) -> None:
+    """End this worker within ``every`` seconds of its main process's death (SIGKILL, a
+    crash), which no signal can tell it since it ignores them.
+
+    torch's worker loop notices a dead parent too, every 5 s, but then exits through
+    multiprocessing's teardown, which waits for its result queue's feeder thread; the
+    queue's pipe is held open by the other workers, so that wait can last forever (seen: 1
+    run in 4 left the workers alive). ``os._exit`` skips it: nobody is left to read.
+    """
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)
 
 
 class _TrainBatchSampler(Sampler):
@@ -440,6 +502,13 @@ class _FolderData(Data):
         self._train_loader, self._train_unpack = self._make_loader(
             splits["train"], train_transform, batch_sampler=self._train_sampler, persistent=True
         )
+        # The persistent workers end when this object is collected, or at interpreter exit
+        # (before multiprocessing's own exit handler, which would wait for them forever).
+        self._stop = weakref.finalize(self, _stop_workers, self._train_loader)
+        _stop_at_exit(self._train_loader)
+
+    def close(self) -> None:
+        _stop_workers(self._train_loader)
 
     def _make_loader(
         self,

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,8 +165,9 @@ def test_each_rank_draws_its_own_dropout_masks(tmp_path):
 
 
 def test_ranks_agree_on_stop_every_few_steps_not_every_step(tmp_path, monkeypatch):
-    """Under torchrun the stop and time flags take one all-reduce every _AGREE_EVERY steps
-    and at the epoch's end; a signal stops at the next such step."""
+    """Under torchrun the stop and time flags (and whether a rank met bad images) take one
+    all-reduce every _AGREE_EVERY steps and at the epoch's end; a signal stops at the next
+    such step."""
     # 336 images in batches of 8: 42 steps
     cfg = nt.load_config(None, [*SMALL, "data.train_subset=336", "batch_size=8", "epochs=1"])
     trainer = Trainer(cfg, tmp_path / "run")
@@ -182,7 +185,8 @@ def test_ranks_agree_on_stop_every_few_steps_not_every_step(tmp_path, monkeypatc
     trainer.control.group = group
     trainer.train_epoch(0, progress=False)
     assert loop_module._AGREE_EVERY == 20
-    assert len(calls) == 3 and all(g is group for g in calls)  # steps 20, 40 and 42
+    # stop/save at steps 20, 40 and 42, and the loss's finiteness at the epoch's end
+    assert len(calls) == 4 and all(g is group for g in calls)
 
     class Signals:  # what the loop reads of StopSignals
         requested = None
@@ -210,3 +214,146 @@ def test_cuda_runs_let_cudnn_tune_and_use_tf32_and_cpu_runs_are_left_alone():
         assert cudnn.benchmark and cudnn.allow_tf32 and matmul.allow_tf32
     finally:
         cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+# ------------------------------------------------------------- a rank that fails alone
+# argv: mode, then `nestedtrain train`'s arguments. Mode "nan": rank 1's third step sees NaN
+# images, so only its loss is non-finite there.
+_CLI = """
+import os, sys
+from nestedtrain.cli import main
+from nestedtrain.engine.trainer import Trainer
+
+if sys.argv[1] == "nan" and os.environ["RANK"] == "1":
+    build = Trainer._build
+
+    def poisoned_build(self, cfg):
+        build(self, cfg)
+        step, count = self.method.step, [0]
+
+        def poisoned(images, labels):
+            count[0] += 1
+            return step(images * float("nan") if count[0] == 3 else images, labels)
+
+        self.method.step = poisoned
+
+    Trainer._build = poisoned_build
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _two_ranks(tmp_path: Path, mode: str, args: list[str]) -> list[tuple[int, str, float]]:
+    """``nestedtrain train ARGS`` as ranks 0 and 1 of a gloo group (the environment torchrun
+    gives each rank, set by hand so that each rank's status and stderr can be read);
+    ``(status, stderr, exit time)`` of each."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env.update(MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CLI, mode, "train", *args],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / f"stderr{r}", "w"),  # noqa: SIM115 - closed with the process
+            start_new_session=True,
+        )
+        for r in (0, 1)
+    ]
+    ended: dict[int, float] = {}
+    deadline = time.monotonic() + 180
+    while len(ended) < 2 and time.monotonic() < deadline:
+        for r, proc in enumerate(procs):
+            if r not in ended and proc.poll() is not None:
+                ended[r] = time.monotonic()
+        time.sleep(0.1)
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert len(ended) == 2, f"{mode}: rank(s) {sorted({0, 1} - set(ended))} hung"
+    return [(procs[r].returncode, (tmp_path / f"stderr{r}").read_text(), ended[r]) for r in (0, 1)]
+
+
+def _assert_stop_alike(ranks: list[tuple[int, str, float]], status: int, text: str) -> None:
+    """Both ranks exit with ``status`` within seconds of each other, each with the same one
+    line containing ``text`` and no traceback."""
+    (status0, err0, end0), (status1, err1, end1) = ranks
+    assert "Traceback" not in err0 + err1, (err0 + err1)[-3000:]
+    assert (status0, status1) == (status, status), (err0 + err1)[-3000:]
+    lines = [[x for x in err.splitlines() if text in x] for err in (err0, err1)]
+    assert len(lines[0]) == len(lines[1]) == 1 and lines[0] == lines[1], lines
+    assert abs(end0 - end1) < 5
+
+
+def _folder_with_shards(root: Path) -> dict[int, list[Path]]:
+    """An image folder (2 classes of 16 train and 4 test images) and, per rank, the files
+    that rank reads in epoch 0 of a 2-rank run with global batches of 8 (4 steps)."""
+    from test_data import write_image_tree
+
+    from nestedtrain.data.loaders import _Sharding
+
+    write_image_tree(root, {"train": 16, "val": 4}, size=12)
+    files = sorted((root / "train").glob("*/*.png"))  # ImageFolder's order
+    shards = {}
+    for rank in (0, 1):
+        steps = _Sharding(len(files), 8, rank, 2, seed=0).rank_batches(0)
+        shards[rank] = [files[i] for index in steps for i in index.tolist()]
+    return shards
+
+
+def _truncate(path: Path) -> str:
+    path.write_bytes(path.read_bytes()[:40])
+    return str(path)
+
+
+FOLDER_RUN = [
+    str(Path(__file__).resolve().parents[1] / "recipes" / "digits_ct.yaml"),
+    "data.name=imagefolder",
+    "data.img_size=8",
+    "data.val_size=0",
+    "data.num_workers=1",
+    "model.name=resnet20",
+    "batch_size=8",
+    "epochs=1",
+    "seed=0",
+    "eval.subnets=none",
+]
+
+
+@pytest.mark.slow
+def test_a_bad_image_on_one_rank_stops_every_rank_alike(tmp_path):
+    shards = _folder_with_shards(tmp_path / "images")
+    bad = _truncate(shards[1][5])  # step 2 of rank 1 only
+    args = [*FOLDER_RUN, f"data.root={tmp_path / 'images'}", "data.bad_images=error"]
+    ranks = _two_ranks(tmp_path, "plain", [*args, "--out", str(tmp_path / "run")])
+    _assert_stop_alike(ranks, 2, f"nestedtrain: error: image {bad!r} does not decode")
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_the_bad_image_fraction_is_judged_on_all_ranks_together(tmp_path):
+    shards = _folder_with_shards(tmp_path / "images")
+    _truncate(shards[0][2])
+    bad = _truncate(shards[1][6])  # rank 1's is in summary.json, not only rank 0's
+    # 40 images: a fraction of 0.03 allows 1 bad file, so each rank alone is within it
+    args = [*FOLDER_RUN, f"data.root={tmp_path / 'images'}"]
+    ranks = _two_ranks(
+        tmp_path, "plain", [*args, "data.max_bad_fraction=0.03", "--out", str(tmp_path / "run")]
+    )
+    _assert_stop_alike(ranks, 2, "2 of the 40 images")
+    ranks = _two_ranks(
+        tmp_path, "plain", [*args, "data.max_bad_fraction=0.05", "--out", str(tmp_path / "run2")]
+    )
+    assert [status for status, _, _ in ranks] == [0, 0], ranks[0][1][-2000:]
+    summary = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    assert summary["bad_images"] == 2 and bad in summary["bad_image_paths"]
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_alike(tmp_path):
+    args = [FOLDER_RUN[0], *SMALL, "model.name=resnet20", "epochs=2", "log_every=4"]
+    ranks = _two_ranks(tmp_path, "nan", ["--out", str(tmp_path / "run"), *args])
+    # rank 1's step 3; rank 0's loss goes bad a step later, through the averaged gradients
+    _assert_stop_alike(ranks, 3, "loss term 'ce' is nan at step 3 of epoch 1")

@@ -123,8 +123,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = trainer.fit()
     except (TrainingInterrupted, TrainingDiverged) as stopped:
-        if trainer.dist.is_main:
-            print(f"nestedtrain: {stopped}", file=sys.stderr)
+        # Under torchrun every rank stops at the same step with the same status, and says
+        # so in one line, as it does for bad input.
+        print(f"nestedtrain: {stopped}", file=sys.stderr)
         return stopped.exit_status
     if trainer.dist.is_main:
         _print_summary(summary, out)

@@ -22,6 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError
@@ -111,6 +113,14 @@ def read_or_replace(
 class BadImages:
     """The main process's account of the bad images its loaders reported.
 
+    Under several ranks each rank reads its own shard and would meet a bad file alone: one
+    rank stopping while the others wait in the step's gradient all-reduce ends them with a
+    traceback (gloo) or a hang (NCCL). So the trainer calls :meth:`defer` there: reports are
+    then held until the ranks :meth:`agree` (the trainer does so where they already agree on
+    stop requests, and before every checkpoint), every rank learns every rank's files, and
+    every rank judges the same list: the same error, at the same step, on all of them. The
+    images a rank read in the bad files' place until then are the ones ``skip`` would read.
+
     Args:
         policy: "skip" (log each file once, go on) or "error" (stop at the first).
         max_fraction: stop once more than this fraction of ``total`` images is bad.
@@ -121,19 +131,58 @@ class BadImages:
     def __init__(self, policy: str, max_fraction: float, total: int, root: str) -> None:
         self.policy, self.max_fraction, self.total, self.root = policy, max_fraction, total, root
         self.found: dict[str, str] = {}  # path -> reason, in the order met
+        self._held: list[dict[str, Any]] | None = None  # reports not agreed on yet (deferred)
+
+    def defer(self) -> None:
+        """Hold reports until :meth:`agree` instead of judging them as they come."""
+        if self._held is None:
+            self._held = []
 
     def record(self, reports: Iterable[str]) -> None:
-        """Account for a batch's reports ("" for a sample that decoded).
+        """Account for a batch's reports ("" for a sample that decoded); after :meth:`defer`,
+        hold them for :meth:`agree`.
 
         Raises:
             BadImageError: under ``error`` at the first bad file; when more than
                 ``max_fraction`` of the images are bad; when no image of a run of
                 ``MAX_WALK`` decodes.
         """
-        for report in reports:
-            if not report:
-                continue
-            entry = json.loads(report)
+        entries = [json.loads(report) for report in reports if report]
+        if self._held is not None:
+            self._held.extend(entries)
+        else:
+            self._account(entries)
+
+    @property
+    def held(self) -> int:
+        """Reports held since the last agreement (0 unless deferred)."""
+        return len(self._held) if self._held else 0
+
+    def agree(self, group: Any = None, anywhere: bool | None = None) -> None:
+        """Share the held reports of every rank of ``group`` and judge them all, alike on
+        every rank. Every rank must call it at the same point. ``anywhere``: whether any rank
+        holds reports, when the caller has already agreed on that (one collective fewer).
+
+        Raises:
+            BadImageError: as :meth:`record`, on every rank, for the files of all ranks.
+        """
+        if self._held is None or not (dist.is_available() and dist.is_initialized()):
+            self._account(self._held or [])
+            self._held = [] if self._held is not None else None
+            return
+        if anywhere is None:
+            count = torch.tensor([self.held])
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+            anywhere = bool(count.item())
+        if not anywhere:
+            return
+        every: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, self._held, group=group)
+        self._held = []
+        self._account([entry for held in every for entry in held])  # rank order
+
+    def _account(self, entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
             for path, reason in entry["bad"]:
                 if self.policy == "error":
                     raise BadImageError(

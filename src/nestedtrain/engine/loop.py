@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from ..data.images import BadImages
 from ..distributed import all_reduce_mean
 from ..methods import MethodStep, Precision
 from .faults import StopSignals, TrainingDiverged, TrainingInterrupted
@@ -188,12 +189,17 @@ class StepControl:
     Step checkpoints (``checkpoint.every_steps``) fall on the same steps on every rank. A signal
     or the clock (``checkpoint.every_minutes``) reaches ranks at different steps: under
     torchrun they agree on those every :data:`_AGREE_EVERY` steps and at the epoch's last one
-    (one all-reduce on the host ``group``), so a stop takes effect there, on every rank.
+    (one all-reduce on the host ``group``), so a stop takes effect there, on every rank. The
+    same all-reduce says whether a rank holds bad-image reports (``bad_images``, deferred):
+    then every rank judges those of all ranks, and they stop together if they must.
     """
 
-    def __init__(self, checkpoint: DictConfig, group: Any = None):
+    def __init__(
+        self, checkpoint: DictConfig, group: Any = None, bad_images: BadImages | None = None
+    ):
         self.every = checkpoint
         self.group = group  # the gloo control group under torchrun, else None
+        self.bad_images = bad_images
         self.signals: StopSignals | None = None  # set while a fit runs
         self.last_save = time.monotonic()
 
@@ -208,9 +214,12 @@ class StepControl:
         minutes = (time.monotonic() - self.last_save) / 60.0
         timed = bool(every.every_minutes) and minutes >= every.every_minutes
         if self.group is not None:
-            flags = torch.tensor([int(stop), int(timed)])
+            held = self.bad_images.held if self.bad_images is not None else 0
+            flags = torch.tensor([int(stop), int(timed), held])
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.group)
             stop, timed = bool(flags[0]), bool(flags[1])
+            if flags[2]:  # raises BadImageError on every rank alike, if it must
+                self.bad_images.agree(self.group, anywhere=True)
         return stop, (due or timed) and not epoch_done
 
     def signal_name(self) -> str:
@@ -221,18 +230,38 @@ class StepControl:
         self.last_save = time.monotonic()
 
 
-def check_finite(watch: FiniteWatch, precision: Precision, last_checkpoint: Path | None) -> None:
+def check_finite(
+    watch: FiniteWatch, precision: Precision, last_checkpoint: Path | None, group: Any = None
+) -> None:
     """Raise :class:`TrainingDiverged` if a loss term was non-finite since the last check
-    (one host sync), or if float16's loss scale collapsed."""
+    (one host sync), or if float16's loss scale collapsed.
+
+    Under torchrun (``group``: the host control group) every rank calls this at the same
+    step and each sees only its own loss: the ranks agree (one all-reduce, and a gather when
+    one has diverged), so that all raise the same error, naming the earliest bad step of any
+    rank, instead of one rank leaving the others in the next gradient all-reduce.
+    """
     bad = watch.first_bad()
+    scaler = precision.scaler
+    if bad is None and scaler is not None and scaler.get_scale() < _MIN_LOSS_SCALE:
+        term = f"gradients (float16 loss scale fell to {scaler.get_scale():.2g})"
+        bad = (*watch.last, term, math.inf)
+    if group is not None:
+        bad = _earliest_on_any_rank(bad, group)
     if bad is not None:
         epoch, step, term, value = bad
         raise TrainingDiverged(epoch, step, term, value, last_checkpoint)
-    scaler = precision.scaler
-    if scaler is not None and scaler.get_scale() < _MIN_LOSS_SCALE:
-        epoch, step = watch.last
-        term = f"gradients (float16 loss scale fell to {scaler.get_scale():.2g})"
-        raise TrainingDiverged(epoch, step, term, math.inf, last_checkpoint)
+
+
+def _earliest_on_any_rank(bad: tuple | None, group: Any) -> tuple | None:
+    """The earliest ``(epoch, step, term, value)`` of all ranks' ``bad`` (None: finite)."""
+    flag = torch.tensor([int(bad is not None)])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    if not flag.item():
+        return None
+    every: list[Any] = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(every, bad, group=group)
+    return min((b for b in every if b is not None), key=lambda b: (b[0], b[1]))
 
 
 @dataclass

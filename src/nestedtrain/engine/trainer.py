@@ -100,7 +100,7 @@ class Trainer:
         self.log = EpochLog(self.out_dir)
         # Stop requests and time-based checkpoints are agreed on the host, between steps,
         # so that every rank stops (or saves) after the same step without a device sync.
-        self.control = StepControl(cfg.checkpoint, control_group())
+        self.control = StepControl(cfg.checkpoint, control_group(), self.data.bad_images)
         self._watch = FiniteWatch()
         self._last_checkpoint: Path | None = None
         self._wall_start = time.perf_counter()
@@ -120,6 +120,10 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
+        if self.dist.enabled:
+            # A rank that meets a bad image goes on; the ranks judge them together between
+            # steps (StepControl), so that none stops alone inside a collective.
+            self.data.bad_images.defer()
         self.model = build_run_model(cfg, self.data.num_classes, self.data.in_chans, self.device)
         _check_forward(self.model, self.data, cfg)
         self.optimizer = build_optimizer(cfg, self.model)
@@ -214,6 +218,7 @@ class Trainer:
         is_best = False
         if epoch == self.cfg.epochs - 1 or (epoch + 1) % self.cfg.eval.every == 0:
             record.update(self.evaluate_epoch())
+            self._agree_bad_images()  # before the evaluation is logged
             is_best = self._track_best(epoch, record)
         self._record_kl_drift(epoch)
         record["epoch_seconds"] = time.perf_counter() - epoch_start
@@ -250,7 +255,12 @@ class Trainer:
         return _train_one_epoch(loop, state, progress, step_hook)
 
     def _check_finite(self) -> None:
-        check_finite(self._watch, self.precision, self._last_checkpoint)
+        check_finite(self._watch, self.precision, self._last_checkpoint, self.control.group)
+
+    def _agree_bad_images(self) -> None:
+        """Under torchrun, the bad images every rank met since the last agreement, judged
+        alike on every rank (BadImageError on all of them, or none)."""
+        self.data.bad_images.agree(self.control.group)
 
     def _track_best(self, epoch: int, record: dict[str, Any]) -> bool:
         """Whether this epoch is the best so far: chosen on the validation split, or the last
@@ -306,6 +316,7 @@ class Trainer:
         """A checkpoint after ``position`` = (epoch, steps done): mid-epoch with the epoch's
         ``progress``, else after the epoch's end. Every rank takes part; rank 0 writes."""
         self._check_finite()  # never save a non-finite state
+        self._agree_bad_images()  # nor one that data.bad_images should have stopped
         self._agree_bn()
         rng = gather_rng_states(self.control.group, self.dist.world_size)
         if self.dist.is_main:

@@ -65,7 +65,9 @@ try:
     trainer.fit(progress=False, step_hook=hook)
 except TrainingInterrupted:
     pass
-torch.save({"model": trainer.model.state_dict(), "masks": masks}, f"{out}/rank{rank}-{mode}.pt")
+unused = getattr(trainer.method.model, "find_unused_parameters", None)  # DDP's setting
+state = {"model": trainer.model.state_dict(), "masks": masks, "find_unused": unused}
+torch.save(state, f"{out}/rank{rank}-{mode}.pt")
 """
 
 
@@ -107,6 +109,8 @@ def test_ranks_agree_on_bn_statistics_and_evaluate_as_one_process(tmp_path):
     ranks = _torchrun(tmp_path, out, "plain", [*ST_RESNET, "epochs=2"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["st_shared_prefix"].startswith("on:")
+    # the shared path all-reduces by hand: DDP need not look for unused parameters
+    assert ranks[0]["find_unused"] is ranks[1]["find_unused"] is False
     _assert_same_state(ranks[0]["model"], ranks[1]["model"])
     _assert_same_state(ranks[0]["model"], torch.load(out / "weights.pt"))
     # The 2-rank evaluation (each rank its half of the test split) is the saved weights' one.
@@ -124,6 +128,8 @@ def test_ranks_take_one_st_path_when_their_probes_disagree(tmp_path):
     ranks = _torchrun(tmp_path, out, "probe", [*ST_RESNET, "epochs=1"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["st_shared_prefix"] == "off: it does not apply on another rank"
+    # the plain path's last sub-network backward is DDP's, with skipped blocks
+    assert ranks[0]["find_unused"] is ranks[1]["find_unused"] is True
     _assert_same_state(ranks[0]["model"], ranks[1]["model"])
 
 

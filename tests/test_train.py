@@ -390,3 +390,41 @@ def test_the_recipe_schema_and_the_builders_know_the_same_methods():
     assert set(METHODS) == set(METHOD_NAMES)
     with pytest.raises(ValueError, match="unknown method 'sst': use one of ct, st, stpp"):
         nt.load_config(None, ["method=sst"])
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_evaluation_inputs_take_the_training_memory_format(tmp_path, monkeypatch, channels_last):
+    """channels_last applies on CUDA only: a stand-in for ``input_memory_format`` asks for it
+    on the CPU, where the images (3 channels, so the format shows in the strides) of the
+    training steps, the evaluation and the BN calibration must all follow it."""
+    from test_data import write_image_tree
+
+    from nestedtrain.engine import build, epoch_eval, loop
+
+    def on_any_device(device: torch.device, on: bool) -> torch.memory_format:
+        return torch.channels_last if on else torch.contiguous_format
+
+    for module in (build, loop, epoch_eval):  # its users: the model, the steps, evaluation
+        monkeypatch.setattr(module, "input_memory_format", on_any_device)
+    write_image_tree(tmp_path / "images", {"train": 8, "val": 4}, size=12)
+    folder = ["data.name=imagefolder", f"data.root={tmp_path / 'images'}", "data.img_size=8"]
+    cfg = nt.load_config(
+        None,
+        [*folder, "data.val_size=0", "data.num_workers=0", "model.name=resnet20", "method=st"]
+        + ["batch_size=8", "epochs=1", "eval.subnets=sample:2", f"channels_last={channels_last}"],
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    seen = []  # (training, channels-last) of every input the stem convolution takes
+    hook = trainer.model.conv1.register_forward_pre_hook(
+        lambda m, args: seen.append((trainer.model.training, args[0].stride(1) == 1))
+    )
+    finish = trainer._finish
+
+    def finish_unhooked(record):
+        hook.remove()  # the summary's FLOPs count forwards a blank image, no data
+        return finish(record)
+
+    trainer._finish = finish_unhooked
+    trainer.fit(progress=False)
+    assert {training for training, _ in seen} == {True, False}  # steps and evaluation
+    assert all(last == channels_last for _, last in seen)

@@ -22,7 +22,9 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from ..data import Data
+from ..distributed import all_ranks
 from ..elastic.sampling import build_sampler
+from ..elastic.stages import find_stages
 from ..elastic.weightmap import WeightMap
 from ..errors import ConfigError
 from ..methods import (
@@ -33,10 +35,12 @@ from ..methods import (
     StimulativeTraining,
 )
 from ..methods.conditions import Condition, build_condition
+from ..methods.shared_prefix import decide_prefix_sharing
+from ..methods.stimulative import shared_path_veto
 from ..models import create_model
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from .config import TrainConfig, plain
-from .distributed import DistInfo, wrap_ddp
+from .distributed import DistInfo, input_memory_format, wrap_ddp
 
 __all__ = [
     "METHODS",
@@ -142,7 +146,7 @@ def build_motivated_model(cfg: DictConfig, num_classes: int, in_chans: int) -> n
 
 def _to_device(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if input_memory_format(device, cfg.channels_last) == torch.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
 
@@ -252,7 +256,7 @@ class MethodParts:
 
     Attributes:
         cfg: the recipe.
-        model: the model being trained; ``wrapped`` is the same, DDP-wrapped under torchrun.
+        model: the model being trained (each method wraps it in DDP under torchrun).
         optimizer: the model's optimizer.
         precision: the autocast/GradScaler policy.
         generator: the run's seeded generator (sub-network sampling).
@@ -263,7 +267,6 @@ class MethodParts:
 
     cfg: DictConfig
     model: nn.Module
-    wrapped: nn.Module
     optimizer: torch.optim.Optimizer
     precision: Precision
     generator: torch.Generator
@@ -275,7 +278,7 @@ class MethodParts:
 def _build_ct(parts: MethodParts) -> MethodStep:
     cfg = parts.cfg
     return CommonTraining(
-        parts.wrapped,
+        wrap_ddp(parts.model, parts.dist, parts.device),
         parts.optimizer,
         parts.precision,
         cfg.data.label_smoothing,
@@ -292,18 +295,39 @@ def _build_st(parts: MethodParts) -> MethodStep:
     cfg = parts.cfg
     options = plain(cfg.st)
     kind, space, p = (options.pop(name) for name in _SAMPLER_FIELDS)
-    return StimulativeTraining(
-        parts.wrapped,
+    # the shared path is decided on two test images, here and (alike) in the step object,
+    # in the training batches' memory format (the shared path's head forwards reuse them)
+    example = next(iter(parts.data.eval_batches("test", batch_size=2)))[0]
+    example = example.contiguous(memory_format=input_memory_format(parts.device, cfg.channels_last))
+    samples = options["lam"] > 0 and options["num_subnets"] > 0
+    shared = samples and _shares_prefix(parts, options, example)
+    # DDP must look for parameters without gradients (a sub-network's skipped blocks) only
+    # where a synchronised backward runs a sub-network: the plain path's last one. The
+    # shared path backpropagates under no_sync and all-reduces by hand, and a step without
+    # sub-networks runs the whole main network: neither pays for the search.
+    wrapped = wrap_ddp(parts.model, parts.dist, parts.device, samples and not shared)
+    step = StimulativeTraining(
+        wrapped,
         parts.optimizer,
         sampler=build_sampler(parts.model, kind=kind, space=space, p=p),
         generator=parts.generator,
         precision=parts.precision,
         label_smoothing=cfg.data.label_smoothing,
         criterion=build_criterion(cfg),
-        # the shared path is decided here, on two test images
-        example_inputs=next(iter(parts.data.eval_batches("test", batch_size=2)))[0],
+        example_inputs=example,
         **options,
     )
+    if samples and (step.prefix_sharing or "").startswith("on") != shared:
+        raise RuntimeError(f"ST's shared path was decided twice differently: {step.prefix_sharing}")
+    return step
+
+
+def _shares_prefix(parts: MethodParts, options: dict[str, Any], example: torch.Tensor) -> bool:
+    """Whether the ST step will take its shared path, decided as the step decides it (on
+    every rank: all of them take it, or none)."""
+    why_not = shared_path_veto(options.get("share_prefix", True), options.get("bn", "protect"))
+    split, _ = decide_prefix_sharing(parts.model, find_stages(parts.model), example, why_not)
+    return all_ranks(split is not None, device=parts.device)
 
 
 def _build_motivation(parts: MethodParts) -> MethodStep:
@@ -319,7 +343,7 @@ def _build_motivation(parts: MethodParts) -> MethodStep:
     condition = _build_condition(cfg, data.steps_per_epoch)
     val_batch = _held_out_batch(data) if "val_loss" in condition.needs else None
     return MotivationTraining(
-        parts.wrapped,
+        wrap_ddp(parts.model, parts.dist, parts.device),
         wrap_ddp(motivated, parts.dist, parts.device),
         parts.optimizer,
         optimizer,
@@ -368,20 +392,18 @@ class MethodSpec:
     """A training method as the trainer sees it.
 
     Attributes:
-        build: ``build(parts)``, the method's step object.
-        samples_subnets: its steps run sub-networks, whose skipped blocks get no gradient
-            (DDP must then look for unused parameters).
+        build: ``build(parts)``, the method's step object (its model DDP-wrapped under
+            torchrun, as the method needs).
     """
 
     build: Callable[[MethodParts], MethodStep]
-    samples_subnets: bool = False
 
 
 # The one list of methods: recipe validation, the trainer and DDP wrapping read it.
 METHODS: dict[str, MethodSpec] = {
     "ct": MethodSpec(_build_ct),
-    "st": MethodSpec(_build_st, samples_subnets=True),
-    "stpp": MethodSpec(_build_st, samples_subnets=True),
+    "st": MethodSpec(_build_st),
+    "stpp": MethodSpec(_build_st),
     "motivation": MethodSpec(_build_motivation),
 }
 

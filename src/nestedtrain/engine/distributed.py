@@ -26,6 +26,7 @@ __all__ = [
     "configure_cuda",
     "control_group",
     "init_distributed",
+    "input_memory_format",
     "pick_device",
     "wrap_ddp",
 ]
@@ -89,6 +90,15 @@ def configure_cuda(device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
+def input_memory_format(device: torch.device, channels_last: bool) -> torch.memory_format:
+    """The memory format of the model's weights and of every input it is given, in training
+    and evaluation alike: channels-last on CUDA when the recipe asks for it (its convolutions
+    are faster so), else torch's default (the CPU is left as it is)."""
+    if device.type == "cuda" and channels_last:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def control_group() -> dist.ProcessGroup | None:
     """A gloo group for the host-side flags ranks agree on between steps (stop, save).
 
@@ -109,8 +119,9 @@ def wrap_ddp(
     """``model`` in DistributedDataParallel under torchrun, else itself.
 
     Args:
-        find_unused_parameters: true when a step may leave parameters without gradients
-            (a sub-network's skipped blocks).
+        find_unused_parameters: true when a synchronised backward may leave parameters
+            without gradients (a sub-network's skipped blocks); DDP then walks the autograd
+            graph after every synchronised forward to find them.
     """
     if not info.enabled:
         return model
@@ -118,8 +129,11 @@ def wrap_ddp(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=find_unused_parameters,
-        # The gradients are views into DDP's buckets instead of a second copy of them: the
-        # shared-prefix ST step, which all-reduces by hand, pays no memory for DDP's reducer.
+        # In a synchronised backward the gradients are views into DDP's buckets, not a second
+        # copy of them. DDP allocates the buckets (one gradient's worth) when it wraps the
+        # model, whatever the step does: the shared-prefix ST step, which backpropagates
+        # under no_sync after zero_grad(set_to_none=True), gets fresh gradient tensors and
+        # all-reduces them by hand, so it still pays for the buckets, unused.
         gradient_as_bucket_view=True,
     )
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from .. import bn
 from ..data import Data
 from ..methods import MethodStep
 from ..modes import kept_modes
+from .distributed import input_memory_format
 from .evaluate import evaluate, select_subnets
 from .subnet_eval import evaluate_subnets, kl_drift_snapshot
 
@@ -27,12 +29,25 @@ class EpochEvaluation:
         self.subnets = select_subnets(model, cfg.eval.subnets, seed=cfg.seed)
         drift = cfg.analysis.kl_drift_subnets if cfg.analysis.kl_drift_every else "none"
         self.drift_subnets = select_subnets(model, drift, seed=cfg.seed)
+        # The inputs in the model's memory format, as training gives them (channels-last on
+        # CUDA): else every convolution converts its input, and cuDNN tunes both formats.
+        self.memory_format = input_memory_format(data.device, cfg.channels_last)
+
+    def _formatted(self, images: torch.Tensor) -> torch.Tensor:
+        if self.memory_format == torch.contiguous_format:
+            return images  # the CPU, or channels_last off: the batch as the data gives it
+        return images.contiguous(memory_format=self.memory_format)
 
     def _calib(self):
-        return self.data.calibration_batches(batch_size=self.batch_size)
+        batches = self.data.calibration_batches(batch_size=self.batch_size)
+        return map(self._formatted, batches)
 
     def _batches(self, split: str) -> Callable[[], Any]:
-        return lambda: self.data.eval_batches(split, batch_size=self.batch_size)
+        def batches():
+            for images, labels in self.data.eval_batches(split, batch_size=self.batch_size):
+                yield self._formatted(images), labels
+
+        return batches
 
     def epoch(self) -> dict[str, Any]:
         """``test_acc``, ``test_acc5``, ``test_loss``, ``val_acc`` (with a validation split),

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ..data.images import BadImages
 from ..distributed import all_reduce_mean
 from ..methods import MethodStep, Precision
+from .distributed import input_memory_format
 from .faults import StopSignals, TrainingDiverged, TrainingInterrupted
 
 __all__ = [
@@ -145,8 +146,9 @@ def _train_step(
     loop: EpochLoop, images: torch.Tensor, labels: torch.Tensor, num_updates: int
 ) -> dict[str, Any]:
     """One update: the method's step, the optimizer, the schedule and the EMA."""
-    if loop.device.type == "cuda" and loop.cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    memory_format = input_memory_format(loop.device, loop.cfg.channels_last)
+    if memory_format != torch.contiguous_format:  # the CPU's batches are left as they are
+        images = images.contiguous(memory_format=memory_format)
     info = loop.method.step(images, labels)
     optimizer = loop.method.optimizer
     loop.precision.step(optimizer, loop.cfg.optim.clip_grad)

@@ -35,7 +35,6 @@ from .build import (
     build_optimizer,
     build_run_model,
     build_scheduler,
-    method_spec,
 )
 from .checkpoint import (
     RunState,
@@ -52,7 +51,6 @@ from .distributed import (
     configure_cuda,
     control_group,
     init_distributed,
-    wrap_ddp,
 )
 from .epoch_eval import EpochEvaluation
 from .faults import StopSignals, TrainingInterrupted
@@ -132,12 +130,9 @@ class Trainer:
         # One generator for sub-network draws, seeded alike on every rank so all ranks draw
         # the same sub-networks.
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        samples = method_spec(cfg.method).samples_subnets
-        self.wrapped = wrap_ddp(self.model, self.dist, self.device, samples)
         parts = MethodParts(
             cfg=cfg,
             model=self.model,
-            wrapped=self.wrapped,
             optimizer=self.optimizer,
             precision=self.precision,
             generator=self.generator,

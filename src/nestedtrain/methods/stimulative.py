@@ -264,14 +264,7 @@ class StimulativeTraining(MethodStep):
         probed with ``images``) and logged, with the reason when it does not apply."""
         if self.prefix_sharing is not None:
             return self._sharing
-        why_not = None
-        if not self.share_prefix:
-            why_not = "st.share_prefix is off"
-        elif self.bn == "reference":
-            # The reference code's sub-network forwards update the running statistics of the
-            # blocks they share with the main network a second time; only the plain path,
-            # which runs those forwards, keeps that.
-            why_not = "st.bn=reference updates BN statistics in every sub-network forward"
+        why_not = shared_path_veto(self.share_prefix, self.bn)
         split, status = decide_prefix_sharing(self.model, self.stages, images, why_not)
         if split is not None:
             where = "the main network's input" if self.resize is None else "the same input"
@@ -334,6 +327,18 @@ class StimulativeTraining(MethodStep):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.generator.set_state(state["generator"])
+
+
+def shared_path_veto(share_prefix: bool, bn: str) -> str | None:
+    """Why the options alone rule out the shared path (None when they do not)."""
+    if not share_prefix:
+        return "st.share_prefix is off"
+    if bn == "reference":
+        # The reference code's sub-network forwards update the running statistics of the
+        # blocks they share with the main network a second time; only the plain path, which
+        # runs those forwards, keeps that.
+        return "st.bn=reference updates BN statistics in every sub-network forward"
+    return None
 
 
 def _draw_side(

@@ -1,42 +1,53 @@
 """Images/s and peak memory of CT, ST and ST++ against a plain PyTorch loop, for a lent GPU.
 
     python bench/gpu_check.py [--model resnet50] [--img-size 224] [--batch-size 128]
-        [--steps 20] [--warmup 5] [--images 1536] [--workers N] [--device cuda]
+        [--seconds 20] [--warmup 10] [--images 32768] [--workers N] [--device cuda]
         [--doc docs/gpu_check.md]
 
-Three parts, one process, about 5 minutes on one GPU at the defaults:
+Three parts, one process. It prints its own time estimate first (every row is timed for
+``--seconds``, so the estimate is the rows' count times that plus their warm-ups: about 7
+minutes at the defaults, under the 8 a lent H100 allows) and the machine it runs on.
 
 1. **Synthetic batches** (random images already on the device): a plain PyTorch loop (timm
    model, CE, SGD, the same autocast and channels-last) against nestedtrain's CT, ST (one
    sub-network) and ST++ (six sub-networks, KL⁻, resized inputs, the ``space3`` space of the
-   ImageNet recipes) steps; bf16 autocast and channels-last on CUDA. Images/s of the main
-   network's batch, and the peak memory allocated on the device.
+   ImageNet recipes) steps; bf16 autocast and channels-last on CUDA. Every row is built
+   afresh (the previous row's model freed), runs ``--warmup`` steps (ST++ also one forward
+   and backward at each input side it can draw, so that cuDNN has tuned every shape), and
+   only then resets the peak-memory counter and starts the clock: images/s of the main
+   network's batch over at least ``--seconds``, and the peak memory allocated meanwhile.
 2. **A JPEG folder** the script writes (``--images`` random-noise JPEGs of 300-500 px, as an
-   ImageFolder tree): images/s of torchvision's reference pipeline (ImageFolder,
+   ImageFolder tree; 1024 distinct files, the rest hard links to them): images/s of torchvision's reference pipeline (ImageFolder,
    RandomResizedCrop, flip, ToTensor, Normalize, a DataLoader with ``--workers``), of
    nestedtrain's loader alone with each ``--decoders`` value (``data.decoder``: PIL in the
    workers, torchvision's ``decode_jpeg`` or DALI on the device), of the host half of the last
    two alone (read, check; no decode), and of CT steps fed by each: what the data path gives a
-   GPU with this machine's cores. ``--repeats N`` times each loader N times in rotation.
+   GPU with this machine's cores. Steady state: every loader runs epoch after epoch with
+   persistent workers, and the clock starts once workers × prefetch batches (what the
+   workers had ready before anyone asked) have been taken; then at least ``--seconds``.
+   ``--repeats N`` times each loader N times in rotation.
 3. **Ranks**: not run here (NCCL needs a GPU per rank); the doc says so, and that
    tests/test_distributed.py checks BN agreement with 2 gloo processes on the CPU.
 
-Writes the numbers, the device and the exact command to ``--doc``. On the CPU with tiny sizes
-(``--device cpu --model resnet18 --img-size 64 ...``) it checks that the script runs;
-tests/test_bench_scripts.py does that.
+Writes the numbers, the machine and the exact command to ``--doc``. On the CPU with tiny sizes
+(``--device cpu --model resnet18 --img-size 64 --seconds 0.5 ...``) it checks that the script
+runs; tests/test_bench_scripts.py does that.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +64,10 @@ from nestedtrain.methods import CommonTraining, Precision, StimulativeTraining
 REPO = Path(__file__).resolve().parents[1]
 SPACE3 = {name: "space3" for name in ("resnet50", "resnet101", "resnet152")}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PREFETCH = 4  # batches each worker prepares ahead: nestedtrain's loaders, and the reference's
+# Seconds a row spends besides its timed window (building, warm-up, workers' start), for the
+# estimate printed first; ST++ tunes about 15 input sides on top.
+ROW_OVERHEAD, STPP_OVERHEAD = 10, 20
 
 
 def _sync(device: torch.device) -> None:
@@ -61,9 +76,16 @@ def _sync(device: torch.device) -> None:
 
 
 def _peak_reset(device: torch.device) -> None:
+    """Peak memory counted from now on: after a row's warm-up, the same for every row."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _free(device: torch.device) -> None:
+    """Return the previous row's memory, so that no row starts with another's tensors."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _peak_gib(device: torch.device) -> str:
@@ -84,18 +106,51 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
 
-def _timed(step: Callable[[int], None], args, device: torch.device) -> tuple[float, str]:
-    """Images/s of ``step`` over ``args.steps`` steps after ``args.warmup``, and peak GiB."""
-    _peak_reset(device)
+def _timed(
+    step: Callable[[int], None], args, device: torch.device, tune: Callable[[], None] | None = None
+) -> tuple[float, str]:
+    """Images/s of ``step`` over at least ``args.seconds`` after ``args.warmup`` steps (and
+    ``tune``, the shapes a row can meet besides the warm-up's), and the peak GiB of the timed
+    steps alone."""
     for i in range(args.warmup):
         step(i)
+    if tune is not None:
+        tune()
     _sync(device)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        step(args.warmup + i)
+    _peak_reset(device)
+    start, steps = time.perf_counter(), 0
+    while steps < 2 or time.perf_counter() - start < args.seconds:
+        step(args.warmup + steps)
+        steps += 1
+        if steps % 5 == 0:
+            _sync(device)  # the clock reads finished work, not queued kernels
     _sync(device)
     seconds = time.perf_counter() - start
-    return args.steps * args.batch_size / seconds, _peak_gib(device)
+    return steps * args.batch_size / seconds, _peak_gib(device)
+
+
+def _stpp_sides(args: argparse.Namespace) -> list[int]:
+    """Every input side ST++ can draw: ``resize=[0.43, 1.0]`` of the crop, multiples of
+    ``--resize-multiple`` (the side just above when none is in range, as the step does)."""
+    lo, hi, m = max(int(0.43 * args.img_size), 1), args.img_size, args.resize_multiple
+    sides = [side for side in range(lo, hi + 1) if side % m == 0] or [(hi // m + 1) * m]
+    return sorted({*sides, args.img_size})
+
+
+def _tune_sides(model, optimizer, precision, images, labels, sides: list[int]) -> Callable:
+    """One forward and backward of the whole model at every side: cuDNN's benchmark mode
+    tunes each new shape (forward and both backward passes) the first time it meets it, and
+    a sub-network's convolutions at a side are the whole model's at that side."""
+
+    def tune() -> None:
+        for side in sides:
+            x = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+            with precision.autocast():
+                loss = F.cross_entropy(model(x).float(), labels)
+            loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    return tune
 
 
 def _plain_step(args, device: torch.device, images, labels) -> Callable[[int], None]:
@@ -122,12 +177,10 @@ def synthetic(args: argparse.Namespace, device: torch.device) -> list[tuple[str,
         args.batch_size, 3, args.img_size, args.img_size, device=device, generator=g
     ).contiguous(memory_format=fmt)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device, generator=g)
-    rows = []
-
-    rows.append(
+    _free(device)
+    rows = [
         ("plain PyTorch loop", *_timed(_plain_step(args, device, images, labels), args, device))
-    )
-
+    ]
     variants = {
         "nestedtrain CT": lambda m, o, p: CommonTraining(m, o, precision=p),
         "nestedtrain ST (1 sub-network)": lambda m, o, p: StimulativeTraining(
@@ -149,32 +202,58 @@ def synthetic(args: argparse.Namespace, device: torch.device) -> list[tuple[str,
         ),
     }
     for name, build in variants.items():
-        model = _model(args, device)
-        optimizer = _optimizer(model)
-        method = build(model, optimizer, Precision(device, amp=amp, dtype="bfloat16"))
-
-        def step(_: int, method=method, optimizer=optimizer) -> None:
-            info = method.step(images, labels)
-            method.precision.step(optimizer)
-            optimizer.zero_grad(set_to_none=True)
-            method.after_optimizer_step(info)
-
-        rows.append((name, *_timed(step, args, device)))
+        _free(device)  # the previous row's model and optimizer are gone
+        rows.append((name, *_method_row(args, device, build, images, labels, "ST++" in name)))
     return rows
 
 
-def write_jpegs(root: Path, count: int, classes: int = 8) -> None:
-    """``count`` random-noise JPEGs of 300-500 px (quality 90) in ``root/{train,val}/cK``."""
-    rng = np.random.default_rng(0)
+def _method_row(args, device, build, images, labels, resizes: bool) -> tuple[float, str]:
+    """Images/s and peak GiB of a nestedtrain step built by ``build``; its model, optimizer
+    and step live only in here."""
+    amp = device.type == "cuda"
+    model = _model(args, device)
+    optimizer = _optimizer(model)
+    method = build(model, optimizer, Precision(device, amp=amp, dtype="bfloat16"))
+
+    def step(_: int) -> None:
+        info = method.step(images, labels)
+        method.precision.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        method.after_optimizer_step(info)
+
+    sides = _stpp_sides(args) if resizes else []
+    tune = _tune_sides(model, optimizer, method.precision, images, labels, sides)
+    return _timed(step, args, device, tune if resizes else None)
+
+
+def write_jpegs(root: Path, count: int, classes: int = 8, unique: int = 1024) -> None:
+    """``count`` JPEGs (random noise, 300-500 px, quality 90) in ``root/{train,val}/cK``.
+
+    At most ``unique`` distinct files are encoded (in a process per core); the rest are hard
+    links to them, so that an epoch holds many more batches than the workers prefetch (each
+    epoch's start refills their queues: a short epoch would time that, not the steady state)
+    without minutes of writing. The linked files are read from the page cache, as a node's
+    local copy of a dataset mostly is.
+    """
+    jobs = []
     for split, n in (("train", count), ("val", max(classes, count // 8))):
         for i in range(n):
             folder = root / split / f"c{i % classes}"
             folder.mkdir(parents=True, exist_ok=True)
-            h, w = rng.integers(300, 501, size=2)
-            # smooth noise: upsampled, so the JPEGs are about as large as photographs
-            small = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
-            image = Image.fromarray(small).resize((int(w), int(h)), Image.BILINEAR)
-            image.save(folder / f"{i}.JPEG", quality=90)
+            jobs.append((folder / f"{i}.JPEG", i))
+    sources = jobs[:unique]
+    with ProcessPoolExecutor(_cores()) as pool:
+        list(pool.map(_write_jpeg, *zip(*sources), chunksize=16))
+    for k, (path, _) in enumerate(jobs[unique:]):
+        os.link(sources[k % len(sources)][0], path)
+
+
+def _write_jpeg(path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(300, 501, size=2)
+    # smooth noise: upsampled, so the JPEGs are about as large as photographs
+    small = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((int(w), int(h)), Image.BILINEAR).save(path, quality=90)
 
 
 def torchvision_reference(args, root: Path) -> float:
@@ -195,18 +274,34 @@ def torchvision_reference(args, root: Path) -> float:
         shuffle=True,
         num_workers=args.workers,
         drop_last=True,
-        persistent_workers=False,
+        persistent_workers=args.workers > 0,
+        prefetch_factor=PREFETCH if args.workers > 0 else None,
     )
-    return _loader_rate(iter(loader))
+    return _loader_rate(_epochs(lambda _: loader), args)
 
 
-def _loader_rate(batches) -> float:
-    """Images/s over every batch after the first (worker start-up excluded)."""
-    batches = iter(batches)
-    next(batches)
+def _epochs(epoch_batches: Callable[[int], Any]) -> Iterator[Any]:
+    """The batches of epoch 0, 1, 2, ... without end (persistent workers carry on)."""
+    epoch = 0
+    while True:
+        yield from epoch_batches(epoch)
+        epoch += 1
+
+
+def _loader_rate(batches: Iterator[Any], args, device: torch.device | None = None) -> float:
+    """Images/s in steady state: the clock starts once the batches the workers prepared
+    before anyone asked (workers × prefetch, at least one) are taken, and runs for at least
+    ``args.seconds``."""
+    for _ in range(max(1, args.workers * PREFETCH)):
+        next(batches)
+    if device is not None:
+        _sync(device)
     start, seen = time.perf_counter(), 0
-    for images, _ in batches:
+    while seen == 0 or time.perf_counter() - start < args.seconds:
+        images, _ = next(batches)
         seen += len(images)
+    if device is not None:
+        _sync(device)
     return seen / max(time.perf_counter() - start, 1e-9)
 
 
@@ -220,6 +315,7 @@ def folder_data(args, root: Path, device: torch.device, decoder: str = "pil"):
             "data.val_size=0",
             f"data.num_workers={args.workers}",
             f"data.decoder={decoder}",
+            *args.data_set,
         ],
     )
     return build_data(cfg.data, batch_size=args.batch_size, seed=0, device=device)
@@ -240,8 +336,11 @@ def bytes_only(args, root: Path) -> float:
         num_workers=args.workers,
         collate_fn=collate_encoded,
         drop_last=True,
+        persistent_workers=args.workers > 0,
+        prefetch_factor=PREFETCH if args.workers > 0 else None,
     )
-    return _loader_rate(([item.label for item in batch], None) for batch in loader)
+    batches = _epochs(lambda _: loader)
+    return _loader_rate((([item.label for item in batch], None) for batch in batches), args)
 
 
 DECODER_ROWS = {
@@ -259,9 +358,7 @@ def _decoder_timer(args, root: Path, device: torch.device, decoder: str):
         return str(err)
 
     def rate() -> float:
-        value = _loader_rate(data.train_batches(0))
-        _sync(device)
-        return value
+        return _loader_rate(_epochs(data.train_batches), args, device)
 
     return rate
 
@@ -310,25 +407,24 @@ def _median_range(values: list[float]) -> str:
 
 
 def _fed(args, data, device: torch.device) -> float:
-    """Images/s of CT steps fed by nestedtrain's loader (the GPU waits when data is slow)."""
+    """Images/s of CT steps fed by nestedtrain's loader (the GPU waits when data is slow),
+    in steady state as :func:`_loader_rate` times the loaders alone."""
     model = _model(args, device)
     optimizer = _optimizer(model)
     amp = device.type == "cuda"
     method = CommonTraining(model, optimizer, precision=Precision(device, amp=amp))
-    batches = iter(data.train_batches(0))
-    next(batches)
-    _sync(device)
-    start, seen = time.perf_counter(), 0
-    for images, labels in batches:
-        if amp:
-            images = images.contiguous(memory_format=torch.channels_last)
-        info = method.step(images, labels)
-        method.precision.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        method.after_optimizer_step(info)
-        seen += images.shape[0]
-    _sync(device)
-    return seen / (time.perf_counter() - start)
+
+    def steps() -> Iterator[tuple[torch.Tensor, None]]:
+        for images, labels in _epochs(data.train_batches):
+            if amp:
+                images = images.contiguous(memory_format=torch.channels_last)
+            info = method.step(images, labels)
+            method.precision.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            method.after_optimizer_step(info)
+            yield images, None
+
+    return _loader_rate(steps(), args, device)
 
 
 def ranks_line(device: torch.device) -> str:
@@ -341,19 +437,62 @@ def ranks_line(device: torch.device) -> str:
     )
 
 
+def estimate_seconds(args: argparse.Namespace, parts: set[str]) -> float:
+    """How long the run takes: every row is timed for ``--seconds`` (``--repeats`` times for
+    the loaders), plus its set-up and warm-up (ROW_OVERHEAD, STPP_OVERHEAD)."""
+    decoders = len(args.decoders.split(","))
+    total = 0.0
+    if "train" in parts:
+        total += 4 * (args.seconds + ROW_OVERHEAD) + STPP_OVERHEAD
+    if "data" in parts:
+        loaders = 1 + decoders + (args.decoders != "pil")
+        total += loaders * args.repeats * (args.seconds + ROW_OVERHEAD)
+        total += min(args.images, 1024) * 0.02 / _cores()  # writing: ~20 ms a JPEG and core
+        if "feed" in parts:
+            total += decoders * (args.seconds + ROW_OVERHEAD)
+    return total
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def machine(args: argparse.Namespace, device: torch.device) -> str:
+    """The device, the CPU cores this process may use, the loader workers, torch."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        gpu = f"{device} ({name}, {gib:.0f} GiB)"
+    else:
+        gpu = f"{device} ({platform.processor() or platform.machine()})"
+    return (
+        f"Machine: {gpu}; {_cores()} CPU cores for this process ({os.cpu_count()} on the "
+        f"node); {args.workers} loader workers; torch {torch.__version__}."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--images", type=int, default=1536, help="JPEGs to write and read")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--seconds", type=float, default=20, help="timed seconds per row")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per row")
+    parser.add_argument(
+        "--images", type=int, default=32768, help="JPEGs in the folder (1024 distinct at most)"
+    )
+    parser.add_argument("--workers", type=int, default=max(1, _cores() - 1))
     parser.add_argument(
         "--decoders",
         default="pil,torchvision,dali",
         help="comma-separated data.decoder values to time on the JPEG folder",
+    )
+    parser.add_argument(
+        "--data-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for nestedtrain's loaders, e.g. data.auto_augment=rand-m9-mstd0.5",
     )
     parser.add_argument(
         "--repeats", type=int, default=1, help="times each loader is timed, in rotation"
@@ -368,27 +507,39 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = torch.device(args.device)
+    parts = set(args.parts.split(","))
+    print(f"Estimated time: {estimate_seconds(args, parts) / 60:.1f} minutes", flush=True)
+    print(machine(args, device), flush=True)
     configure_cuda(device)  # cuDNN benchmark and TF32 on CUDA, as nestedtrain's runs
     start = time.perf_counter()
-    parts = set(args.parts.split(","))
     train_rows = synthetic(args, device) if "train" in parts else []
     data_rows = data_path(args, device, parts) if "data" in parts else []
     ranks = ranks_line(device) if "ranks" in parts else ""
+    lines = _report(args, device, train_rows, data_rows, ranks, time.perf_counter() - start)
+    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.doc).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def _report(args, device, train_rows, data_rows, ranks: str, seconds: float) -> list[str]:
+    """The doc's lines: the command, the machine, the tables, the wall time."""
     plain = train_rows[0][1] if train_rows else 1.0
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     threads = os.environ.get("OMP_NUM_THREADS")
     command = (
         "" if threads is None else f"OMP_NUM_THREADS={threads} "
     ) + "python bench/gpu_check.py "
     command += " ".join(shlex.quote(a) for a in sys.argv[1:])
-    lines = [
+    return [
         "# GPU check: training speed and the data path",
         "",
         f"Command: `{command}`",
         "",
-        f"Device: {device} ({name or platform.machine()}), {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}; {args.model} at {args.img_size} px, batch "
-        f"{args.batch_size}, {args.steps} timed steps after {args.warmup}; "
+        machine(args, device),
+        "",
+        f"{args.model} at {args.img_size} px, batch {args.batch_size}; each row timed for at "
+        f"least {args.seconds:g} s after {args.warmup} warm-up steps (ST++: and every input "
+        f"side, multiples of {args.resize_multiple}), peak memory of the timed steps; "
+        f"loaders timed after workers × {PREFETCH} batches; "
         f"{'bf16 autocast, channels-last' if device.type == 'cuda' else 'float32'}.",
         "",
         *(
@@ -421,12 +572,9 @@ def main() -> None:
         "",
         ranks,
         "",
-        f"Wall time: {time.perf_counter() - start:.0f} s.",
+        f"Wall time: {seconds:.0f} s.",
         "",
     ]
-    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.doc).write_text("\n".join(lines))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from nestedtrain.data.datasets import FASHION_MNIST_SYSTEM_DIR
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run_script(name: str, args: list[str]) -> None:
-    """``bench/NAME ARGS`` in a fresh process on one thread; it must exit 0."""
+def _run_script(name: str, args: list[str]) -> str:
+    """``bench/NAME ARGS`` in a fresh process on one thread; it must exit 0. Its stdout."""
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / name), *args],
         cwd=REPO,
@@ -24,6 +24,7 @@ def _run_script(name: str, args: list[str]) -> None:
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
 
 
 @pytest.mark.skipif(
@@ -48,9 +49,14 @@ def test_gpu_study_runs_its_three_recipes_concurrently_and_compares(tmp_path):
 def test_gpu_check_times_every_method_and_the_data_path_and_writes_its_doc(tmp_path):
     doc = tmp_path / "gpu_check.md"
     args = ["--device", "cpu", "--model", "resnet18", "--img-size", "64", "--batch-size", "8"]
-    args += ["--steps", "2", "--warmup", "1", "--images", "24", "--workers", "2"]
-    _run_script("gpu_check.py", [*args, "--doc", str(doc)])
+    args += ["--seconds", "0.3", "--warmup", "1", "--images", "40", "--workers", "2"]
+    stdout = _run_script("gpu_check.py", [*args, "--doc", str(doc)])
+    # its time estimate first, then the machine
+    estimate, machine = stdout.splitlines()[:2]
+    assert estimate.startswith("Estimated time: ") and estimate.endswith(" minutes")
+    assert machine.startswith("Machine: cpu") and "2 loader workers" in machine
     text = doc.read_text()
+    assert machine in text
     assert "python bench/gpu_check.py --device cpu --model resnet18" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "images/s" not in line]
     names = (

@@ -299,12 +299,13 @@ def _build_st(parts: MethodParts) -> MethodStep:
     # in the training batches' memory format (the shared path's head forwards reuse them)
     example = next(iter(parts.data.eval_batches("test", batch_size=2)))[0]
     example = example.contiguous(memory_format=input_memory_format(parts.device, cfg.channels_last))
-    samples = options["lam"] > 0 and options["num_subnets"] > 0
+    # Under DDP, decided before wrapping: DDP must look for parameters without gradients (a
+    # sub-network's skipped blocks) only where a synchronised backward runs a sub-network, the
+    # plain path's last one. The shared path backpropagates under no_sync and all-reduces by
+    # hand, and a step without sub-networks runs the whole main network: neither pays for
+    # the search. (One process has no DDP, and no second probe.)
+    samples = parts.dist.enabled and options["lam"] > 0 and options["num_subnets"] > 0
     shared = samples and _shares_prefix(parts, options, example)
-    # DDP must look for parameters without gradients (a sub-network's skipped blocks) only
-    # where a synchronised backward runs a sub-network: the plain path's last one. The
-    # shared path backpropagates under no_sync and all-reduces by hand, and a step without
-    # sub-networks runs the whole main network: neither pays for the search.
     wrapped = wrap_ddp(parts.model, parts.dist, parts.device, samples and not shared)
     step = StimulativeTraining(
         wrapped,

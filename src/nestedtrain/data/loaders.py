@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import atexit
+import functools
 import os
 import signal
 import threading
@@ -410,7 +411,7 @@ def _stop_workers(loader: DataLoader) -> None:
         shutdown()
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _ignore_stop_signals(worker_id: int, parent: int) -> None:
     """A DataLoader worker outlives SIGTERM and SIGUSR1: the main process decides on them.
 
     torch's workers die on SIGTERM (a C handler prints and re-raises it), and a scheduler
@@ -422,13 +423,12 @@ def _ignore_stop_signals(worker_id: int) -> None:
     for name in ("SIGTERM", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-    parent = os.getppid()
     threading.Thread(target=_leave_with_parent, args=(parent,), daemon=True).start()
 
 
 def _leave_with_parent(parent: int, every: float = 0.5) -> None:
-    """End this worker within ``every`` seconds of its main process's death (SIGKILL, a
-    crash), which no signal can tell it since it ignores them.
+    """End this worker within ``every`` seconds of the death of its main process (pid
+    ``parent``: SIGKILL, a crash), which no signal can tell it since it ignores them.
 
     torch's worker loop notices a dead parent too, every 5 s, but then exits through
     multiprocessing's teardown, which waits for its result queue's feeder thread; the
@@ -552,7 +552,9 @@ class _FolderData(Data):
             prefetch_factor=4 if workers > 0 else None,
             # The loader draws its worker base seed from this, not from torch's global RNG.
             generator=make_generator(self.seed, _SAMPLE),
-            worker_init_fn=_ignore_stop_signals,
+            # the main process's pid, taken here: a worker that starts after its death would
+            # read its new parent's
+            worker_init_fn=functools.partial(_ignore_stop_signals, parent=os.getpid()),
         )
 
     def _eval_loader(

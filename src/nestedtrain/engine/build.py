@@ -342,7 +342,12 @@ def _build_motivation(parts: MethodParts) -> MethodStep:
     for group, lead in zip(optimizer.param_groups, parts.optimizer.param_groups):
         group["lr"] = lead["lr"]  # start on the schedule, as the loop keeps it afterwards
     condition = _build_condition(cfg, data.steps_per_epoch)
-    val_batch = _held_out_batch(data) if "val_loss" in condition.needs else None
+    val_batch = None
+    if "val_loss" in condition.needs:
+        images, labels = _held_out_batch(data)
+        # in the training batches' memory format, as every input the models see
+        fmt = input_memory_format(parts.device, cfg.channels_last)
+        val_batch = images.contiguous(memory_format=fmt), labels
     return MotivationTraining(
         wrap_ddp(parts.model, parts.dist, parts.device),
         wrap_ddp(motivated, parts.dist, parts.device),

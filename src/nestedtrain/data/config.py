@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = ["DataConfig", "CROPS"]
 
@@ -56,3 +56,10 @@ class DataConfig:
     calib_images: int = 2000  # training images for BatchNorm re-calibration
     bad_images: str = "skip"  # imagefolder, an image that does not decode: skip | error
     max_bad_fraction: float = 0.001  # skip: stop when more than this fraction is bad
+    # Normalisation per channel, of images scaled to [0, 1]; None = the dataset's own (a model
+    # trained elsewhere brings its own, e.g. from timm's pretrained config).
+    mean: Optional[Any] = None
+    std: Optional[Any] = None
+    # imagefolder: re-estimate BN statistics from the images of this tree of class folders
+    # instead of the training split; None = the training split.
+    calib_root: Optional[str] = None

@@ -71,7 +71,7 @@ def _data(ckpt: Checkpoint, args: argparse.Namespace, device: torch.device) -> D
 
 def _open(args: argparse.Namespace, device: torch.device) -> Checkpoint:
     """CHECKPOINT, or the model of --model (with --weights or --pretrained, and --data)."""
-    return open_target(args, device, "checkpoint")
+    return open_target(args, device, "checkpoint", args.out)
 
 
 def _eval_fn(data: Data, args: argparse.Namespace, cfg: DictConfig) -> Callable[[], Iterable]:

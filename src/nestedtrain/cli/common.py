@@ -305,4 +305,3 @@ def parse_space(text: str) -> Any:
         values = parse_ints(compact, "--space")
         return values[0] if len(values) == 1 and "," not in compact else values
     return text
-

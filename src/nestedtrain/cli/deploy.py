@@ -36,11 +36,11 @@ from .common import (
     checkpoint_data,
     command_line,
     fmt,
-    open_checkpoint,
     output_folder,
     parse_space,
     table,
 )
+from .opening import add_model_options, open_target
 
 __all__ = ["register"]
 
@@ -72,7 +72,7 @@ def _preprocess(data: Data) -> str:
 
 def _meta(ckpt: Checkpoint, data: Data) -> dict[str, Any]:
     return {
-        "source_run": str(ckpt.run) if ckpt.run is not None else None,
+        "source_run": str(ckpt.run) if ckpt.run is not None and not ckpt.foreign else None,
         "checkpoint": str(ckpt.path),
         "epoch": ckpt.state.get("epoch"),
         "method": ckpt.cfg.method,
@@ -147,7 +147,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt_name == "onnx":
         require_onnx()
     device = pick_device(args.device)
-    ckpt = open_checkpoint(args.checkpoint, device)
+    ckpt = open_target(args, device, "checkpoint")
     data = checkpoint_data(ckpt, device)
     subnet = Subnet.parse(ckpt.model, args.subnet)
     batch = batch_size(args.batch_size, ckpt.cfg)
@@ -286,11 +286,11 @@ def cmd_select(args: argparse.Namespace) -> int:
     if fmt_name == "onnx":
         require_onnx()  # before minutes of evaluation
     device = pick_device(args.device)
-    ckpt = open_checkpoint(args.run, device)
+    ckpt = open_target(args, device, "run", args.out)
     data, cfg = checkpoint_data(ckpt, device), ckpt.cfg
     if data.n_val == 0 and args.select_on == "val":
         raise ConfigError(
-            f"{args.run} holds out no validation split (data.val_size=0), so selection would "
+            f"{ckpt.path} holds out no validation split (data.val_size=0), so selection would "
             "have to look at test: retrain with data.val_size > 0, or pass --select-on test to "
             "select on test anyway"
         )
@@ -362,7 +362,8 @@ def _select_payload(
 
 # --------------------------------------------------------------------------------- parser
 def _export_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a run folder or a checkpoint .pt")
+    parser.add_argument("checkpoint", nargs="?", help="a run folder or a checkpoint .pt")
+    add_model_options(parser, data=True)
     parser.add_argument("--subnet", required=True, help="e.g. 3-2-4")
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument(
@@ -409,7 +410,8 @@ def _budget_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _select_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="a run folder or a checkpoint .pt")
+    parser.add_argument("run", metavar="RUN", nargs="?", help="a run folder or a checkpoint .pt")
+    add_model_options(parser, data=True)
     _budget_options(parser)
     parser.add_argument(
         "--space",

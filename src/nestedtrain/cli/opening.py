@@ -23,14 +23,23 @@ from .common import Checkpoint, open_checkpoint
 __all__ = ["add_model_options", "open_foreign", "open_target"]
 
 
-def add_model_options(parser: argparse.ArgumentParser, input_size: bool = True) -> None:
+def add_model_options(
+    parser: argparse.ArgumentParser, input_size: bool = True, data: bool = False
+) -> None:
     """``--model/--weights/--pretrained`` (and ``--input-size/--mean/--std/--calib``): open a
     model trained elsewhere instead of a checkpoint; ``--data`` then says what to evaluate it
-    on. ``input_size=False`` where the command has its own ``--input-size``."""
+    on (declared here when ``data``, for commands without their own). ``input_size=False``
+    where the command has its own ``--input-size``."""
     group = parser.add_argument_group(
         "a model trained elsewhere (instead of CHECKPOINT; --data: a recipe, dataset or "
         "imagefolder:PATH)"
     )
+    if data:
+        group.add_argument(
+            "--data",
+            metavar="DATA",
+            help="with --model: a recipe (recipes/x.yaml), a dataset name or imagefolder:PATH",
+        )
     group.add_argument(
         "--model",
         metavar="NAME",
@@ -55,9 +64,12 @@ def add_model_options(parser: argparse.ArgumentParser, input_size: bool = True) 
     )
 
 
-def open_target(args: argparse.Namespace, device: torch.device, positional: str) -> Checkpoint:
+def open_target(
+    args: argparse.Namespace, device: torch.device, positional: str, out: str | None = None
+) -> Checkpoint:
     """The checkpoint ``args.<positional>`` names, or the model of ``--model``: one opening for
-    every command that analyses, evaluates or exports a trained model."""
+    every command that analyses, evaluates or exports a trained model. ``out``: where a
+    foreign model's analyses go (default runs/analysis/<model>)."""
     path = getattr(args, positional, None)
     if getattr(args, "model", None) is None:
         if path is None:
@@ -72,10 +84,12 @@ def open_target(args: argparse.Namespace, device: torch.device, positional: str)
         raise ConfigError(
             f"{path!r} and --model {args.model}: give a checkpoint or a model, not both"
         )
-    return open_foreign(args, device)
+    return open_foreign(args, device, out)
 
 
-def open_foreign(args: argparse.Namespace, device: torch.device) -> Checkpoint:
+def open_foreign(
+    args: argparse.Namespace, device: torch.device, out: str | None = None
+) -> Checkpoint:
     """``--model`` with ``--weights`` or ``--pretrained``, built for the classes and channels
     of ``--data``; its stages found as training finds them.
 
@@ -111,9 +125,11 @@ def open_foreign(args: argparse.Namespace, device: torch.device) -> Checkpoint:
         load_weights(model, state, f"--weights {args.weights}")
     find_stages(model)  # a model without known stages: one line naming what to declare
     where = args.weights or f"{args.model} (pretrained)"
-    out = Path(args.out or Path("runs", "analysis", args.model.replace(":", "-")))
+    folder = (
+        Path(out) if out is not None else Path("runs", "analysis", args.model.replace(":", "-"))
+    )
     info = {"num_classes": data.num_classes, "in_chans": data.in_chans, "epoch": None}
-    return Checkpoint(Path(where), model.to(device).eval(), cfg, info, out, data)
+    return Checkpoint(Path(where), model.to(device).eval(), cfg, info, folder, data)
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:

@@ -97,6 +97,15 @@ def opened(model: str, weights: Path, data: str, input_size: int | None = SIDE):
     return open_foreign(args, torch.device("cpu"))
 
 
+def first_fitting(stages, order, k: int) -> list[list[int]]:
+    """The first k blocks of ``order`` whose deletion leaves every stage a block."""
+    chosen: list[list[int]] = []
+    for s, b in order:
+        if len(chosen) < k and sum(c[0] == s for c in chosen) + 1 < len(stages[s]):
+            chosen.append([s, b])
+    return chosen
+
+
 def check_against_oracle(result: dict, ckpt, split: str = "test") -> None:
     """Every number of the lesion JSON equals that network evaluated alone."""
     stages = find_stages(ckpt.model)
@@ -114,6 +123,12 @@ def check_against_oracle(result: dict, ckpt, split: str = "test") -> None:
         assert result["intact"][policy] == pytest.approx(accs[0], abs=1e-9)
         singles = [row[policy]["acc"] for row in result["blocks"]]
         assert singles == pytest.approx(accs[1 : 1 + len(blocks)], abs=1e-9)
+        # worst k: the k blocks whose single deletion costs most that can go together
+        harm = [b for _, b in sorted(zip(singles, blocks))]
+        for curve in result["curves"][policy]:
+            k = curve["k"]
+            assert curve["worst"]["deleted"] == first_fitting(stages, harm, k)
+            assert curve["best"]["deleted"] == first_fitting(stages, harm[::-1], k)
         ranked = [c[o]["acc"] for c in result["curves"][policy] for o in ("worst", "best")]
         assert ranked == pytest.approx(accs[1 + len(blocks) :], abs=1e-9)
 
@@ -260,3 +275,29 @@ def test_bad_input_is_one_line_and_writes_nothing(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not out.exists()
+
+
+def test_eval_select_and_export_take_a_model(tmp_path, capsys):
+    torch.manual_seed(2)
+    model = nt.create_model("resnet20", num_classes=10, in_chans=1)
+    weights = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    common = ["--model", "resnet20", "--weights", str(weights), "--data", "recipes/digits_ct.yaml"]
+    common += ["--device", "cpu"]
+    assert main(["eval", *common, "--subnets", "1-1-1", "--json", str(tmp_path / "e.json")]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["checkpoint"] == str(weights) and evaluated["data"] == "digits"
+    out = tmp_path / "select"
+    assert main(["select", *common, "--space", "1", "--max-mflops", "4", "--out", str(out)]) == 0
+    picked = json.loads((out / "analysis" / "select" / "select.json").read_text())
+    assert picked["method"] == "foreign" and len(picked["subnets"]) == 8
+    small = tmp_path / "small.pt"
+    assert main(["export", *common, "--subnet", "1-1-1", "--out", str(small)]) == 0
+    sidecar = json.loads((tmp_path / "small.pt.json").read_text())
+    assert sidecar["checkpoint"] == str(weights) and sidecar["source_run"] is None
+    alone = nt.models.CifarResNet((1, 1, 1), num_classes=10, in_chans=1)
+    alone.load_state_dict(torch.load(small), strict=True)
+    # a checkpoint and a model at once: one line, exit 2
+    capsys.readouterr()
+    assert main(["eval", str(weights), *common]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -301,3 +301,19 @@ def test_eval_select_and_export_take_a_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(weights), *common]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_a_nestedtrain_checkpoint_as_weights_equals_its_run_folder(tmp_path):
+    run = tmp_path / "run"
+    overrides = ["epochs=1", "data.train_subset=256", "model.name=resnet20", "eval.subnets=none"]
+    assert main(["train", "recipes/digits_ct.yaml", *overrides, "--out", str(run)]) == 0
+    words = ["--k", "1", "--random", "0", "--bn", "own", "--device", "cpu"]
+    assert main(["analyze", "lesion", str(run), *words]) == 0
+    from_run = json.loads((run / "analysis" / "lesion" / "lesion.json").read_text())
+    assert from_run["weights"] == "nestedtrain" and from_run["method"] == "ct"
+    last = run / "checkpoints" / "last.pt"
+    foreign = ["--model", "resnet20", "--weights", str(last), "--data", "recipes/digits_ct.yaml"]
+    out = tmp_path / "foreign"
+    assert main(["analyze", "lesion", *foreign, *words, "--out", str(out)]) == 0
+    from_file = json.loads((out / "analysis" / "lesion" / "lesion.json").read_text())
+    assert from_file["blocks"] == from_run["blocks"] and from_file["method"] == "foreign"

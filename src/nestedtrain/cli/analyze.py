@@ -350,7 +350,7 @@ def _lesion(args: argparse.Namespace) -> int:
     )
     payload = {**_header("lesion", args, ckpt, time.perf_counter() - start), **result}
     out = output_folder(args.out, ckpt, "lesion")
-    title = f"{ckpt.cfg.model.name} ({ckpt.path.name}) on {ckpt.cfg.data.name} {args.split}"
+    title = f"{ckpt.cfg.model.name} ({ckpt.path}) on {ckpt.cfg.data.name} {args.split}"
     plot = partial(plot_lesion, result, title=title)
     json_path, png_path = _save(out, "lesion", payload, plot)
     _print_lesion(result, title, payload["seconds"])

@@ -81,7 +81,9 @@ def lesion_cli(tmp: Path, *words: str) -> dict:
     return json.loads((out / "analysis" / "lesion" / "lesion.json").read_text())
 
 
-def opened(model: str, weights: Path, data: str, input_size: int | None = SIDE):
+def opened(
+    model: str, weights: Path, data: str, input_size: int | None = SIDE, calib: str | None = None
+):
     args = argparse.Namespace(
         model=model,
         weights=str(weights),
@@ -90,7 +92,7 @@ def opened(model: str, weights: Path, data: str, input_size: int | None = SIDE):
         input_size=input_size,
         mean=None,
         std=None,
-        calib=None,
+        calib=calib,
         out=None,
         data_root=None,
     )
@@ -222,9 +224,32 @@ def test_recipe_data_other_analyses_and_report(tmp_path):
     assert main(["analyze", "lesion", *common, "--k", "1", "--random", "0", "--bn", "own"]) == 0
     data = json.loads((out / "analysis" / "lesion" / "lesion.json").read_text())
     assert data["bn"] == ["own"] and data["curves"]["own"][0]["random"] is None
+    assert main(["analyze", "destruct", *common, "--k", "1", "--permute-k", ""]) == 0
+    assert main(["analyze", "erf", *common, "--images", "4"]) == 0
+    assert main(["analyze", "logits", *common]) == 0
+    written = sorted(p.name for p in (out / "analysis").iterdir())
+    assert written == ["destruct", "erf", "lesion", "logits", "subnets"]
     assert main(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert "Does it loaf, and where?" in report and "Sub-network spread" in report
+
+
+def test_calibration_folder(tmp_path, folder, torchvision_weights):
+    """--calib: BN re-estimated from the images of another tree, not the training split."""
+    calib = tmp_path / "calib"
+    rng = np.random.default_rng(1)
+    (calib / "any").mkdir(parents=True)
+    for i in range(6):  # batches of 4 and 2: BN in train mode needs 2 values per channel
+        pixels = rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(calib / "any" / f"{i}.png")
+    data = f"imagefolder:{folder}"
+    words = ["--model", "torchvision:resnet18", "--weights", str(torchvision_weights)]
+    words += ["--data", data, "--input-size", str(SIDE), "--calib", str(calib)]
+    result = lesion_cli(tmp_path, *words)
+    ckpt = opened("torchvision:resnet18", torchvision_weights, data, calib=str(calib))
+    assert ckpt.data.n_calib == 6 and ckpt.data.n_train == 22  # 24 training images, 2 held out
+    check_against_oracle(result, ckpt)
+    assert [len(x) for x in ckpt.data.calibration_batches(num_images=8, batch_size=8)] == [6]
 
 
 @pytest.mark.parametrize(
@@ -262,6 +287,16 @@ def test_recipe_data_other_analyses_and_report(tmp_path):
             ["{tv}", "--model", "resnet18", "--data", "digits"],
             "give a checkpoint or a model, not both",
         ),
+        (
+            ["--model", "resnet18", "--weights", "{tv}", "--data", "imagefolder:{root}"]
+            + ["--mean", "0.5,0.5"],
+            "data.mean=[0.5, 0.5]: give 3 number(s)",
+        ),
+        (
+            ["--model", "resnet20", "--weights", "{tv}", "--data", "digits", "--calib", "{root}"],
+            "calibration folders are for image folders",
+        ),
+        (["--model", "resnet18", "--weights", "{junk}", "--data", "digits"], "holds no state_dict"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -269,7 +304,9 @@ def test_bad_input_is_one_line_and_writes_nothing(
 ):
     squeeze = tmp_path / "squeeze.pth"
     torch.save(torchvision.models.squeezenet1_0(num_classes=2).state_dict(), squeeze)
-    filled = [w.format(tv=torchvision_weights, root=folder, sq=squeeze) for w in words]
+    junk = tmp_path / "junk.pth"
+    torch.save({"epoch": 3, "arch": "resnet18"}, junk)
+    filled = [w.format(tv=torchvision_weights, root=folder, sq=squeeze, junk=junk) for w in words]
     out = tmp_path / "out"
     assert main(["analyze", "lesion", *filled, "--device", "cpu", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()

@@ -56,7 +56,7 @@ from .common import (
     parse_space,
     table,
 )
-from .opening import add_model_options, open_target
+from .opening import add_model_options, open_foreign, open_target
 
 __all__ = ["register"]
 
@@ -96,9 +96,13 @@ def _same_task(first: Checkpoint, other: Checkpoint) -> None:
         )
 
 
-def _open_all(paths: Sequence[str], device: torch.device) -> list[Checkpoint]:
-    """Checkpoints to compare: all trained for the first one's task."""
-    opened = [open_checkpoint(path, device) for path in paths]
+def _open_all(args: argparse.Namespace, device: torch.device) -> list[Checkpoint]:
+    """Models to compare: the one of --model first (its folder and data are the analysis's),
+    then the CHECKPOINTs; all trained for the first one's task."""
+    opened = [open_foreign(args, device, args.out)] if args.model else []
+    opened += [open_checkpoint(path, device) for path in args.checkpoints]
+    if not opened:
+        raise ConfigError("give one or more CHECKPOINTs, or --model NAME with its --weights")
     for other in opened[1:]:
         _same_task(opened[0], other)
     return opened
@@ -225,7 +229,7 @@ def _print_subnets(result: dict[str, Any], ckpt: Checkpoint, space: str, seconds
 
 def _matrix(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    opened = _open_all(args.checkpoints, device)
+    opened = _open_all(args, device)
     data = _data(opened[0], args, device)
     names = _labels(opened)
     start = time.perf_counter()
@@ -414,7 +418,7 @@ def _kl_drift(args: argparse.Namespace) -> int:
 
 def _logits(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    opened = _open_all(args.checkpoints, device)
+    opened = _open_all(args, device)
     data = _data(opened[0], args, device)
     start = time.perf_counter()
     rows = [
@@ -638,7 +642,7 @@ def _add_analysis(
     options."""
     p = add_command(which, name, handler, help=help, description=description)
     if many:
-        p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+        p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT")
     else:
         p.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?")
     if options is not None:
@@ -646,8 +650,7 @@ def _add_analysis(
     if chunked:
         _chunk_options(p)
     _data_options(p)
-    if not many:
-        add_model_options(p, input_size=name != "erf")  # erf has its own --input-size
+    add_model_options(p, input_size=name != "erf")  # erf has its own --input-size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,6 +6,8 @@
   time);
 - :func:`loafing_matrix`: smaller architectures run inside larger trained models;
 - :func:`destruct`: accuracy drops when deleting or permuting blocks;
+- :func:`lesion`: lesion curves (single, worst/best/random k deletions, own and re-estimated
+  BN) and residual-branch ratios, of any trained model;
 - :func:`kl_drift_summary`: KL(main || sub-network) during training, per epoch;
 - :func:`logit_norms`, :func:`effective_receptive_field`: logit amplitude and ERF (ST++);
 - :func:`write_report`: a run folder as Markdown and self-contained HTML;
@@ -18,6 +20,7 @@ from .deploy import deploy_subnet, measure_latency
 from .destruct import deletion_subnets, destruct, permutation_subnets, swap_subnet
 from .erf import effective_receptive_field, erf_area_ratios
 from .kl_drift import kl_drift_summary
+from .lesion import lesion, residual_ratios
 from .logits import logit_norms
 from .matrix import loafing_matrix
 from .report import write_report
@@ -34,6 +37,7 @@ __all__ = [
     "erf_area_ratios",
     "evaluate_space",
     "kl_drift_summary",
+    "lesion",
     "loafing_matrix",
     "logit_norms",
     "match_subnet",
@@ -41,6 +45,7 @@ __all__ = [
     "pareto_front",
     "permutation_subnets",
     "pick_best",
+    "residual_ratios",
     "select_subnet",
     "subnet_stats",
     "swap_subnet",

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -354,3 +357,27 @@ def test_a_nestedtrain_checkpoint_as_weights_equals_its_run_folder(tmp_path):
     assert main(["analyze", "lesion", *foreign, *words, "--out", str(out)]) == 0
     from_file = json.loads((out / "analysis" / "lesion" / "lesion.json").read_text())
     assert from_file["blocks"] == from_run["blocks"] and from_file["method"] == "foreign"
+
+
+def test_pretrained_weights_that_cannot_be_fetched(tmp_path, folder, capsys):
+    """--pretrained on a machine without the hub: one line, exit 2, nothing written."""
+    out = tmp_path / "out"
+    # torchvision refuses its ImageNet weights for a 2-class folder before fetching anything
+    words = ["--pretrained", "--device", "cpu", "--out", str(out)]
+    tv = ["--model", "torchvision:resnet18", "--data", f"imagefolder:{folder}"]
+    assert main(["analyze", "lesion", *tv, *words]) == 2
+    assert "expected value 1000 but got 2" in capsys.readouterr().err
+    # timm's fetch from the Hugging Face hub, offline
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    command = [sys.executable, "-m", "nestedtrain", "analyze", "lesion"]
+    command += ["--model", "resnet18.a1_in1k", "--data", "digits", *words]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "nestedtrain: error: could not fetch the pretrained weights of 'resnet18.a1_in1k'"
+        )
+    )
+    assert not out.exists()

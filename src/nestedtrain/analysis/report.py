@@ -496,7 +496,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             f"{str(run)!r} holds no config.yaml, metrics.jsonl, summary.json or analysis/: "
             "give a run folder that `nestedtrain train` wrote"
         )
-    title = f"nestedtrain run {run.resolve().name}"
+    # a folder of analyses of a model trained elsewhere has no recipe of its own
+    title = f"nestedtrain {'run' if config is not None else 'analyses'} {run.resolve().name}"
     md_path, html_path = run / "report.md", run / "report.html"
     atomic_write_text(md_path, _markdown(title, config, sections, run))
     atomic_write_text(html_path, _html(title, config, sections))

@@ -381,3 +381,28 @@ def test_pretrained_weights_that_cannot_be_fetched(tmp_path, folder, capsys):
         )
     )
     assert not out.exists()
+
+
+def test_a_vit_with_the_recipes_model_kwargs(tmp_path):
+    """A recipe's model.kwargs (a ViT's image and patch size) build the model the weights fit;
+    a ViT is one stage of blocks that can each go."""
+    kwargs = {"img_size": 8, "patch_size": 4, "depth": 4}
+    torch.manual_seed(0)
+    model = nt.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, **kwargs)
+    weights = tmp_path / "vit.pt"
+    torch.save(model.state_dict(), weights)
+    recipe = tmp_path / "vit_digits.yaml"
+    recipe.write_text(
+        "model:\n  name: vit_tiny_patch16_224\n  kwargs: {img_size: 8, patch_size: 4, depth: 4}\n"
+    )
+    words = ["--weights", str(weights), "--data", str(recipe), "--bn", "own", "--split", "val"]
+    result = lesion_cli(tmp_path, "--model", "vit_tiny_patch16_224", *words)
+    assert [r["block"] for r in result["blocks"]] == [0, 1, 2, 3]
+    ckpt = opened("vit_tiny_patch16_224", weights, str(recipe), input_size=None)
+    accs = evaluate_one_at_a_time(
+        ckpt.model,
+        [lesion_subnet(find_stages(ckpt.model), [(0, b)]) for b in range(4)],
+        lambda: ckpt.data.eval_batches("val", batch_size=4),
+        None,
+    )
+    assert [r["own"]["acc"] for r in result["blocks"]] == pytest.approx([a["acc"] for a in accs])

@@ -120,7 +120,8 @@ def open_foreign(
     data = build_data(
         OmegaConf.to_object(cfg.data), batch_size=cfg.batch_size, seed=cfg.seed, device=device
     )
-    model = build_named_model(args.model, data.num_classes, data.in_chans, args.pretrained)
+    kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+    model = build_named_model(args.model, data.num_classes, data.in_chans, args.pretrained, kwargs)
     if state is not None:
         load_weights(model, state, f"--weights {args.weights}")
     find_stages(model)  # a model without known stages: one line naming what to declare

@@ -129,9 +129,14 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
 
 # ---------------------------------------------------------------------------------- model
 def build_named_model(
-    name: str, num_classes: int, in_chans: int, pretrained: bool = False
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    pretrained: bool = False,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """``torchvision:NAME`` from torchvision, else ours or timm's (:func:`create_model`).
+    """``torchvision:NAME`` from torchvision, else ours or timm's (:func:`create_model`), with
+    the constructor's ``kwargs`` (e.g. a ViT's ``img_size``).
 
     Raises:
         ConfigError: an unknown name, torchvision with other than 3 channels, or pretrained
@@ -140,9 +145,15 @@ def build_named_model(
     try:
         if name.startswith(TORCHVISION_PREFIX):
             return _torchvision_model(
-                name[len(TORCHVISION_PREFIX) :], num_classes, in_chans, pretrained
+                name[len(TORCHVISION_PREFIX) :], num_classes, in_chans, pretrained, kwargs or {}
             )
-        return create_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained)
+        return create_model(
+            name,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            pretrained=pretrained,
+            **(kwargs or {}),
+        )
     except ConfigError:
         raise
     except Exception as err:  # timm and torchvision raise many kinds for a failed fetch
@@ -154,7 +165,9 @@ def build_named_model(
         ) from None
 
 
-def _torchvision_model(name: str, num_classes: int, in_chans: int, pretrained: bool) -> nn.Module:
+def _torchvision_model(
+    name: str, num_classes: int, in_chans: int, pretrained: bool, kwargs: Mapping[str, Any]
+) -> nn.Module:
     import torchvision.models
 
     if name not in torchvision.models.list_models(torchvision.models):
@@ -170,10 +183,12 @@ def _torchvision_model(name: str, num_classes: int, in_chans: int, pretrained: b
     if pretrained:
         # torchvision refuses pretrained weights with another num_classes, in one line
         try:
-            return torchvision.models.get_model(name, weights="DEFAULT", num_classes=num_classes)
+            return torchvision.models.get_model(
+                name, weights="DEFAULT", num_classes=num_classes, **kwargs
+            )
         except ValueError as err:
             raise ConfigError(f"torchvision:{name} pretrained: {err}") from None
-    return torchvision.models.get_model(name, num_classes=num_classes)
+    return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
 
 
 def pretrained_defaults(name: str) -> dict[str, Any]:
@@ -213,13 +228,16 @@ def foreign_config(
     or ``imagefolder:PATH`` (with timm's pretrained input size and normalisation for
     ``model_name`` where timm has them). ``input_size``, ``mean``, ``std`` override those,
     ``calib`` names a folder of class folders for BN re-estimation. ``model.name`` is
-    ``model_name`` and ``method`` is :data:`FOREIGN_METHOD`.
+    ``model_name``, ``model.kwargs`` the recipe's when it names the same model (else none),
+    and ``method`` is :data:`FOREIGN_METHOD`.
 
     Raises:
         ConfigError: an unreadable recipe or bad values.
     """
     if data.endswith((".yaml", ".yml")) or Path(data).is_file():
         cfg = load_config(data)
+        if cfg.model.name != model_name:  # its model.kwargs are of another model
+            cfg.model.kwargs = {}
         fields: dict[str, Any] = {}
     else:
         cfg = OmegaConf.structured(TrainConfig)

@@ -210,6 +210,7 @@ def _group_stats(runs: Sequence[_Run], split: str) -> dict[str, Any]:
     if all(run.config.get("method") == "motivation" for run in runs):
         stats["base_acc"] = _mean_std(column("base_acc"))
         stats["motivated_acc"] = _mean_std(column("motivated_acc"))
+        stats["motivated_acc_raw"] = _mean_std(column("motivated_acc_raw"))
         stats["flops_per_image"] = _mean_std(column("flops_per_image"))
     return stats
 
@@ -462,7 +463,8 @@ def compare_rows(result: dict[str, Any]) -> list[tuple[list[str], list[list[str]
     tables = [(header, rows)]
     motivation = [g for g in result["groups"] if "base_acc" in g]
     if motivation:
-        header = [*keys, "base %", "motivated %", "F_X-Y MFLOPs", "X classical %"]
+        header = [*keys, "base %", "motivated %", "motivated % (base's BN)", "F_X-Y MFLOPs"]
+        header += ["X classical %"]
         header += ["Y classical %", "ACC/FLOPs X-Y-B (pp/MFLOP)", "ACC/FLOPs Y-C (pp/MFLOP)"]
         header += ["ACC/F ratio"]
         rows = []
@@ -474,6 +476,7 @@ def compare_rows(result: dict[str, Any]) -> list[tuple[list[str], list[list[str]
                 + [
                     format_mean_std(group["base_acc"]),
                     format_mean_std(group["motivated_acc"]),
+                    format_mean_std(group["motivated_acc_raw"]),
                     _number(flops / 1e6 if flops is not None else None, 2),
                     _number(eff.get("acc_xc"), 2),
                     _number(eff.get("acc_yc"), 2),

@@ -141,9 +141,16 @@ def _cost_text(row: dict[str, Any]) -> str:
 def _nothing_fits(rows: Sequence[dict[str, Any]], budget: Budget) -> ConfigError:
     if budget.max_latency_ms is not None and any(budget.fits_cost(r) for r in rows):
         measured = [r for r in rows if r.get("latency_ms") is not None and budget.fits_cost(r)]
+        if not measured:  # a table that neither measured nor predicts these
+            return ConfigError(
+                f"no sub-network fits the budget ({budget.describe()}): none inside the FLOPs "
+                "and parameter bounds has a latency; measure them (a kit with that front) or "
+                "allow the predictor (--max-prediction-error)"
+            )
         fastest = min(measured, key=lambda r: (r["latency_ms"], r["flops"]))
+        how = "predicted" if fastest.get("latency_source") == "predicted" else "measured"
         return ConfigError(
-            f"no sub-network fits the budget ({budget.describe()}): the fastest measured, "
+            f"no sub-network fits the budget ({budget.describe()}): the fastest {how}, "
             f"{fastest['subnet']}, takes {fastest['latency_ms']:.3f} ms "
             f"({fastest['flops'] / 1e6:.2f} MFLOPs)"
         )
@@ -222,7 +229,7 @@ def select_subnet(
     Returns:
         ``subnets`` (one row per sub-network: ``subnet``, ``depths``, ``blocks``, ``is_main``,
         ``bn``, ``val_acc``, ``test_acc``, ``flops``, ``params``, ``latency_ms`` (or ``None``),
-        ``latency_source`` (``measured`` here, ``table``, ``predicted`` or ``None``), ``on_front``, ``on_latency_front``, ``fits_budget``), ``main`` and ``pick`` (rows),
+        ``latency_source`` (``measured``, here or in the table, ``predicted`` or ``None``), ``on_front``, ``on_latency_front``, ``fits_budget``), ``main`` and ``pick`` (rows),
         ``front`` and ``latency_front`` (sub-network strings, cheapest first), ``selection_split``,
         ``budget`` and ``latency`` (the settings, threads included).
 
@@ -383,18 +390,20 @@ def _stop_if_cheapest_is_too_slow(
     rows: list[dict[str, Any]], budget: Budget, time_rows: Callable[[Sequence[int]], None] | None
 ) -> None:
     """Before the costly evaluation: if the cheapest sub-network is too slow for the latency
-    bound of ``budget`` (if any; ``time_rows``, if any, measures it; a table gave it already),
-    stop here."""
+    bound of ``budget`` (if any; ``time_rows`` measures it), stop here. Without ``time_rows``
+    the rows hold a table's latencies already: stop if none of them fits."""
     if budget.max_latency_ms is None:
+        return
+    if time_rows is None:
+        if not any(budget.fits(r) for r in rows):
+            raise _nothing_fits(rows, budget)
         return
     cheapest = min(
         (i for i, r in enumerate(rows) if budget.fits_cost(r)),
         key=lambda i: (rows[i]["flops"], rows[i]["params"]),
     )
-    if time_rows is not None:
-        time_rows([cheapest])
-    ms = rows[cheapest]["latency_ms"]
-    if ms is not None and ms > budget.max_latency_ms:
+    time_rows([cheapest])
+    if rows[cheapest]["latency_ms"] > budget.max_latency_ms:
         raise _nothing_fits([rows[cheapest]], budget)
 
 

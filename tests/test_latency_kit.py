@@ -14,7 +14,7 @@ import pytest
 
 import nestedtrain as nt
 from nestedtrain.analysis import kit_measure
-from nestedtrain.analysis.latency import model_identity
+from nestedtrain.analysis.latency import kit_subnets, model_identity
 from nestedtrain.cli import main
 from nestedtrain.flops import count_flops, count_params
 
@@ -99,6 +99,31 @@ def test_kit_into_a_used_folder_is_refused(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "not an empty folder" in err
     assert [p.name for p in (tmp_path / "kit").iterdir()] == ["mine.txt"]
+
+
+def test_kit_subnets_are_seeded_and_determine_every_stage_cost():
+    model = nt.create_model("resnet32", num_classes=10, in_chans=1)
+    pool = nt.OrderedSampler(model).all()
+    front = [nt.Subnet.parse(model, "1-1-2")]
+    kit = kit_subnets(model, front, pool, held_out=5, seed=3, fit=4)
+    assert kit == kit_subnets(model, front, pool, held_out=5, seed=3, fit=4)
+    assert kit != kit_subnets(model, front, pool, held_out=5, seed=4, fit=4)
+    roles = {str(s): role for s, role in kit}
+    assert roles["1-1-2"] == "front" and roles["5-5-5"] == "main"
+    assert all(roles[c] == "fit" for c in ("1-1-1", "5-1-1", "1-5-1", "1-1-5"))
+    assert sorted(roles.values()).count("fit") == 4 + 4 and len(roles) == len(kit)
+    assert list(roles.values()).count("held_out") == 5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--held-out", "-1"], "--held-out -1 must be >= 0"), (["--fit", "-2"], "--fit -2")],
+)
+def test_bad_kit_options_are_one_line(run_dir, tmp_path, capsys, args, message):
+    assert main(["latency-kit", str(run_dir), "--out", str(tmp_path / "kit"), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "kit").exists()
 
 
 def test_the_blocker_really_blocks_torch(tmp_path):

@@ -9,10 +9,11 @@ its FLOPs, parameters and sha256, the model's identity and input shape) and ``me
 made for another architecture or input shape.
 
 The kit's sub-networks have roles: ``front`` (the accuracy-vs-FLOPs Pareto front a caller
-chose), ``main`` (the main network), ``fit`` (the smallest sub-network, and for each stage the
+chose), ``main`` (the main network), ``fit`` (the smallest sub-network, for each stage the
 smallest with that stage at its largest depth, so that the additive model is determined even
-when the front is short) and ``held_out`` (a seeded spread of the others, never fitted on:
-the predictor's error is measured on them).
+when the front is short, and a seeded spread of others, so that the fit is not made of the
+space's corners alone) and ``held_out`` (a seeded spread of the rest, never fitted on: the
+predictor's error is measured on them).
 
 The predictor: ordered sub-networks are nearly additive in blocks per stage, so
 ``ms ~ c + sum_s blocks_s * cost_s``, fitted by least squares on every measured file but the
@@ -107,6 +108,7 @@ def kit_subnets(
     pool: Sequence[Subnet],
     held_out: int = 8,
     seed: int = 0,
+    fit: int = 8,
 ) -> list[tuple[Subnet, str]]:
     """The sub-networks of a kit with their roles (see the module docstring), in that order.
 
@@ -116,7 +118,9 @@ def kit_subnets(
         pool: where the ``fit`` and ``held_out`` sub-networks come from (e.g. every ordered
             sub-network).
         held_out: how many others to draw, seeded, for the predictor's held-out check.
-        seed: of that draw (a dedicated generator; the global one is left alone).
+        seed: of the draws (a dedicated generator; the global one is left alone).
+        fit: how many others to draw for the fit, besides the front, the main network and
+            the per-stage corners.
     """
     main = Subnet.full(model)
     chosen: dict[Subnet, str] = {s: "front" for s in front if s != main}
@@ -125,8 +129,9 @@ def kit_subnets(
         chosen.setdefault(subnet, "fit")
     others = sorted(s for s in dict.fromkeys(pool) if s not in chosen)
     generator = torch.Generator().manual_seed(seed)
-    for i in torch.randperm(len(others), generator=generator)[:held_out].tolist():
-        chosen[others[i]] = "held_out"
+    drawn = torch.randperm(len(others), generator=generator).tolist()
+    for n, i in enumerate(drawn[: fit + held_out]):
+        chosen[others[i]] = "fit" if n < fit else "held_out"
     return sorted(chosen.items(), key=lambda item: (_ROLES.index(item[1]), item[0].num_blocks))
 
 

@@ -44,8 +44,9 @@ def _check_options(args: argparse.Namespace) -> None:
     for flag, value in (("--max-mflops", args.max_mflops), ("--max-params", args.max_params)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{flag} {value:g}: give a positive number (or leave it out)")
-    if args.held_out < 0:
-        raise ConfigError(f"--held-out {args.held_out} must be >= 0")
+    for flag, value in (("--held-out", args.held_out), ("--fit", args.fit)):
+        if value < 0:
+            raise ConfigError(f"{flag} {value} must be >= 0")
 
 
 def cmd_latency_kit(args: argparse.Namespace) -> int:
@@ -76,7 +77,9 @@ def cmd_latency_kit(args: argparse.Namespace) -> int:
         select_on=args.select_on,
     )
     front = [Subnet.parse(ckpt.model, s) for s in _front_in_budget(result, budget)]
-    subnets = kit_subnets(ckpt.model, front, pool, held_out=args.held_out, seed=args.seed)
+    subnets = kit_subnets(
+        ckpt.model, front, pool, held_out=args.held_out, seed=args.seed, fit=args.fit
+    )
     source = {
         "command": command_line(args),
         "checkpoint": str(ckpt.path),
@@ -102,7 +105,7 @@ def _print_kit(manifest: dict[str, Any], out: str) -> None:
     print(
         f"wrote {len(manifest['files'])} ONNX files of {manifest['model']['name']} ({shape} "
         f"input) to {out}: {roles['front']} on the Pareto front, the main network, "
-        f"{roles['fit']} more to fit the per-stage costs, {roles['held_out']} held out to check "
+        f"{roles['fit']} more to fit the per-stage costs on, {roles['held_out']} held out to check "
         "the predictor; manifest.json lists each with its FLOPs, parameters and sha256"
     )
     print(
@@ -123,6 +126,14 @@ def _options(parser: argparse.ArgumentParser) -> None:
         default=8,
         metavar="N",
         help="other sub-networks, drawn seeded, to measure the predictor's error on (default 8)",
+    )
+    parser.add_argument(
+        "--fit",
+        type=int,
+        default=8,
+        metavar="N",
+        help="other sub-networks, drawn seeded, to fit the predictor on, besides the front, the "
+        "main network and one per stage (default 8)",
     )
     parser.add_argument(
         "--space",

@@ -11,11 +11,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_model
 
 import nestedtrain as nt
 from nestedtrain.analysis import kit_measure
-from nestedtrain.analysis.latency import kit_subnets, model_identity
+from nestedtrain.analysis.latency import (
+    kit_subnets,
+    model_identity,
+    read_latency_table,
+    write_latency_kit,
+)
 from nestedtrain.cli import main
+from nestedtrain.errors import ConfigError
 from nestedtrain.flops import count_flops, count_params
 
 TINY = ["data.train_subset=256", "batch_size=64", "epochs=1", "eval.subnets=none"]
@@ -168,6 +175,31 @@ def test_measure_refuses_a_provider_that_is_not_there(kit, tmp_path):
     result = _measure(kit, tmp_path, "--providers", "NoSuchExecutionProvider")
     assert result.returncode == 2 and "NoSuchExecutionProvider" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_kit_of_a_timm_model_through_the_library(tmp_path):
+    """The kit is built from a model, not a run folder: a timm MobileNetV3 (six stages, two of
+    them a single block) goes through kit, measure.py and table."""
+    model, side = make_model("timm-mobilenetv3")
+    pool = nt.OrderedSampler(model).all()
+    subnets = kit_subnets(model, [], pool, held_out=3, fit=2)
+    kit = tmp_path / "kit"
+    write_latency_kit(
+        model, subnets, kit, model_name="mobilenetv3_small_050", input_size=side, in_chans=3
+    )
+    args = ["--out", str(tmp_path / "t.json"), "--threads", "1", "--warmup", "1", "--repeats", "3"]
+    assert _measure(kit, tmp_path, *args).returncode == 0
+    identity = model_identity(model, "mobilenetv3_small_050", 3, side)
+    table = read_latency_table(tmp_path / "t.json", identity, max_error=100.0)
+    fit = table.predictor["fit"]
+    assert fit["fixed_blocks"] == {"0": 1, "5": 1}  # single-block stages: part of the constant
+    unmeasured = next(s for s in pool if str(s) not in table.measured)
+    ms, source = table.latency(unmeasured)
+    assert source == "predicted" and ms == kit_measure.predict(
+        fit, [len(b) for b in unmeasured.blocks]
+    )
+    with pytest.raises(ConfigError, match="was measured for mobilenetv3_small_050"):
+        read_latency_table(tmp_path / "t.json", model_identity(model, "x", 3, side * 2))
 
 
 # --------------------------------------------------------------------------- the predictor

@@ -63,7 +63,10 @@ def read_manifest(kit: Path) -> dict[str, Any]:
         raise KitError(
             f"{kit} holds no manifest.json: give the folder nestedtrain latency-kit wrote"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise KitError(f"{path} is not readable JSON ({err}): make the kit again") from None
     if manifest.get("format") != KIT_FORMAT:
         raise KitError(
             f"{path} is of format {manifest.get('format')!r}; this script reads {KIT_FORMAT}"
@@ -248,8 +251,15 @@ def _progress(total_rounds: int, files: Sequence[dict]) -> Any:
     return show
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (a :class:`KitError`), not a usage block."""
+
+    def error(self, message: str) -> Any:
+        raise KitError(message)
+
+
 def _options(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="measure.py", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--kit",
         default=str(Path(__file__).resolve().parent),
@@ -323,6 +333,27 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     )
     if sys.stderr.isatty():
         sys.stderr.write("\n")
+    table = _table(args, manifest, shape, ort, sessions, samples)
+    out = Path(args.out)
+    temporary = out.with_name(out.name + ".tmp")
+    try:
+        temporary.write_text(json.dumps(table, indent=2) + "\n")
+        os.replace(temporary, out)  # whole or not at all
+    except OSError as err:
+        raise KitError(f"cannot write {out}: {err.strerror}") from None
+    return table, out
+
+
+def _table(
+    args: argparse.Namespace,
+    manifest: dict[str, Any],
+    shape: list[int],
+    ort: Any,
+    sessions: Sequence[Any],
+    samples: Sequence[Sequence[float]],
+) -> dict[str, Any]:
+    """``latency.json``: the model, the machine, the settings, each file's timing, the fit."""
+    files = manifest["files"]
     entries = [
         {
             **{
@@ -333,7 +364,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         }
         for e, t in zip(files, samples)
     ]
-    table = {
+    return {
         "format": KIT_FORMAT,
         "kind": "nestedtrain latency table",
         "model": manifest["model"],
@@ -351,11 +382,19 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         "predictor": predictor(entries),
         "entries": entries,
     }
-    out = Path(args.out)
-    temporary = out.with_name(out.name + ".tmp")
-    temporary.write_text(json.dumps(table, indent=2) + "\n")
-    os.replace(temporary, out)  # whole or not at all
-    return table, out
+
+
+def _predictor_text(report: dict[str, Any]) -> str:
+    if report["fit"] is None:
+        return f"additive model: not fitted: {report['why']}"
+    held = report["held_out"]
+    if held is None:
+        return "additive model: fitted, but no file was held out to measure its error"
+    return (
+        f"additive model (fitted on {report['fitted_on']}): held-out relative error median "
+        f"{100 * held['median']:.1f}%, worst {100 * held['worst']:.1f}%, "
+        f"{100 * held['within_10pct']:.0f}% within +-10% ({held['n']} held out)"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -367,19 +406,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     machine = table["machine"]
     print(
-        f"{len(table['entries'])} files timed on {machine['cpu']} ({machine['cores']} cores), onnxruntime "
-        f"{machine['onnxruntime']}, {','.join(machine['providers'])}, {machine['threads']} thread(s), batch {table['batch']}"
+        f"{len(table['entries'])} files timed on {machine['cpu']} ({machine['cores']} cores), "
+        f"onnxruntime {machine['onnxruntime']}, {','.join(machine['providers'])}, threads "
+        f"{machine['threads']}, batch {table['batch']}"
     )
     for e in table["entries"]:
         print(
-            f"  {e['subnet']:<16} {e['role']:<9} {e['ms']:8.3f} ms  (quartiles {e['p25_ms']:.3f}-{e['p75_ms']:.3f})"
+            f"  {e['subnet']:<16} {e['role']:<9} {e['ms']:8.3f} ms  "
+            f"(quartiles {e['p25_ms']:.3f}-{e['p75_ms']:.3f})"
         )
-    held = (table["predictor"] or {}).get("held_out")
-    if held:
-        print(
-            f"additive model: held-out relative error median {100 * held['median']:.1f}%, worst "
-            f"{100 * held['worst']:.1f}%, {100 * held['within_10pct']:.0f}% within +-10% ({held['n']} held out)"
-        )
+    print(_predictor_text(table["predictor"]))
     print(f"wrote {out}")
     return 0
 

@@ -341,6 +341,11 @@ def read_latency_table(
 
 
 # ------------------------------------------------------------------------------- wording
+def threads_text(threads: int | str) -> str:
+    """``2 thread(s)``, or onnxruntime's default when ``measure.py`` was not given one."""
+    return f"{threads} thread(s)" if isinstance(threads, int) else "onnxruntime's default threads"
+
+
 def describe_latency(spec: dict[str, Any]) -> str:
     """Where the latencies of a selection (``select.json``'s ``latency``) come from."""
     if spec.get("source") != "table":
@@ -352,8 +357,8 @@ def describe_latency(spec: dict[str, Any]) -> str:
     machine, timing = spec["machine"], spec["timing"]
     return (
         f"latency from the table {spec['table']}: measured with onnxruntime "
-        f"{machine['onnxruntime']} ({', '.join(machine['providers'])}, {machine['threads']} "
-        f"thread(s)) on {machine['cpu']} ({machine['cores']} cores), batch {spec['batch']}: "
+        f"{machine['onnxruntime']} ({', '.join(machine['providers'])}, "
+        f"{threads_text(machine['threads'])}) on {machine['cpu']} ({machine['cores']} cores), batch {spec['batch']}: "
         f"median of {timing['repeats']} runs in {timing['rounds']} interleaved rounds after "
         f"{timing['warmup']} warm-up; {spec['measured_subnets']} sub-networks measured there"
     )

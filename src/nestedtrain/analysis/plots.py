@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..runfiles import atomic_save
+from .latency import threads_text
 
 __all__ = [
     "plot_comparison",
@@ -300,7 +301,7 @@ def _latency_axis(spec: dict[str, Any]) -> str:
         machine = spec["machine"]
         return (
             f"device latency, ms (median; onnxruntime {machine['onnxruntime']}, "
-            f"{machine['threads']} thread(s), batch {spec['batch']};\n{machine['cpu']})"
+            f"{threads_text(machine['threads'])}, batch {spec['batch']};\n{machine['cpu']})"
         )
     where = f"{spec.get('device', '?')}, batch {spec.get('batch', '?')}, "
     where += f"{spec.get('threads', '?')} thread(s)"

@@ -15,6 +15,7 @@ from conftest import make_model
 
 import nestedtrain as nt
 from nestedtrain.analysis import kit_measure
+from nestedtrain.analysis import latency as latency_module
 from nestedtrain.analysis.latency import (
     kit_subnets,
     model_identity,
@@ -131,6 +132,25 @@ def test_bad_kit_options_are_one_line(run_dir, tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err
     assert not (tmp_path / "kit").exists()
+
+
+def test_a_failed_export_leaves_no_kit_behind(tmp_path, monkeypatch):
+    model = nt.create_model("resnet20", num_classes=10, in_chans=1)
+    subnets = kit_subnets(model, [], nt.OrderedSampler(model).all(), held_out=1, fit=0)
+    real, calls = latency_module.export_onnx, []
+
+    def export_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ConfigError("ONNX parity check failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(latency_module, "export_onnx", export_then_fail)
+    with pytest.raises(ConfigError, match="parity"):
+        write_latency_kit(
+            model, subnets, tmp_path / "kit", model_name="r", input_size=8, in_chans=1
+        )
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []
 
 
 def test_the_blocker_really_blocks_torch(tmp_path):
@@ -316,6 +336,7 @@ def test_prediction_threshold_is_the_users(run_dir, table, tmp_path, capsys):
         ("model", "was measured for resnet32 (blocks 5-5-5) on 1x8x8 input"),
         ("input", "on 1x28x28 input, not for this resnet20"),
         ("kind", "is not a latency table"),
+        ("entries", "lacks the model, its entries or their latencies"),
     ],
 )
 def test_a_table_of_another_model_is_refused(run_dir, table, tmp_path, capsys, change, message):
@@ -326,7 +347,7 @@ def test_a_table_of_another_model_is_refused(run_dir, table, tmp_path, capsys, c
     elif change == "input":
         data["model"]["input_shape"] = [1, 28, 28]
     else:
-        data.pop("kind")
+        data.pop(change)
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps(data))
     out = tmp_path / "sel"

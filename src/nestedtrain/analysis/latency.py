@@ -320,21 +320,25 @@ def read_latency_table(
         raise ConfigError(
             f"{path} is not a latency table: give the latency.json that the kit's measure.py wrote"
         )
-    theirs = table["model"]
-    if (theirs["architecture_sha256"], theirs["input_shape"]) != (
-        identity["architecture_sha256"],
-        identity["input_shape"],
-    ):
+    try:
+        theirs, entries = table["model"], table["entries"]
+        ours = (theirs["architecture_sha256"], theirs["input_shape"])
+        measured = {e["subnet"]: float(e["ms"]) for e in entries}
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(
+            f"{path} lacks the model, its entries or their latencies: give a whole latency.json "
+            "as measure.py wrote it"
+        ) from None
+    if ours != (identity["architecture_sha256"], identity["input_shape"]):
         raise ConfigError(
             f"{path} was measured for {_describe_identity(theirs)}, not for this "
             f"{_describe_identity(identity)} (architecture or input shape differs): make a "
             "kit for this model with nestedtrain latency-kit"
         )
-    entries = table["entries"]
     return LatencyTable(
         path=str(path),
         table=table,
-        measured={e["subnet"]: float(e["ms"]) for e in entries},
+        measured=measured,
         predictor=kit_measure.predictor(entries),
         max_error=max_error,
     )
@@ -380,8 +384,6 @@ def describe_predictor(spec: dict[str, Any]) -> str | None:
             f"({held['n']} held out)"
         )
     if spec["predicting"]:
-        return (
-            text
-            + f"; it predicts the other sub-networks (limit {100 * spec['max_prediction_error']:g}% worst)"
-        )
+        limit = 100 * spec["max_prediction_error"]
+        return text + f"; it predicts the other sub-networks (limit {limit:g}% worst)"
     return text + f"; NOT used: {spec['refusal']}; only measured sub-networks have a latency"

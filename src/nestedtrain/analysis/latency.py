@@ -362,7 +362,8 @@ def describe_latency(spec: dict[str, Any]) -> str:
     return (
         f"latency from the table {spec['table']}: measured with onnxruntime "
         f"{machine['onnxruntime']} ({', '.join(machine['providers'])}, "
-        f"{threads_text(machine['threads'])}) on {machine['cpu']} ({machine['cores']} cores), batch {spec['batch']}: "
+        f"{threads_text(machine['threads'])}) on {machine['cpu']} ({machine['cores']} cores), "
+        f"batch {spec['batch']}: "
         f"median of {timing['repeats']} runs in {timing['rounds']} interleaved rounds after "
         f"{timing['warmup']} warm-up; {spec['measured_subnets']} sub-networks measured there"
     )

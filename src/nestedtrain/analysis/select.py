@@ -229,9 +229,11 @@ def select_subnet(
     Returns:
         ``subnets`` (one row per sub-network: ``subnet``, ``depths``, ``blocks``, ``is_main``,
         ``bn``, ``val_acc``, ``test_acc``, ``flops``, ``params``, ``latency_ms`` (or ``None``),
-        ``latency_source`` (``measured``, here or in the table, ``predicted`` or ``None``), ``on_front``, ``on_latency_front``, ``fits_budget``), ``main`` and ``pick`` (rows),
+        ``latency_source`` (``measured``, here or in the table, ``predicted`` or ``None``),
+        ``on_front``, ``on_latency_front``, ``fits_budget``), ``main`` and ``pick`` (rows),
         ``front`` and ``latency_front`` (sub-network strings, cheapest first), ``selection_split``,
-        ``budget`` and ``latency`` (the settings, threads included).
+        ``budget`` and ``latency`` (the settings, threads included; for a table, its machine,
+        the predictor and its held-out error).
 
     Raises:
         ConfigError: a bad split choice, a latency bound without a way to measure it, or a

@@ -320,6 +320,11 @@ def read_latency_table(
         raise ConfigError(
             f"{path} is not a latency table: give the latency.json that the kit's measure.py wrote"
         )
+    if table.get("format") != kit_measure.KIT_FORMAT:
+        raise ConfigError(
+            f"{path} is a latency table of format {table.get('format')!r}; this nestedtrain reads "
+            f"format {kit_measure.KIT_FORMAT}: measure the kit again with its measure.py"
+        )
     try:
         theirs, entries = table["model"], table["entries"]
         ours = (theirs["architecture_sha256"], theirs["input_shape"])

@@ -18,8 +18,7 @@ from PIL import Image
 from test_bad_images import BAD, _break, _tree
 
 from nestedtrain.cli import main
-from nestedtrain.data import DataConfig, build_data
-from nestedtrain.data import decode
+from nestedtrain.data import DataConfig, build_data, decode
 from nestedtrain.data.decode import (
     BatchDecoder,
     EncodedBatch,
@@ -275,3 +274,80 @@ def test_a_held_batch_costs_one_descriptor_not_one_per_image(tmp_path):
         batches._shutdown_workers()  # persistent workers: not left to the interpreter's exit
     assert len(held) == 20 and sum(len(batch) for batch in held) == 20 * 64
     assert grown <= 2 * 19, f"{grown} more open descriptors for 19 batches of 64 images"
+
+
+def test_the_stream_is_drained_before_every_decode(smooth_root, monkeypatch):
+    # On CUDA a decoder may write outside stream order (torchvision's private stream, nvJPEG's
+    # hardware engine) into blocks the allocator just took back from the previous batch,
+    # whose crop kernels may still be queued: BatchDecoder drains the current stream first.
+    calls = []
+    monkeypatch.setattr(decode, "_drain_current_stream", lambda device: calls.append("drain"))
+    real = make_decode("torchcodec", torch.device("cpu"), 1)
+
+    def stand_in(decoder, device, threads):
+        def record(datas):
+            calls.append("decode")
+            return real(datas)
+
+        return record
+
+    monkeypatch.setattr("nestedtrain.data.loaders.make_decode", stand_in)
+    batches = _batches(smooth_root, "torchcodec")
+    assert len(batches) == 5 and calls == ["drain", "decode"] * 5
+
+    class Stream:  # what the drain does on CUDA: the current stream, waited for on the host
+        def synchronize(self):
+            calls.append("synchronize")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    calls.clear()
+    decode._drain_current_stream(torch.device("cuda", 0))
+    decode._drain_current_stream(torch.device("cpu"))
+    assert calls == ["synchronize"]
+
+
+def test_the_loader_pins_a_batch_as_one_tensor(smooth_root, monkeypatch):
+    from torch.utils.data._utils.pin_memory import pin_memory  # what DataLoader calls
+
+    samples = sorted((str(p), 0) for p in (smooth_root / "train").rglob("*.jpg"))
+    transform = folder_train_transform(16, "rrc", 0, 0.5, None)
+    dataset = EncodedSamples(samples, lambda path: Image.open(path).convert("RGB"), transform)
+    batch = collate_encoded([dataset[(i, i)] for i in range(6)])  # one EXIF image: PIL path
+    assert batch.shapes[0] == (3, 16, 16) and batch.shapes[1:] == [None] * 5
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t.clone())
+    out = pin_memory(batch)
+    assert isinstance(out, EncodedBatch) and len(pinned) == 1 and pinned[0] is batch.buffer
+    assert torch.equal(out.sample(0), dataset[(0, 0)].image)
+    assert torch.equal(out.sample(3), dataset[3].data)
+
+
+def test_batch_color_jitter_copies_the_factors_to_the_device_once(monkeypatch):
+    # On CUDA a torch.tensor(..., device=) from Python numbers is a blocking copy; the factors
+    # of the whole batch go in one tensor (pinned, queued: transforms.to_device).
+    from torchvision import transforms as T
+
+    from nestedtrain.data import transforms
+    from nestedtrain.data.transforms import BatchColorJitter, host_rng_scope
+
+    batched = BatchColorJitter(T.ColorJitter(0.4, 0.4, 0.4))
+    params = []
+    for i in range(40):
+        with host_rng_scope(i):
+            params.append(batched.draw())
+    assert len({order for order, *_ in params}) > 5
+    copies, on_device = [], []
+    real_copy, real_tensor = transforms.to_device, torch.tensor
+    monkeypatch.setattr(
+        transforms, "to_device", lambda t, device: copies.append(t) or real_copy(t, device)
+    )
+
+    def tensor(*args, **kwargs):
+        if kwargs.get("device") is not None:
+            on_device.append(kwargs["device"])
+        return real_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    batched(torch.randint(0, 256, (40, 3, 6, 5), dtype=torch.uint8), params)
+    assert [tuple(t.shape) for t in copies] == [(40, 4)] and on_device == []

@@ -417,8 +417,9 @@ class BatchDecoder:
         private one that does not wait for it (pytorch/vision PR 9606), and nvJPEG's hardware
         engine (A100, H100; baseline JPEGs) does not wait for the stream it is given
         (TorchCodec 0.16 corrupted there too, meta-pytorch/torchcodec PR 1634). Once the
-        stream is drained every block it can hand out is idle, whatever the decoder does. It
-        costs little: the decoders already wait on the host for their own work.
+        stream is drained every block it can hand out is idle, whatever the decoder does.
+        With TorchCodec it adds no wait: its CUDA decode already synchronises that same stream
+        on the host before it returns (the wait moves earlier, as in that PR's fix).
         """
         _drain_current_stream(self.device)
         try:

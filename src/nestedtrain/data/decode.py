@@ -6,16 +6,16 @@ file's bytes (and checks that they are a complete RGB or greyscale JPEG) and sen
 as one flat byte tensor; the main process decodes the batch where the model runs:
 ``torchcodec.decoders.decode_jpeg`` (nvJPEG, batched, on CUDA; libjpeg-turbo on the CPU;
 torchvision's deprecated ``decode_jpeg`` where TorchCodec is not installed) or a DALI pipeline
-(its ``mixed`` decoder on CUDA, its CPU decoder threads otherwise). ``torchvision`` is the
-earlier name of ``torchcodec`` and means the same. Each decoded image then goes through the same torchvision/timm
-transform objects as the PIL path, on the tensor, inside the image's own seed scope (a final
-colour jitter runs on the whole batch with the factors each image drew): the same crop box,
-flip and colour-jitter factors as ``decoder=pil`` for every image, only resampled by torch
-instead of PIL.
+(its ``mixed`` decoder on CUDA, its CPU decoder threads otherwise); ``torchvision`` is the
+earlier name of ``torchcodec`` and means the same. Each decoded image then goes through the
+same torchvision/timm transform objects as the PIL path, on the tensor, inside the image's own
+seed scope (a final colour jitter runs on the whole batch with the factors each image drew):
+the same crop box, flip and colour-jitter factors as ``decoder=pil`` for every image, only
+resampled by torch instead of PIL.
 
-Files that are not such JPEGs (PNG, CMYK, truncated, not an image at all) take the PIL path in
-the worker, where a file that does not decode is replaced and reported as before
-(``read_or_replace``). A batch the decoder rejects is redone image by image with PIL in the
+Files that are not such JPEGs (PNG, CMYK, truncated, not an image at all, EXIF-rotated) take
+the PIL path in the worker, where a file that does not decode is replaced and reported as
+before (``read_or_replace``). A batch the decoder rejects is redone image by image with PIL in the
 main process, with the same replacement and report.
 """
 
@@ -60,8 +60,8 @@ __all__ = [
 ]
 
 DECODERS = ("pil", "torchcodec", "dali")
-# Names kept so that older recipes run: torchvision's decode_jpeg is deprecated (torchvision
-# 0.29) in favour of TorchCodec's, which now decodes for the name.
+# Earlier names, kept so that older recipes run: "torchvision" decoded with torchvision's
+# decode_jpeg, which torchvision 0.29 deprecates in favour of TorchCodec's.
 _ALIASES = {"torchvision": "torchcodec"}
 _DALI_INSTALL = (
     "pip install 'nestedtrain[dali]' (the CUDA 13 build; nvidia-dali-cuda120 for CUDA 12)"
@@ -97,7 +97,7 @@ def check_decoder(name: str, decoder: str, auto_augment: str | None) -> None:
 
 @dataclass
 class Encoded:
-    """One sample as a worker sends it: the file's bytes, or an image it decoded itself.
+    """One sample as a worker reads it: the file's bytes, or an image it decoded itself.
 
     Attributes:
         data: the JPEG file's bytes (uint8), or None when ``image`` is set.

@@ -241,7 +241,7 @@ def bytes_only(args, root: Path) -> float:
         collate_fn=collate_encoded,
         drop_last=True,
     )
-    return _loader_rate(([item.label for item in batch], None) for batch in loader)
+    return _loader_rate((batch.labels, None) for batch in loader)
 
 
 DECODER_ROWS = {

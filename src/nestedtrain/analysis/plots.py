@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..runfiles import atomic_save
+from .latency import threads_text
 
 __all__ = [
     "plot_comparison",
@@ -288,6 +289,8 @@ def _pareto_panel(
     acc = f"{result['selection_split']}_acc"
     rows = [r for r in result["subnets"] if r.get(cost) is not None and r.get(acc) is not None]
     flag = "on_front" if cost == "flops" else "on_latency_front"
+    predicted = [r for r in rows if cost != "flops" and r.get("latency_source") == "predicted"]
+    rows = [r for r in rows if r not in predicted]
     ax.plot(
         [r[cost] / scale for r in rows],
         [r[acc] for r in rows],
@@ -297,6 +300,17 @@ def _pareto_panel(
         alpha=0.5,
         label=f"sub-networks ({len(rows)})" if cost == "flops" else f"measured ({len(rows)})",
     )
+    if predicted:  # hollow: the table's additive model, not a measurement
+        ax.plot(
+            [r[cost] / scale for r in predicted],
+            [r[acc] for r in predicted],
+            "o",
+            ms=4,
+            mfc="none",
+            color="tab:gray",
+            alpha=0.6,
+            label=f"predicted ({len(predicted)})",
+        )
     front = sorted((r for r in rows if r.get(flag)), key=lambda r: r[cost])
     ax.plot(
         [r[cost] / scale for r in front],
@@ -340,19 +354,29 @@ def plot_pareto(result: dict[str, Any], path: str | Path, title: str = "") -> Pa
         axes[0], result, "flops", 1e6, "forward MFLOPs per image", budget.get("max_mflops")
     )
     if timed:
-        spec = result.get("latency") or {}
-        where = f"{spec.get('device', '?')}, batch {spec.get('batch', '?')}, "
-        where += f"{spec.get('threads', '?')} thread(s)"
         _pareto_panel(
             axes[1],
             result,
             "latency_ms",
             1.0,
-            f"measured latency, ms (median; {where})",
+            _latency_axis(result.get("latency") or {}),
             budget.get("max_latency_ms"),
         )
     figure.suptitle(title or f"pick {result['pick']['subnet']} for budget: {_budget_text(budget)}")
     return save_figure(figure, path)
+
+
+def _latency_axis(spec: dict[str, Any]) -> str:
+    """The latency panel's axis label: measured here, or on the device of a latency table."""
+    if spec.get("source") == "table":
+        machine = spec["machine"]
+        return (
+            f"device latency, ms (median; onnxruntime {machine['onnxruntime']}, "
+            f"{threads_text(machine['threads'])}, batch {spec['batch']};\n{machine['cpu']})"
+        )
+    where = f"{spec.get('device', '?')}, batch {spec.get('batch', '?')}, "
+    where += f"{spec.get('threads', '?')} thread(s)"
+    return f"measured latency, ms (median; {where})"
 
 
 def _budget_text(budget: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from ..runfiles import (
     read_metrics,
 )
 from .kl_drift import kl_drift_summary
+from .latency import describe_latency, describe_predictor
 from .plots import plot_kl_drift, plot_training_curves
 
 __all__ = ["write_report"]
@@ -346,11 +347,9 @@ def _render_select(section: _Section, data: dict[str, Any]) -> None:
         f"{data.get('budget_text', '–')}; BN {data['bn']}"
     )
     if data.get("latency"):
-        spec = data["latency"]
-        section.notes.append(
-            f"latency measured on {spec['device']}, batch {spec['batch']}, {spec['threads']} "
-            f"thread(s): median of {spec['repeats']} runs in {spec.get('rounds', 1)} interleaved rounds after {spec['warmup']} warm-up"
-        )
+        section.notes.append(describe_latency(data["latency"]))
+        if predictor := describe_predictor(data["latency"]):
+            section.notes.append(predictor)
     front = sorted((r for r in data["subnets"] if r["on_front"]), key=lambda r: r["flops"])
     pick, main = data["pick"]["subnet"], data["main"]["subnet"]
     section.table(

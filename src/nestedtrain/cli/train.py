@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers,
         "train",
         cmd_train,
-        help="train with a recipe (ct | st | stpp | motivation)",
+        help="train with a recipe (ct | st | stpp | sandwich | motivation)",
         description="Train with a YAML recipe; any field can be overridden as key=value.",
         epilog="recipe fields and defaults:\n" + describe_fields(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -49,8 +49,9 @@ class DataConfig:
     label_smoothing: float = 0.0  # folded into the soft targets when mixing
     # DataLoader workers for on-disk datasets; None: this node's CPUs per rank, less one (<= 16)
     num_workers: Optional[int] = None
-    # imagefolder JPEG decoding: pil (in the workers) | torchvision (decode_jpeg where the
-    # model runs: nvJPEG on CUDA) | dali (NVIDIA DALI, the [dali] extra)
+    # imagefolder JPEG decoding: pil (in the workers) | torchcodec (TorchCodec's decode_jpeg
+    # where the model runs: nvJPEG on CUDA; torchvision's where TorchCodec is missing; its old
+    # name torchvision means the same) | dali (NVIDIA DALI, the [dali] extra)
     decoder: str = "pil"
     on_device: Optional[bool] = None  # keep the images on the device; None = small datasets only
     calib_images: int = 2000  # training images for BatchNorm re-calibration

@@ -431,7 +431,7 @@ class _FolderData(Data):
         self._splits, self._loader = splits, loader
         self.n_calib = len(splits.get("calib", splits["train"]))
         self._workers = default_workers() if cfg.num_workers is None else cfg.num_workers
-        # decoder=torchvision|dali: the workers read bytes, the main process decodes
+        # decoder=torchcodec|dali: the workers read bytes, the main process decodes
         self._decode = (
             None if cfg.decoder == "pil" else make_decode(cfg.decoder, self.device, self._workers)
         )
@@ -554,6 +554,9 @@ def ahead_on_device(
 
     On CUDA the next batch is prepared on a side stream while the current one is used, as
     timm's PrefetchLoader does: its host-to-device copy and normalisation overlap the step.
+    The device JPEG decoders run in ``prepare`` on the side stream too; ``BatchDecoder`` waits
+    for that stream before each decode (a decoder may write outside stream order), and the
+    main stream's use of a batch is ordered by ``wait_stream`` and ``record_stream`` below.
     """
     if device.type != "cuda":
         yield from map(prepare, batches)

@@ -30,6 +30,7 @@ from ..methods import (
     MethodStep,
     MotivationTraining,
     Precision,
+    SandwichTraining,
     StimulativeTraining,
 )
 from ..methods.conditions import Condition, build_condition
@@ -292,7 +293,8 @@ def _build_st(parts: MethodParts) -> MethodStep:
     cfg = parts.cfg
     options = plain(cfg.st)
     kind, space, p = (options.pop(name) for name in _SAMPLER_FIELDS)
-    return StimulativeTraining(
+    step = SandwichTraining if cfg.method == "sandwich" else StimulativeTraining
+    return step(
         parts.wrapped,
         parts.optimizer,
         sampler=build_sampler(parts.model, kind=kind, space=space, p=p),
@@ -329,6 +331,7 @@ def _build_motivation(parts: MethodParts) -> MethodStep:
         precision=parts.precision,
         label_smoothing=cfg.data.label_smoothing,
         criterion=build_criterion(cfg),
+        reestimate_bn=cfg.motivation.reestimate_bn,
     )
 
 
@@ -382,6 +385,7 @@ METHODS: dict[str, MethodSpec] = {
     "ct": MethodSpec(_build_ct),
     "st": MethodSpec(_build_st, samples_subnets=True),
     "stpp": MethodSpec(_build_st, samples_subnets=True),
+    "sandwich": MethodSpec(_build_st, samples_subnets=True),
     "motivation": MethodSpec(_build_motivation),
 }
 

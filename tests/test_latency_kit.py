@@ -361,3 +361,18 @@ def test_table_and_local_measurement_exclude_each_other(run_dir, table, tmp_path
     args = ["--latency-table", str(table), "--latency-device", "cpu", "--out", str(tmp_path)]
     assert main(["select", str(run_dir), *args]) == 2
     assert "give one of them" in capsys.readouterr().err
+
+
+def test_a_kit_of_weights_trained_elsewhere_serves_the_runs_table(run_dir, kit, table, tmp_path):
+    """``latency-kit --model NAME --weights FILE --data ...`` opens a plain state_dict as the
+    analyses do; its kit is the run's (same model, input, files), so one table serves both."""
+    out = tmp_path / "kit"
+    argv = ["latency-kit", "--model", "resnet20", "--weights", str(run_dir / "weights.pt")]
+    argv += ["--data", "digits", "--out", str(out), "--held-out", str(HELD_OUT)]
+    assert main(argv) == 0
+    ours, theirs = (json.loads((k / "manifest.json").read_text()) for k in (out, kit))
+    assert ours["model"] == theirs["model"] and ours["input_shape"] == theirs["input_shape"]
+    assert [f["subnet"] for f in ours["files"]] == [f["subnet"] for f in theirs["files"]]
+    select = ["select", "--model", "resnet20", "--weights", str(run_dir / "weights.pt")]
+    select += ["--data", "digits", "--latency-table", str(table), "--max-latency-ms", "1000"]
+    assert main([*select, "--out", str(tmp_path / "select")]) == 0

@@ -1,6 +1,7 @@
 """``nestedtrain latency-kit``: the files to time on the device a model will be served on.
 
-``latency-kit RUN --out KIT/`` evaluates the run's sub-networks as ``select`` does (BN
+``latency-kit RUN --out KIT/`` (or ``--model NAME --weights FILE --data ...`` for a model
+trained elsewhere, opened as the analyses open it) evaluates the run's sub-networks as ``select`` does (BN
 re-estimated for each, on the validation split), takes the accuracy-vs-FLOPs Pareto front
 within the optional FLOPs/parameter budget, adds the main network, the sub-networks that
 determine the additive latency model and a seeded spread of held-out others, and writes them
@@ -26,9 +27,9 @@ from .common import (
     batch_size,
     checkpoint_data,
     command_line,
-    open_checkpoint,
 )
 from .deploy import candidate_subnets
+from .opening import add_model_options, open_target
 
 __all__ = ["register"]
 
@@ -56,11 +57,11 @@ def cmd_latency_kit(args: argparse.Namespace) -> int:
     require_onnx()  # before minutes of evaluation
     check_kit_folder(args.out)
     device = pick_device(args.device)
-    ckpt = open_checkpoint(args.run, device)
+    ckpt = open_target(args, device, "run")
     data, cfg = checkpoint_data(ckpt, device), ckpt.cfg
     if data.n_val == 0 and args.select_on == "val":
         raise ConfigError(
-            f"{args.run} holds out no validation split (data.val_size=0): pass --select-on test "
+            f"{args.run or args.data} holds out no validation split (data.val_size=0): pass --select-on test "
             "to choose the Pareto front on test"
         )
     batch = batch_size(args.batch_size, cfg)
@@ -116,7 +117,10 @@ def _print_kit(manifest: dict[str, Any], out: str) -> None:
 
 
 def _options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="a run folder or a checkpoint .pt")
+    parser.add_argument(
+        "run", metavar="RUN", nargs="?", help="a run folder or a checkpoint .pt (or --model)"
+    )
+    add_model_options(parser, data=True)
     parser.add_argument("--out", required=True, metavar="KIT", help="a new folder for the kit")
     parser.add_argument("--max-mflops", type=float, metavar="X", help="front within X MFLOPs")
     parser.add_argument("--max-params", type=float, metavar="M", help="front within M M params")

@@ -340,7 +340,7 @@ def bytes_only(args, root: Path) -> float:
         prefetch_factor=PREFETCH if args.workers > 0 else None,
     )
     batches = _epochs(lambda _: loader)
-    return _loader_rate((([item.label for item in batch], None) for batch in batches), args)
+    return _loader_rate(((batch.labels, None) for batch in batches), args)
 
 
 DECODER_ROWS = {

@@ -1,21 +1,33 @@
-"""docs/RESULTS.md: the papers' comparisons on Fashion-MNIST at the longest CPU schedule here.
+"""docs/RESULTS.md: ST, ST++ and motivation against the baselines a reviewer asks for, on
+Fashion-MNIST at the longest CPU schedule here.
 
     python bench/results.py [--out runs/results] [--seeds 3] [--epochs 30] [--train 3000]
+    python bench/results.py --quick      # does main still give what RESULTS.md records?
 
-One command, resumable (finished runs are skipped, so running it again continues or only
-rewrites the document). Two chains of runs go side by side, one thread each:
+One command, resumable: finished runs are skipped, interrupted ones resumed, so running it
+again continues the study or only rewrites the document. Every arm shares the model, data,
+optimizer and schedule of ``recipes/fmnist_st.yaml`` (resnet20, SGD Nesterov lr 0.1 cosine)
+but for the sizes given here, and evaluates the main network and 16 sampled sub-networks with
+BN re-estimated for each. Before the runs, the cost of a training step of ST and ST++
+relative to CT's is measured side by side in this process (one thread, interleaved epochs,
+median), and CT is also trained for as many epochs as that cost buys (equal compute).
 
-A. CT and ST at λ 1 and 5 (the ST appendix found 5-10 best on CIFAR), one sweep; then CT of
-   resnet32 (motivation's larger model);
-B. ``nestedtrain tune-k`` for motivation's k (3 folds, k 1-3, a third of the epochs), then
-   motivation resnet20 -> resnet32 with the chosen k, then ST++ (``recipes/fmnist_stpp.yaml``:
-   its λ 1/6 per sub-network was chosen on validation splits, docs/stpp_lambda.md).
+Two chains of runs go side by side, one thread each:
 
-Then, with ``nestedtrain compare``: ST's λ is chosen on the validation split (10% of the
-training images), and the test split is reported for the chosen settings only: CT vs ST vs ST++
-(main network and 16 sampled sub-networks), motivation's base vs CT at the same size, and the
-cost of each method. Every method shares the model, data, optimizer and schedule of
-``recipes/fmnist_st.yaml`` but for the sizes given here.
+A. CT and ST (λ 1); ST++ (``recipes/fmnist_stpp.yaml``, λ 1/6 per sub-network); CT at ST's
+   and at ST++'s compute; ``nestedtrain tune-k`` for motivation's k; motivation resnet20 ->
+   resnet32 at the chosen k and at k 1.
+B. CT of resnet32 (motivation's larger model); CT with stochastic depth at two rates; the
+   sandwich rule at two n; ST++ with stochastic depth at the rate chosen for CT.
+
+Settings (stochastic depth's rate, the sandwich's n, motivation's k) are chosen on the
+validation split (10% of the training split, held out before the subset is drawn) or by
+tune-k's folds; the test split is read once, for the chosen settings.
+
+``--quick`` reruns the study's check row (one seed of a short ST++ run with stochastic depth,
+which goes through the shared-prefix step, KL⁻, resized inputs and drop-path) and says whether
+its main accuracy and loss equal what RESULTS.md records: exactly, on the same machine and
+thread count.
 """
 
 from __future__ import annotations
@@ -25,8 +37,10 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,16 +50,22 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NESTEDTRAIN = [sys.executable, "-m", "nestedtrain"]
-ST_LAMS = ("1", "5")
+DROP_PATH_RATES = ("0.05", "0.1")
+SANDWICH_NS = ("1", "2")
 TUNE_KS = "1,2,3"
 TUNE_FOLDS = 3
+COST_ROUNDS = 5
+# the check row: a short ST++ run that goes through most of the step's code
+CHECK = ["train", "recipes/fmnist_stpp.yaml", "model.name=resnet20", "data.train_subset=3000"]
+CHECK += ["epochs=2", "eval.every=2", "eval.subnets=none", "model.drop_path_rate=0.1", "seed=0"]
+RECORD_START, RECORD_END = "<!-- check row:", "-->"
 
 
-def _run(args: list[str]) -> str:
+def _run(args: list[str], cwd: Path = REPO) -> str:
     """``nestedtrain ARGS`` on one thread; its output, or SystemExit if it fails."""
     print("$ " + _command(args), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*NESTEDTRAIN, *args], capture_output=True, text=True, cwd=REPO, env=env)
+    done = subprocess.run([*NESTEDTRAIN, *args], capture_output=True, text=True, cwd=cwd, env=env)
     print(done.stdout[-4000:], done.stderr[-2000:], sep="\n", flush=True)
     if done.returncode != 0:
         raise SystemExit(f"nestedtrain {args[0]} failed with exit status {done.returncode}")
@@ -75,45 +95,97 @@ def _in_parallel(*chains) -> None:
         raise failures[0]
 
 
+# ------------------------------------------------------------------------ step costs
+def measure_costs(out: Path, train: int) -> dict[str, float]:
+    """Seconds per training epoch of ST and ST++ over CT's, measured side by side: one
+    thread, an epoch of each in turn, the first round warm-up, the median of the rest.
+    Saved in ``out/costs.json`` and read from there on a rerun (so the equal-compute runs'
+    commands stay the same)."""
+    file = out / "costs.json"
+    if file.exists():
+        return json.loads(file.read_text())["relative"]
+    import nestedtrain as nt
+    from nestedtrain.engine.trainer import Trainer
+
+    torch.set_num_threads(1)
+    arms = {"ct": "recipes/fmnist_st.yaml", "st": "recipes/fmnist_st.yaml"}
+    arms["stpp"] = "recipes/fmnist_stpp.yaml"
+    epochs: dict[str, list[float]] = {name: [] for name in arms}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {}
+        for name, recipe in arms.items():
+            overrides = [f"method={name}", "model.name=resnet20", f"data.train_subset={train}"]
+            overrides += [f"epochs={COST_ROUNDS}", "eval.subnets=none"]
+            trainers[name] = Trainer(nt.load_config(REPO / recipe, overrides), Path(tmp) / name)
+        for epoch in range(COST_ROUNDS):
+            for name, trainer in trainers.items():
+                start = time.perf_counter()
+                trainer.train_epoch(epoch, progress=False)
+                epochs[name].append(time.perf_counter() - start)
+    seconds = {name: statistics.median(times[1:]) for name, times in epochs.items()}
+    relative = {name: s / seconds["ct"] for name, s in seconds.items()}
+    report = {"seconds_per_epoch": seconds, "relative": relative, "rounds": COST_ROUNDS}
+    out.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(report, indent=2) + "\n")
+    return relative
+
+
+# ------------------------------------------------------------------------------ study
 class Study:
     """The commands of the study, from the sizes asked for."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        out = args.out
-        self.out = Path(out)
-        seeds = "seed=" + ",".join(str(s) for s in range(args.seeds))
-        sizes = [f"epochs={args.epochs}", f"data.train_subset={args.train}"]
-        every = f"eval.every={max(1, args.epochs // 3)}"
-        common = ["model.name=resnet20", *sizes, every]
-        one = ["--jobs", "1", "--threads", "1"]
-        self.ct_st = ["sweep", "recipes/fmnist_st.yaml", seeds, *common, "+", "method=ct"]
-        self.ct_st += ["+", "method=st", "st.lam=" + ",".join(ST_LAMS), "--out", f"{out}/ct_st"]
-        self.ct_st += one
-        self.stpp = ["sweep", "recipes/fmnist_stpp.yaml", seeds, *common, "--out", f"{out}/stpp"]
-        self.stpp += one
+    def __init__(self, args: argparse.Namespace, costs: dict[str, float]) -> None:
+        out = self.out = Path(args.out)
+        self.args, self.costs = args, costs
+        self.seeds = "seed=" + ",".join(str(s) for s in range(args.seeds))
+        self.sizes = [f"epochs={args.epochs}", f"data.train_subset={args.train}"]
+        self.common = ["model.name=resnet20", *self.sizes, f"eval.every={args.epochs}"]
+        self.one = ["--jobs", "1", "--threads", "1"]
+        st, stpp = "recipes/fmnist_st.yaml", "recipes/fmnist_stpp.yaml"
+        self.ct_st = self._sweep(st, "ct_st", "+", "method=ct", "+", "method=st", "st.lam=1")
+        self.stpp = self._sweep(stpp, "stpp")
+        # CT for as many epochs as ST's and ST++'s measured step cost buys
+        self.compute_epochs = {m: round(args.epochs * costs[m]) for m in ("st", "stpp")}
+        epochs = ",".join(str(e) for e in self.compute_epochs.values())
+        self.ct_compute = ["sweep", st, self.seeds, "model.name=resnet20", "method=ct"]
+        self.ct_compute += [f"data.train_subset={args.train}", f"epochs={epochs}"]
+        self.ct_compute += ["eval.every=1000", "--out", f"{out}/ct_compute", *self.one]
+        rates = "model.drop_path_rate=" + ",".join(DROP_PATH_RATES)
+        self.sd = self._sweep(st, "sd", "method=ct", rates)
+        ns = "st.num_subnets=" + ",".join(SANDWICH_NS)
+        self.sandwich = self._sweep(st, "sandwich", "method=sandwich", ns)
+        self.stpp_sd = self._sweep(stpp, "stpp_sd", "model.drop_path_rate={rate}")
         # CT of the motivated model's architecture: the baseline of motivation's other model
-        self.ct32 = ["sweep", "recipes/fmnist_st.yaml", seeds, "model.name=resnet32", *sizes]
-        self.ct32 += [every, "method=ct", "eval.subnets=none", "--out", f"{out}/ct32", *one]
+        self.ct32 = ["sweep", st, self.seeds, "model.name=resnet32", *self.sizes]
+        self.ct32 += [f"eval.every={args.epochs}", "method=ct", "eval.subnets=none"]
+        self.ct32 += ["--out", f"{out}/ct32", *self.one]
         # motivation with the study's optimizer (the recipe's own is SGD without Nesterov), so
-        # that the CT runs of chain A are its classical baseline
-        mot_recipe = "recipes/motivation_fmnist_resnet20_32.yaml"
+        # that the CT runs of resnet20 and resnet32 are its classical baselines
+        mot = "recipes/motivation_fmnist_resnet20_32.yaml"
         mot_common = ["optim.name=sgd", f"data.train_subset={args.train}"]
         tune_epochs = max(1, args.epochs // 3)
-        # every fold's evaluation is on its held-out fold, after training
-        self.tune_k = ["tune-k", mot_recipe, *mot_common, f"epochs={tune_epochs}"]
+        self.tune_k = ["tune-k", mot, *mot_common, f"epochs={tune_epochs}"]
         self.tune_k += [f"eval.every={tune_epochs}"]
         self.tune_k += ["--folds", str(TUNE_FOLDS), "--k", TUNE_KS, "--out", f"{out}/tune_k"]
-        self.motivation = ["sweep", mot_recipe, seeds, *mot_common, f"epochs={args.epochs}"]
-        self.motivation += [every, "motivation.k={k}", "--out", f"{out}/motivation", *one]
+        self.motivation = ["sweep", mot, self.seeds, *mot_common, f"epochs={args.epochs}"]
+        self.motivation += [f"eval.every={args.epochs}", "motivation.k={ks}"]
+        self.motivation += ["--out", f"{out}/motivation", *self.one]
+
+    def _sweep(self, recipe: str, name: str, *grid: str) -> list[str]:
+        command = ["sweep", recipe, self.seeds, *self.common, *grid]
+        return [*command, "--out", f"{self.out}/{name}", *self.one]
 
     def chain_a(self) -> None:
         _run(self.ct_st)
-        _run(self.ct32)
+        _run(self.stpp)
+        _run(self.ct_compute)
+        _run(self.motivation_command())
 
     def chain_b(self) -> None:
-        self.best_k()
-        _run(self.motivation_command())
-        _run(self.stpp)
+        _run(self.ct32)
+        _run(self.sd)
+        _run(self.sandwich)
+        _run(self.stpp_sd_command())
 
     def best_k(self) -> int:
         report = self.out / "tune_k" / "tune_k.json"
@@ -122,172 +194,250 @@ class Study:
         return int(json.loads(report.read_text())["best_k"])
 
     def motivation_command(self) -> list[str]:
-        k = self.best_k()
-        return [a.replace("{k}", str(k)) for a in self.motivation]
+        ks = ",".join(sorted({"1", str(self.best_k())}))
+        return [a.replace("{ks}", ks) for a in self.motivation]
+
+    def stpp_sd_command(self) -> list[str]:
+        rate = self.chosen("sd", "model.drop_path_rate")[0]
+        return [a.replace("{rate}", rate) for a in self.stpp_sd]
+
+    def chosen(self, sweep: str, field: str) -> tuple[str, str]:
+        """The value of ``field`` with the best mean main accuracy on the validation split
+        among the runs of ``sweep``, and the comparison's printed table."""
+        out = self.out / f"compare_val_{sweep}"
+        command = ["compare", str(self.out / sweep), "--by", field, "--split", "val"]
+        printed = _run([*command, "--out", str(out)])
+        groups = json.loads((out / "compare.json").read_text())["groups"]
+        best = max(groups, key=lambda g: g["main_acc"]["mean"])
+        return best["label"][field], _table(printed)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/results")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--train", type=int, default=3000, help="training images")
-    parser.add_argument("--doc", default=str(REPO / "docs" / "RESULTS.md"))
-    args = parser.parse_args()
-    study = Study(args)
-    start = time.time()
-    _in_parallel(study.chain_a, study.chain_b)
-    print(f"runs took {(time.time() - start) / 60:.0f} minutes this time", flush=True)
-
-    out = study.out
-    choice = ["compare", f"{out}/ct_st", "--by", "method,st.lam", "--baseline", "method=ct"]
-    choice += ["--split", "val", "--out", f"{out}/compare_val"]
-    printed_val = _run(choice)
-    val = json.loads((out / "compare_val" / "compare.json").read_text())
-    st_val = [g for g in val["groups"] if g["label"].get("method") == "st"]
-    chosen = max(st_val, key=lambda g: g["main_acc"]["mean"])
-    lam = chosen["label"]["st.lam"]
-    chosen_runs = list(chosen["runs"])
-    ct_runs = sorted(str(p) for p in (out / "ct_st").glob("*method=ct*") if p.is_dir())
-    test = ["compare", *ct_runs, *chosen_runs, f"{out}/stpp", "--by", "method"]
-    test += ["--baseline", "method=ct", "--out", f"{out}/compare_test"]
-    printed_test = _run(test)
-    mot = ["compare", *ct_runs, f"{out}/ct32", f"{out}/motivation", "--by", "method,model.name"]
-    mot += ["--baseline", "method=ct,model.name=resnet20", "--out", f"{out}/compare_motivation"]
-    printed_mot = _run(mot)
-    tune = json.loads((out / "tune_k" / "tune_k.json").read_text())
-    results = json.loads((out / "compare_test" / "compare.json").read_text())
-    summaries = list(out.glob("*/*/summary.json")) + list(out.glob("tune_k/*/*/summary.json"))
-    compute = sum(json.loads(p.read_text()).get("wall_seconds", 0.0) for p in summaries)
-    motivation = {
-        p.parent.name: json.loads(p.read_text())
-        for p in sorted((out / "motivation").glob("*/summary.json"))
-    }
-    doc = _document(
-        args,
-        study,
-        {"val": (choice, printed_val), "test": (test, printed_test), "mot": (mot, printed_mot)},
-        lam,
-        tune,
-        results,
-        motivation,
-        compute / 60,
-    )
-    Path(args.doc).write_text("\n".join(doc) + "\n")
-    print(f"wrote {args.doc}")
+# --------------------------------------------------------------------------- document
+def _table(printed: str) -> str:
+    return printed.split("\nwrote ")[0].rstrip()
 
 
 def _block(*lines: str) -> list[str]:
     return ["```", *lines, "```"]
 
 
-def _table(printed: str) -> str:
-    return printed.split("\nwrote ")[0].rstrip()
+def _runs_of(folder: Path, **fields: str) -> list[str]:
+    """The run folders in ``folder`` whose names hold every ``field=value``."""
+    wanted = [f"{k.replace('__', '.')}={v}" for k, v in fields.items()]
+    return sorted(
+        str(p)
+        for p in folder.iterdir()
+        if p.is_dir() and all(w in p.name.split(",") for w in wanted)
+    )
 
 
-def _document(args, study, compared, lam, tune, results, motivation, minutes) -> list[str]:
+def report(study: Study) -> dict:
+    """The comparisons, on validation for the choices and on test for the chosen settings."""
+    out = study.out
+    rate, sd_val = study.chosen("sd", "model.drop_path_rate")
+    n, sandwich_val = study.chosen("sandwich", "st.num_subnets")
+    test_runs = [*_runs_of(out / "ct_st"), str(out / "stpp"), str(out / "ct_compute")]
+    test_runs += _runs_of(out / "sd", model__drop_path_rate=rate)
+    test_runs += [str(out / "stpp_sd"), *_runs_of(out / "sandwich", st__num_subnets=n)]
+    test = ["compare", *test_runs, "--by", "method,epochs,model.drop_path_rate"]
+    test += ["--baseline", f"method=ct,epochs={study.args.epochs},model.drop_path_rate=0.0"]
+    test += ["--out", f"{out}/compare_test"]
+    printed_test = _run(test)
+    ct20 = _runs_of(out / "ct_st", method="ct")
+    mot = ["compare", *ct20, f"{out}/ct32", f"{out}/motivation"]
+    mot += ["--by", "method,model.name,motivation.k"]
+    mot += ["--baseline", "method=ct,model.name=resnet20,motivation.k=2"]
+    mot += ["--out", f"{out}/compare_motivation"]
+    printed_mot = _run(mot)
+    return {
+        "rate": rate,
+        "n": n,
+        "val": {"sd": sd_val, "sandwich": sandwich_val},
+        "test": (test, _table(printed_test)),
+        "mot": (mot, _table(printed_mot)),
+        "results": json.loads((out / "compare_test" / "compare.json").read_text()),
+    }
+
+
+def _git_commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True)
+    return done.stdout.strip() + (" (with uncommitted changes in src)" if dirty.stdout else "")
+
+
+def _document(args, study: Study, found: dict, check: dict) -> list[str]:
+    out = study.out
     versions = f"torch {torch.__version__}, timm {timm.__version__}, Python "
     versions += platform.python_version()
-    command = f"python bench/results.py --seeds {args.seeds} --epochs {args.epochs} "
-    command += f"--train {args.train}"
+    tune = json.loads((out / "tune_k" / "tune_k.json").read_text())
     per_k = ", ".join(
         f"k={r['k']}: base {r['base_val_acc']:.2f} ± {r['base_val_acc_std']:.2f}%"
         for r in tune["per_k"]
     )
-    doc = [
+    summaries = list(out.glob("*/*/summary.json")) + list(out.glob("tune_k/*/*/summary.json"))
+    minutes = sum(json.loads(p.read_text()).get("wall_seconds", 0.0) for p in summaries) / 60
+    costs = json.loads((out / "costs.json").read_text())
+    e_st, e_stpp = study.compute_epochs["st"], study.compute_epochs["stpp"]
+    return [
         "# Results at CPU scale",
         "",
-        f"Written by `{command}` on {platform.machine()} ({os.cpu_count()} CPU cores, two runs "
-        f"at a time, one thread each); {versions}. The runs' wall times add up to "
-        f"{minutes:.0f} minutes.",
+        f"Written by `python bench/results.py --seeds {args.seeds} --epochs {args.epochs} "
+        f"--train {args.train}` at commit {_git_commit()} on {platform.machine()} "
+        f"({os.cpu_count()} CPU cores, two runs at a time, one thread each); {versions}. The "
+        f"runs' wall times add up to {minutes:.0f} minutes.",
         "",
         f"Fashion-MNIST, resnet20, {args.train} training images (a seeded subset; 10% of the "
-        f"training split held out before it as the validation split), the 10,000 test images, "
+        "training split held out before it as the validation split), the 10,000 test images, "
         f"{args.epochs} epochs, SGD (Nesterov) lr 0.1 cosine, weight decay 5e-4, batch 128, "
         f"{args.seeds} seeds. Mean ± sample standard deviation over seeds; Δ is the paired "
-        "difference to CT's run of the same seed. Settings were chosen on the validation split; "
-        "the test split is shown for the chosen settings only.",
+        "difference to CT's run of the same seed. Settings were chosen on the validation "
+        "split; the test split is shown for the chosen settings only. Sub-networks: 16 "
+        "sampled ordered ones, BN re-estimated for each.",
         "",
-        "## 1. CT, ST, ST++: the main network and its sub-networks",
+        "## 1. The main network and its sub-networks against CT, equal compute, stochastic "
+        "depth and the sandwich rule",
         "",
-        f"ST's λ (per step, one sub-network) was chosen among {', '.join(ST_LAMS)} on the "
-        f"validation split: **λ {lam}**. ST++ is `recipes/fmnist_stpp.yaml` (6 sub-networks, "
-        "KL⁻ std, normalised main CE, resized inputs, λ 1/6 per sub-network, chosen on the "
-        "validation splits of docs/stpp_lambda.md). Sub-networks: 16 sampled ordered ones, BN "
-        "re-estimated for each.",
+        "- **CT at equal compute**: a step of ST costs "
+        f"{costs['relative']['st']:.2f}× CT's and one of ST++ {costs['relative']['stpp']:.2f}× "
+        f"(measured side by side: {COST_ROUNDS} interleaved epochs on "
+        f"{args.train} images, one thread, median of the last {COST_ROUNDS - 1}; "
+        "`runs/results/costs.json`), so CT also trains for "
+        f"{e_st} and {e_stpp} epochs (its cosine schedule stretched to them).",
+        f"- **Stochastic depth** (`model.drop_path_rate`, linear in depth): rate chosen on the "
+        f"validation split among {', '.join(DROP_PATH_RATES)}: **{found['rate']}**; ST++ with "
+        "stochastic depth uses it too.",
+        "- **Sandwich rule** (`method=sandwich`: the smallest and n random sub-networks a step, "
+        "each distilled from the main network's detached output, KL weight 1 each): n chosen on "
+        f"the validation split among {', '.join(SANDWICH_NS)}: **{found['n']}**.",
+        "- ST is λ 1 (chosen on this validation split among 1 and 5 in the study this one "
+        "replaces); ST++ is `recipes/fmnist_stpp.yaml` (λ 1/6 per sub-network, "
+        "docs/stpp_lambda.md).",
         "",
-        "Validation split (the choice of λ):",
+        "Validation split (the choices):",
         "",
-        *_block(_command(study.ct_st), _command(compared["val"][0])),
+        *_block(_command(study.sd), _command(study.sandwich)),
         "",
-        *_block(_table(compared["val"][1])),
+        *_block(found["val"]["sd"], "", found["val"]["sandwich"]),
         "",
-        "Test split, chosen settings:",
+        "Test split, chosen settings (`cost × baseline`: epochs ÷ training images/s, over CT's):",
         "",
-        *_block(_command(study.stpp), _command(compared["test"][0])),
+        *_block(
+            *(_command(c) for c in (study.ct_st, study.stpp, study.ct_compute)),
+            _command(study.stpp_sd_command()),
+            _command(found["test"][0]),
+        ),
         "",
-        *_block(_table(compared["test"][1])),
+        *_block(found["test"][1]),
         "",
         "## 2. Motivation training resnet20 → resnet32",
         "",
         f"k chosen by `nestedtrain tune-k` ({TUNE_FOLDS} folds of the training images, k "
         f"{TUNE_KS}, {max(1, args.epochs // 3)} epochs - a third of the schedule, to fit the "
-        f"machine; the paper uses 5 folds): {per_k} → **k {tune['best_k']}**. The baselines "
-        "are section 1's CT runs of resnet20 and CT runs of resnet32 (same optimizer, schedule "
-        "and seeds); the row `motivation` is the base resnet20, and the motivation columns "
-        "compare its two models with those.",
+        f"machine; the paper uses 5 folds): {per_k} → **k {tune['best_k']}**; k 1 is run as "
+        "well. The motivated model is evaluated and saved with BN statistics re-estimated "
+        "from 2,000 training images (its buffers are the base model's); `motivated_acc_raw` "
+        "is without. Baselines: section 1's CT runs of resnet20 and CT runs of resnet32 (same "
+        "optimizer, schedule and seeds).",
         "",
         *_block(
             _command(study.tune_k),
             _command(study.motivation_command()),
             _command(study.ct32),
-            _command(compared["mot"][0]),
+            _command(found["mot"][0]),
         ),
         "",
-        *_block(_table(compared["mot"][1])),
+        *_block(found["mot"][1]),
         "",
-        *_motivated(motivation),
+        *_motivated(out / "motivation"),
         "",
-        "## 3. Cost",
+        "## 3. The check row",
         "",
-        *_cost_table(results),
+        "`python bench/results.py --quick` reruns this and says whether main still gives it "
+        "(exactly, on the same machine and thread count):",
+        "",
+        *_block(_command(CHECK)),
+        "",
+        f"main {check['main_acc']!r}% top-1 on test, last epoch's loss {check['loss']!r}.",
+        "",
+        f"{RECORD_START} {json.dumps(check)} {RECORD_END}",
     ]
-    return doc
 
 
-def _motivated(summaries: dict[str, dict]) -> list[str]:
-    """The motivated resnet32's test accuracy per run folder, from its summary.json."""
-    rows = []
-    for run, summary in summaries.items():
-        motivated = summary.get("motivated_acc")
-        if motivated is not None:
-            rows.append(f"{run}: {motivated:.2f}%")
-    if not rows:
-        return []
-    return ["The motivated resnet32 of the same runs, test top-1: " + "; ".join(rows) + "."]
-
-
-def _cost_table(results) -> list[str]:
-    header = "| method | training images/s | CT ÷ it | run wall s | ÷ CT |"
-    rows = [header, "|---|---|---|---|---|"]
-    groups = results["groups"]
-    ct = next(g for g in groups if g["label"].get("method") == "ct")
-    ct_rate, ct_wall = ct["images_per_second"]["mean"], ct["wall_seconds"]["mean"]
-    for group in groups:
-        rate, wall = group["images_per_second"]["mean"], group["wall_seconds"]["mean"]
+def _motivated(folder: Path) -> list[str]:
+    """Per run: the motivated model's test accuracy with re-estimated and with the base
+    model's BN statistics, and the share of motivated steps."""
+    rows = ["| run | motivated % | motivated %, raw BN | motivated steps |", "|---|---|---|---|"]
+    for summary_file in sorted(folder.glob("*/summary.json")):
+        s = json.loads(summary_file.read_text())
+        steps = s.get("motivated_steps", 0) + s.get("base_steps", 0)
+        share = s.get("motivated_steps", 0) / steps if steps else 0.0
         rows.append(
-            f"| {group['label']['method']} | {rate:.0f} | {ct_rate / rate:.2f} | {wall:.0f} | "
-            f"{wall / ct_wall:.2f} |"
+            f"| {summary_file.parent.name} | {s.get('motivated_acc', float('nan')):.2f} | "
+            f"{s.get('motivated_acc_raw', float('nan')):.2f} | {share:.1%} |"
         )
-    return [
-        "From section 1's test comparison, mean over seeds: training throughput (median over "
-        "epochs of images/s; CT ÷ it is the cost of a step relative to CT) and the wall time of "
-        "whole runs, which include the evaluation of 16 sub-networks (the same for every "
-        "method). Two runs shared the 2-core machine, one thread each:",
-        "",
-        *rows,
-    ]
+    return rows
+
+
+# ------------------------------------------------------------------------- check row
+def run_check(folder: Path) -> dict:
+    """The check row trained into ``folder``: its main accuracy and last epoch's loss."""
+    _run([*CHECK, "--out", str(folder)])
+    summary = json.loads((folder / "summary.json").read_text())
+    last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+    return {
+        "main_acc": summary["main_acc"],
+        "loss": last["loss"],
+        "machine": platform.machine(),
+        "threads": 1,
+        "torch": torch.__version__,
+    }
+
+
+def quick(doc: Path) -> int:
+    """Rerun the check row; 0 if it gives what ``doc`` records, 1 if not."""
+    text = doc.read_text() if doc.exists() else ""
+    if RECORD_START not in text:
+        print(f"{doc} records no check row: run python bench/results.py first")
+        return 2
+    recorded = json.loads(text.split(RECORD_START, 1)[1].split(RECORD_END, 1)[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        now = run_check(Path(tmp) / "check")
+    same = all(now[k] == recorded[k] for k in ("main_acc", "loss"))
+    print(f"recorded: main {recorded['main_acc']!r}%, loss {recorded['loss']!r}")
+    print(f"now:      main {now['main_acc']!r}%, loss {now['loss']!r}")
+    if same:
+        print("same: main still gives what RESULTS.md records")
+        return 0
+    where = [k for k in ("machine", "torch") if now[k] != recorded[k]]
+    why = f" (another {', '.join(where)}: exact equality is not expected)" if where else ""
+    print(f"DIFFERS: a change since RESULTS.md moved the numbers{why}")
+    return 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/results")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--train", type=int, default=3000, help="training images")
+    parser.add_argument("--doc", default=str(REPO / "docs" / "RESULTS.md"))
+    parser.add_argument("--quick", action="store_true", help="rerun the check row only")
+    args = parser.parse_args()
+    if args.quick:
+        return quick(Path(args.doc))
+    study = Study(args, measure_costs(Path(args.out), args.train))
+    start = time.time()
+    _in_parallel(study.chain_a, study.chain_b)
+    print(f"runs took {(time.time() - start) / 60:.0f} minutes this time", flush=True)
+    found = report(study)
+    check_file = study.out / "check.json"
+    if not check_file.exists():
+        check_file.write_text(json.dumps(run_check(study.out / "check"), indent=2) + "\n")
+    check = json.loads(check_file.read_text())
+    Path(args.doc).write_text("\n".join(_document(args, study, found, check)) + "\n")
+    print(f"wrote {args.doc}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,17 +20,19 @@ def evaluate_one_at_a_time(
     model: nn.Module,
     subnets: Sequence[Subnet | str],
     eval_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-    calib_batches: Callable[[], Iterable[torch.Tensor]],
+    calib_batches: Callable[[], Iterable[torch.Tensor]] | None,
 ) -> list[dict]:
-    """Accuracy of each sub-network after re-estimating BN statistics for it, one whole
-    sub-network after another; the model's BN statistics and modes are as they were after."""
+    """Accuracy of each sub-network after re-estimating BN statistics for it (``None``: with
+    the model's own), one whole sub-network after another; the model's BN statistics and
+    modes are as they were after."""
     module = unwrap(model)
     saved = bn.save_stats(module)
     results = []
     try:
         with kept_modes(module):
             for subnet in subnets:
-                bn.recalibrate(module, calib_batches(), subnet)
+                if calib_batches is not None:
+                    bn.recalibrate(module, calib_batches(), subnet)
                 with use_subnet(module, subnet):
                     metrics = evaluate(module, eval_batches())
                 results.append({"subnet": str(subnet), **metrics})

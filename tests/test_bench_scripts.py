@@ -3,15 +3,21 @@ few minutes are not spent finding a broken script."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from nestedtrain.data.datasets import FASHION_MNIST_SYSTEM_DIR
 
 REPO = Path(__file__).resolve().parents[1]
+# one thread; PYTHONPATH kept, so that a checkout on it is the code the scripts run
+_ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+_ENV.update({k: v for k, v in os.environ.items() if k == "PYTHONPATH"})
 
 
 def _run_script(name: str, args: list[str]) -> str:
@@ -21,7 +27,7 @@ def _run_script(name: str, args: list[str]) -> str:
         cwd=REPO,
         capture_output=True,
         text=True,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        env=_ENV,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout
@@ -66,7 +72,7 @@ def test_gpu_study_needs_the_data_path_and_stops_over_its_budget(tmp_path):
         [sys.executable, str(REPO / "bench" / "gpu_study.py"), *args, "--budget-minutes", "0.01"],
         capture_output=True,
         text=True,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        env=_ENV,
     )
     assert done.returncode == 1 and "over --budget-minutes 0.01: try --epochs" in done.stderr
     assert not (tmp_path / "study").exists()  # nothing trained
@@ -107,3 +113,42 @@ def test_gpu_check_times_every_method_and_the_data_path_and_writes_its_doc(tmp_p
         (row,) = [r for r in rows if name in r and not (name == "nestedtrain CT" and "fed" in r)]
         assert float(row.split("|")[2]) > 0  # a measured rate
     assert "NCCL needs one per rank" in text
+
+
+def _results_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results", REPO / "bench" / "results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_quick_mode_says_whether_main_gives_the_recorded_check_row(
+    tmp_path, monkeypatch, capsys
+):
+    results = _results_module()
+    record = {"main_acc": 80.5, "loss": 0.51, "machine": "x86_64", "threads": 1, "torch": "2"}
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text(
+        f"# Results\n\n{results.RECORD_START} {json.dumps(record)} {results.RECORD_END}\n"
+    )
+    monkeypatch.setattr(results, "run_check", lambda folder: dict(record))
+    assert results.quick(doc) == 0
+    assert "same: main still gives" in capsys.readouterr().out
+    monkeypatch.setattr(results, "run_check", lambda folder: {**record, "loss": 0.5100001})
+    assert results.quick(doc) == 1
+    assert "DIFFERS" in capsys.readouterr().out
+    assert results.quick(tmp_path / "none.md") == 2
+
+
+def test_results_study_reuses_its_runs_names_and_buys_ct_epochs_with_measured_cost(tmp_path):
+    results = _results_module()
+    args = SimpleNamespace(out=str(tmp_path), seeds=3, epochs=30, train=3000)
+    study = results.Study(args, {"ct": 1.0, "st": 1.31, "stpp": 2.62})
+    assert study.compute_epochs == {"st": 39, "stpp": 79}
+    assert "epochs=39,79" in study.ct_compute
+    # the sweeps the study started with keep their folders: same overrides, same order
+    ct_st = "sweep recipes/fmnist_st.yaml seed=0,1,2 model.name=resnet20 epochs=30 "
+    ct_st += "data.train_subset=3000 eval.every=30 + method=ct + method=st st.lam=1"
+    assert " ".join(study.ct_st).startswith(ct_st)

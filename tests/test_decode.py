@@ -1,11 +1,14 @@
-"""data.decoder=torchvision|dali: workers read JPEG bytes, the main process decodes them; the
+"""data.decoder=torchcodec|dali: workers read JPEG bytes, the main process decodes them; the
 batches are the PIL path's (same crops, flips, jitter, labels, bad-file account), resampled by
 torch instead of PIL."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +18,14 @@ from PIL import Image
 from test_bad_images import BAD, _break, _tree
 
 from nestedtrain.cli import main
-from nestedtrain.data import DataConfig, build_data
-from nestedtrain.data.decode import BatchDecoder, EncodedSamples, make_decode
+from nestedtrain.data import DataConfig, build_data, decode
+from nestedtrain.data.decode import (
+    BatchDecoder,
+    EncodedBatch,
+    EncodedSamples,
+    collate_encoded,
+    make_decode,
+)
 from nestedtrain.data.transforms import folder_train_transform
 
 try:
@@ -27,7 +36,7 @@ except ImportError:
     HAS_DALI = False
 # DALI is the [dali] extra, which `make install` and CI install on x86-64 Linux.
 DECODERS = [
-    "torchvision",
+    "torchcodec",
     pytest.param("dali", marks=pytest.mark.skipif(not HAS_DALI, reason="no DALI wheel here")),
 ]
 
@@ -48,7 +57,7 @@ def _smooth_tree(root: Path, per_class: int = 10) -> Path:
                 pixels = (pixels + rng.normal(0, 3, pixels.shape)).clip(0, 255).astype(np.uint8)
                 image = Image.fromarray(pixels)
                 exif = image.getexif()
-                if i == 0:  # an EXIF rotation, which no decoder applies (as ImageFolder's)
+                if i == 0:  # an EXIF rotation: ImageFolder's loader leaves it, TorchCodec not
                     exif[0x0112] = 6
                 image.save(folder / f"{i}.jpg", quality=95, exif=exif)
     return root
@@ -71,11 +80,20 @@ def smooth_root(tmp_path_factory):
     return _smooth_tree(tmp_path_factory.mktemp("smooth"))
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
-def test_decoders_give_the_pil_batches_up_to_resampling(smooth_root, decoder):
+@pytest.mark.parametrize("decoder", [*DECODERS, "torchvision-fallback"])
+def test_decoders_give_the_pil_batches_up_to_resampling(smooth_root, decoder, monkeypatch):
     options = dict(color_jitter=0.4, hflip=0.5)
     pil = _batches(smooth_root, "pil", **options)
-    got = _batches(smooth_root, decoder, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if decoder == "torchvision-fallback":  # TorchCodec missing: torchvision's decode_jpeg
+            monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+            decoder = "torchcodec"
+            got = _batches(smooth_root, decoder, **options)
+            assert any(w.category is DeprecationWarning for w in caught)  # torchvision 0.29
+        else:
+            got = _batches(smooth_root, decoder, **options)
+            assert not [w for w in caught if w.category is DeprecationWarning]
     other_seed = _batches(smooth_root, "pil", seed=4, **options)
     assert len(got) == len(pil) == 2 + 3
     for (x, y), (x_pil, y_pil), (_x_other, _) in zip(got, pil, other_seed):
@@ -88,7 +106,7 @@ def test_decoders_give_the_pil_batches_up_to_resampling(smooth_root, decoder):
 
 
 def test_decoded_batches_resume_at_any_step_with_workers(smooth_root):
-    cfg = _folder(smooth_root, "torchvision", img_size=16, num_workers=2, color_jitter=0.4)
+    cfg = _folder(smooth_root, "torchcodec", img_size=16, num_workers=2, color_jitter=0.4)
     data = build_data(cfg, batch_size=4, seed=0, device="cpu")
     whole = list(data.train_batches(1))
     rest = list(data.train_batches(1, start=3))
@@ -123,27 +141,30 @@ def test_a_batch_the_decoder_refuses_is_redone_with_pil(smooth_root):
     )
     transform = folder_train_transform(16, "rrc", 0, 0.5, None)
     dataset = EncodedSamples(samples, lambda path: Image.open(path).convert("RGB"), transform)
-    items = [dataset[(i, 100 + i)] for i in range(4)]
+    assert samples[0][0].endswith("0.jpg")  # EXIF-rotated: the PIL path, as ImageFolder's
+    assert dataset[0].data is None and dataset[0].image is not None
+    items = [dataset[(i, 100 + i)] for i in range(1, 5)]
     assert all(item.data is not None and item.image is None for item in items)
+    batch = collate_encoded(items)
 
     def refuse(datas):
         raise RuntimeError("nvjpeg: bad bitstream")
 
     x, y, reports = BatchDecoder(refuse, torch.device("cpu"), samples, dataset.loader, transform)(
-        items
+        batch
     )
     expected = torch.stack(
-        [transform_with_seed(transform, samples[i][0], 100 + i) for i in range(4)]
+        [transform_with_seed(transform, samples[i][0], 100 + i) for i in range(1, 5)]
     )
     assert torch.equal(x, expected)
-    assert y.tolist() == [samples[i][1] for i in range(4)] and reports == [""] * 4
+    assert y.tolist() == [samples[i][1] for i in range(1, 5)] and reports == [""] * 4
     decoded, *_ = BatchDecoder(
-        make_decode("torchvision", torch.device("cpu"), 1),
+        make_decode("torchcodec", torch.device("cpu"), 1),
         torch.device("cpu"),
         samples,
         dataset.loader,
         transform,
-    )(items)
+    )(batch)
     assert (decoded.float() - expected.float()).abs().mean() < 2  # grey levels
 
 
@@ -158,8 +179,8 @@ def transform_with_seed(transform, path: str, seed: int) -> torch.Tensor:
     "overrides, message",
     [
         (["data.decoder=nvjpeg"], "data.decoder='nvjpeg': must be one of"),
-        (["data.name=digits", "data.decoder=torchvision"], "leave data.decoder=pil"),
-        (["data.auto_augment=rand-m9-mstd0.5", "data.decoder=torchvision"], "decoder=pil"),
+        (["data.name=digits", "data.decoder=torchcodec"], "leave data.decoder=pil"),
+        (["data.auto_augment=rand-m9-mstd0.5", "data.decoder=torchcodec"], "decoder=pil"),
     ],
 )
 def test_bad_decoder_settings_stop_in_one_line(tmp_path, capsys, smooth_root, overrides, message):
@@ -180,7 +201,7 @@ def test_dali_not_installed_says_how_to_install_it(smooth_root, monkeypatch):
         build_data(cfg, batch_size=4, seed=0, device="cpu")
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("decoder", [*DECODERS, "torchvision"])  # the old name runs TorchCodec
 def test_a_st_run_trains_calibrates_and_evaluates_with_the_decoder(tmp_path, smooth_root, decoder):
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "digits_st.yaml")
     overrides = [
@@ -223,3 +244,110 @@ def test_batch_color_jitter_is_torchvisions_per_image_jitter():
         got = batched(images, params)
         diff = (got.int() - torch.stack(expected).int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, diff.max()
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd (Linux)")
+def test_a_held_batch_costs_one_descriptor_not_one_per_image(tmp_path):
+    # Each tensor a worker sends holds a shared-memory file descriptor in the main process as
+    # long as it lives: a tensor per image made thousands with prefetching ("Too many open
+    # files"); the batch's bytes in one flat tensor make one.
+    rng = np.random.default_rng(0)
+    for i in range(20 * 64):
+        folder = tmp_path / "train" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    shutil.copytree(tmp_path / "train", tmp_path / "val")
+    cfg = _folder(tmp_path, "torchcodec", img_size=8, num_workers=2)
+    data = build_data(cfg, batch_size=64, seed=0, device="cpu")
+    batches = iter(data._train_loader)
+    try:
+        held = [next(batches)]  # the workers are up: their pipes are open
+        before = _open_descriptors()
+        held += [next(batches) for _ in range(19)]
+        grown = _open_descriptors() - before
+    finally:
+        batches._shutdown_workers()  # persistent workers: not left to the interpreter's exit
+    assert len(held) == 20 and sum(len(batch) for batch in held) == 20 * 64
+    assert grown <= 2 * 19, f"{grown} more open descriptors for 19 batches of 64 images"
+
+
+def test_the_stream_is_drained_before_every_decode(smooth_root, monkeypatch):
+    # On CUDA a decoder may write outside stream order (torchvision's private stream, nvJPEG's
+    # hardware engine) into blocks the allocator just took back from the previous batch,
+    # whose crop kernels may still be queued: BatchDecoder drains the current stream first.
+    calls = []
+    monkeypatch.setattr(decode, "_drain_current_stream", lambda device: calls.append("drain"))
+    real = make_decode("torchcodec", torch.device("cpu"), 1)
+
+    def stand_in(decoder, device, threads):
+        def record(datas):
+            calls.append("decode")
+            return real(datas)
+
+        return record
+
+    monkeypatch.setattr("nestedtrain.data.loaders.make_decode", stand_in)
+    batches = _batches(smooth_root, "torchcodec")
+    assert len(batches) == 5 and calls == ["drain", "decode"] * 5
+
+    class Stream:  # what the drain does on CUDA: the current stream, waited for on the host
+        def synchronize(self):
+            calls.append("synchronize")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    calls.clear()
+    decode._drain_current_stream(torch.device("cuda", 0))
+    decode._drain_current_stream(torch.device("cpu"))
+    assert calls == ["synchronize"]
+
+
+def test_the_loader_pins_a_batch_as_one_tensor(smooth_root, monkeypatch):
+    from torch.utils.data._utils.pin_memory import pin_memory  # what DataLoader calls
+
+    samples = sorted((str(p), 0) for p in (smooth_root / "train").rglob("*.jpg"))
+    transform = folder_train_transform(16, "rrc", 0, 0.5, None)
+    dataset = EncodedSamples(samples, lambda path: Image.open(path).convert("RGB"), transform)
+    batch = collate_encoded([dataset[(i, i)] for i in range(6)])  # one EXIF image: PIL path
+    assert batch.shapes[0] == (3, 16, 16) and batch.shapes[1:] == [None] * 5
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t.clone())
+    out = pin_memory(batch)
+    assert isinstance(out, EncodedBatch) and len(pinned) == 1 and pinned[0] is batch.buffer
+    assert torch.equal(out.sample(0), dataset[(0, 0)].image)
+    assert torch.equal(out.sample(3), dataset[3].data)
+
+
+def test_batch_color_jitter_copies_the_factors_to_the_device_once(monkeypatch):
+    # On CUDA a torch.tensor(..., device=) from Python numbers is a blocking copy; the factors
+    # of the whole batch go in one tensor (pinned, queued: transforms.to_device).
+    from torchvision import transforms as T
+
+    from nestedtrain.data import transforms
+    from nestedtrain.data.transforms import BatchColorJitter, host_rng_scope
+
+    batched = BatchColorJitter(T.ColorJitter(0.4, 0.4, 0.4))
+    params = []
+    for i in range(40):
+        with host_rng_scope(i):
+            params.append(batched.draw())
+    assert len({order for order, *_ in params}) > 5
+    copies, on_device = [], []
+    real_copy, real_tensor = transforms.to_device, torch.tensor
+    monkeypatch.setattr(
+        transforms, "to_device", lambda t, device: copies.append(t) or real_copy(t, device)
+    )
+
+    def tensor(*args, **kwargs):
+        if kwargs.get("device") is not None:
+            on_device.append(kwargs["device"])
+        return real_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    batched(torch.randint(0, 256, (40, 3, 6, 5), dtype=torch.uint8), params)
+    assert [tuple(t.shape) for t in copies] == [(40, 4)] and on_device == []

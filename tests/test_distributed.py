@@ -44,7 +44,9 @@ out, mode, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 rank = int(os.environ["RANK"])
 hook = None
 if mode == "probe" and rank == 1:  # only rank 1's probe says the shared path cannot run
-    shared_prefix.draws_random = lambda *args: True
+    def cannot_split(*args, **kwargs):
+        raise shared_prefix.SplitError("a stand-in that refuses on rank 1")
+    shared_prefix.ModelSplit = cannot_split
 if mode == "stop":
     def hook(epoch, step):
         if rank == 1 and (epoch, step) == (0, 3):

@@ -83,6 +83,7 @@ METHODS = {
     "ct": ["method=ct"],
     "st": ["method=st", "ema=true", "ema_decay=0.9"],
     "stpp": ["method=stpp", "st.num_subnets=2"],
+    "sandwich": ["method=sandwich", "st.num_subnets=1", "model.drop_path_rate=0.2"],
     "motivation": [
         "method=motivation",
         "motivation.model=resnet32",

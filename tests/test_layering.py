@@ -49,7 +49,7 @@ LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 # epoch's evaluations; the trainer.
 ENGINE_ROOMS = [
     {"config", "distributed", "faults", "evaluate", "checkpoint"},
-    {"resume", "build", "subnet_eval", "loop", "logs", "summary", "sweep"},
+    {"resume", "build", "subnet_eval", "loop", "logs", "summary", "sweep", "foreign"},
     {"runfolder", "epoch_eval"},
     {"trainer"},
 ]

@@ -24,6 +24,7 @@ from nestedtrain.data.datasets import FASHION_MNIST_SYSTEM_DIR
 from nestedtrain.data.loaders import _split_train
 from nestedtrain.elastic.weightmap import WeightMap
 from nestedtrain.engine.build import build_model, build_motivated_model, build_optimizer
+from nestedtrain.engine.evaluate import evaluate
 from nestedtrain.engine.trainer import Trainer
 from nestedtrain.methods import MotivationTraining
 from nestedtrain.methods.conditions import Condition, LossDecrease
@@ -354,10 +355,13 @@ def test_cli_run_writes_both_models(tmp_path, capsys):
     for line in lines:
         for key in ("motivated_steps", "base_steps", "switches", "base_acc", "motivated_acc"):
             assert key in line, key
+        assert "motivated_acc_raw" in line
         assert line["motivated_steps"] + line["base_steps"] == 6
+        assert line["motivated_share"] == pytest.approx(line["motivated_steps"] / 6)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["base_acc"] == lines[-1]["base_acc"] == summary["main_acc"]
     assert summary["motivated_acc"] == lines[-1]["motivated_acc"]
+    assert summary["motivated_acc_raw"] == lines[-1]["motivated_acc_raw"]
     assert summary["flops_base"] < summary["flops_motivated"]
     n_base, n_mot = summary["base_steps"], summary["motivated_steps"]
     assert n_base == sum(r["base_steps"] for r in lines)
@@ -365,6 +369,44 @@ def test_cli_run_writes_both_models(tmp_path, capsys):
         n_base + n_mot
     )
     assert summary["flops_per_image"] == pytest.approx(expected)
+
+
+def test_motivated_model_is_evaluated_and_saved_with_its_own_bn_statistics(tmp_path):
+    """The motivated model's BN buffers are the base model's: the run evaluates and saves it
+    with statistics re-estimated from the calibration images, logs the raw accuracy beside,
+    and trains exactly as with ``motivation.reestimate_bn=false``."""
+    argv = ["train", str(DIGITS), "epochs=2", "data.train_subset=192", "batch_size=32"]
+    argv += ["motivation.k=1", "model.kwargs.zero_init_last=false"]
+    on, off = tmp_path / "on", tmp_path / "off"
+    assert main([*argv, "--out", str(on)]) == 0
+    assert main([*argv, "motivation.reestimate_bn=false", "--out", str(off)]) == 0
+    losses = [
+        [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in (on, off)
+    ]
+    assert losses[0] == losses[1]
+    for file in ("base.pt", "weights.pt"):
+        a, b = (torch.load(run / file, weights_only=True) for run in (on, off))
+        assert all(torch.equal(a[k], b[k]) for k in a), file
+    mot_on, mot_off = (torch.load(run / "motivated.pt", weights_only=True) for run in (on, off))
+    stats = [k for k in mot_on if k.endswith(("running_mean", "running_var", "_tracked"))]
+    assert all(torch.equal(mot_on[k], mot_off[k]) for k in mot_on if k not in stats)
+    assert not all(torch.equal(mot_on[k], mot_off[k]) for k in stats)
+    s_on, s_off = (json.loads((run / "summary.json").read_text()) for run in (on, off))
+    assert s_on["motivated_acc_raw"] == s_off["motivated_acc"]
+    assert "motivated_acc_raw" not in s_off
+    # motivated.pt is the model the run evaluated
+    cfg = nt.load_config(on / "config.yaml")
+    data = build_data(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, device="cpu")
+    model = nt.create_model("resnet32", num_classes=10, in_chans=1, zero_init_last=False)
+    model.load_state_dict(mot_on)
+    evaluated = evaluate(model, data.eval_batches("test", batch_size=cfg.eval.batch_size))
+    assert evaluated["acc"] == pytest.approx(s_on["motivated_acc"])
+    # the library call for one's own loop gives those statistics
+    model.load_state_dict(mot_off)
+    with nt.bn.recalibrated(model, data.calibration_batches(batch_size=512)) as recalibrated:
+        assert all(torch.equal(recalibrated.state_dict()[k], mot_on[k]) for k in stats)
+    assert all(torch.equal(model.state_dict()[k], mot_off[k]) for k in stats)
 
 
 @pytest.mark.parametrize(
@@ -545,6 +587,7 @@ def test_tune_k_cross_validates_and_prints_the_best_k(tmp_path, capsys):
     assert [(r["k"], r["fold"]) for r in report["results"]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert report["best_k"] == int(best[1])
     per_k = {r["k"]: r["base_val_acc"] for r in report["per_k"]}
+    assert all(r["motivated_val_acc_raw"] is not None for r in report["per_k"])
     assert per_k[report["best_k"]] == max(per_k.values())
     for r in report["results"]:  # each fold is held out: about half of digits' 1,437 images
         config = nt.load_config(out / f"k{r['k']}" / f"fold{r['fold']}" / "config.yaml")

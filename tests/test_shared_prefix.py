@@ -194,15 +194,27 @@ def test_a_model_that_cannot_split_runs_the_plain_step(caplog):
     _assert_same_step(_step(model, images, labels, False, num_subnets=2), shared)
 
 
-def test_a_model_with_drop_path_runs_the_plain_step():
+def test_a_model_with_drop_path_shares_prefixes_with_the_main_networks_masks():
+    """With drop-path the shared step runs (a sub-network's prefix carries the main network's
+    masks): the same seed gives the same step, another seed other masks, and evaluation draws
+    none."""
     torch.manual_seed(0)
-    model = nt.create_model("resnet18", num_classes=7, drop_path_rate=0.2)
-    images, labels = _batch(32)
+    model = perturb_norms(nt.create_model("resnet20", num_classes=7, drop_path_rate=0.5))
+    images, labels = _batch(16)
     torch.manual_seed(1)
     shared = _step(model, images, labels, True, num_subnets=2)
-    assert "draws random numbers" in shared[2].prefix_sharing
+    assert shared[2].prefix_sharing.startswith("on: ")
+    drops = [m for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert drops, "drop_path_rate made no DropPath"
     torch.manual_seed(1)
-    _assert_same_step(_step(model, images, labels, False, num_subnets=2), shared)
+    again = _step(model, images, labels, True, num_subnets=2)
+    _assert_same_step(shared, again)  # same seed, same step
+    torch.manual_seed(2)
+    other = _step(model, images, labels, True, num_subnets=2)
+    assert not torch.equal(other[1]["ce"], shared[1]["ce"])  # the masks are drawn
+    model.eval()
+    with torch.no_grad():  # off in evaluation
+        assert torch.equal(model(images), model(images))
 
 
 def test_reference_bn_policy_runs_the_plain_step():

@@ -277,3 +277,21 @@ def test_sweep_resumes_a_run_whose_config_predates_a_new_field(tmp_path):
     (folder / "config.yaml").write_text(text.replace("lr: 0.1", "lr: 0.2"))
     with pytest.raises(ConfigError, match=r"optim.lr=0.2 there, 0.1 here"):
         plan_sweep(RECIPE, [run], tmp_path)
+
+
+def test_compare_shows_training_cost_relative_to_the_baseline(tmp_path, capsys):
+    """Cost = epochs ÷ median images/s: a group at half the throughput and twice the epochs
+    costs 4× the baseline; another data size gets no ratio."""
+    root = tmp_path / "runs"
+    ct = _fake_run(root / "ct", {}, {}, [50.0, 60.0, 70.0])  # 3 epochs at 101 images/s
+    slow = _fake_run(root / "slow", {"method": "st", "epochs": 6}, {}, [60.0] * 6)
+    lines = [{"epoch": e, "test_acc": 60.0, "images_per_second": 50.5} for e in range(6)]
+    (slow / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    other = {"method": "stpp", "data.train_subset": 100}
+    _fake_run(root / "other", other, {}, [40.0, 50.0, 60.0])
+    result = compare_runs([ct, slow, root / "other"], baseline=parse_baseline("method=ct"))
+    costs = {g["label"]["method"]: g["relative_cost"] for g in result["groups"]}
+    assert costs["ct"] == 1.0 and costs["st"] == pytest.approx(4.0) and costs["stpp"] is None
+    assert main(["compare", str(ct), str(slow), "--baseline", "method=ct"]) == 0
+    printed = capsys.readouterr().out
+    assert "cost × baseline" in printed and "4.00" in printed

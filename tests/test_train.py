@@ -15,10 +15,12 @@ from conftest import perturb_norms
 
 import nestedtrain as nt
 from nestedtrain import runfiles
+from nestedtrain.cli import main
 from nestedtrain.data import DataConfig, build_data
 from nestedtrain.engine import checkpoint as ckpt_module
 from nestedtrain.engine.trainer import Trainer
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SMALL = ["data.train_subset=256", "batch_size=64", "eval.subnets=sample:3", "optim.lr=0.05"]
 
 
@@ -428,3 +430,28 @@ def test_evaluation_inputs_take_the_training_memory_format(tmp_path, monkeypatch
     trainer.fit(progress=False)
     assert {training for training, _ in seen} == {True, False}  # steps and evaluation
     assert all(last == channels_last for _, last in seen)
+
+
+def test_stochastic_depth_in_our_resnets_through_st_and_its_shared_step(tmp_path, one_thread):
+    """``model.drop_path_rate``: timm's DropPath on each residual branch, rate rising linearly
+    with depth, drawn in training and off in evaluation; ST's shared step runs with it."""
+    model = perturb_norms(nt.create_model("resnet20", num_classes=10, drop_path_rate=0.3))
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in _blocks(model)]
+    assert rates == pytest.approx([0.3 * j / 8 for j in range(9)])
+    x = torch.randn(4, 3, 16, 16)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    out = tmp_path / "run"
+    argv = ["train", str(RECIPES / "digits_st.yaml"), "model.drop_path_rate=0.2", "epochs=1"]
+    argv += ["data.train_subset=256", "eval.subnets=sample:2", "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["st_shared_prefix"].startswith("on: ")
+    plain = nt.create_model("resnet32", num_classes=10, in_chans=1)
+    plain.load_state_dict(torch.load(out / "weights.pt", weights_only=True))  # same names
+
+
+def _blocks(model):
+    return [block for stage in (model.layer1, model.layer2, model.layer3) for block in stage]

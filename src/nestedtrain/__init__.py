@@ -19,6 +19,7 @@ _PUBLIC = {
     "MotivationTraining": "methods",
     "OrderedSampler": "elastic",
     "Precision": "methods",
+    "SandwichTraining": "methods",
     "Stage": "elastic",
     "StageSpec": "elastic",
     "StimulativeTraining": "methods",
@@ -42,6 +43,7 @@ __all__ = [  # _PUBLIC's names, spelled out for tools that read __all__ without 
     "MotivationTraining",
     "OrderedSampler",
     "Precision",
+    "SandwichTraining",
     "Stage",
     "StageSpec",
     "StimulativeTraining",
@@ -76,7 +78,13 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     )
     from .engine import Trainer, load_config, load_model, train
     from .losses import kl_loss
-    from .methods import CommonTraining, MotivationTraining, Precision, StimulativeTraining
+    from .methods import (
+        CommonTraining,
+        MotivationTraining,
+        Precision,
+        SandwichTraining,
+        StimulativeTraining,
+    )
     from .models import create_model
 
 

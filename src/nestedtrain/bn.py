@@ -10,7 +10,8 @@ do). Neither replaces a module's forward nor copies the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from .bnstats import (
 from .elastic.stages import Stage, find_stages, unwrap
 from .elastic.subnet import Subnet, use_subnet
 from .errors import ConfigError
+from .modes import kept_modes
 
 __all__ = [
     "batchnorms",
@@ -35,6 +37,7 @@ __all__ = [
     "load_layer_stats",
     "load_stats",
     "recalibrate",
+    "recalibrated",
     "save_layer_stats",
     "save_stats",
     "set_cumulative_momentum",
@@ -123,3 +126,32 @@ def recalibrate(
     if seen == 0:
         raise ConfigError("recalibrate got no batches: pass at least one batch of images")
     return model
+
+
+@contextmanager
+def recalibrated(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor | Sequence[torch.Tensor]],
+    subnet: Subnet | str | None = None,
+) -> Iterator[nn.Module]:
+    """Inside, ``model`` (unwrapped, in eval mode) has BN statistics re-estimated from
+    ``batches`` (:func:`recalibrate`); on exit its own statistics and every module's mode come
+    back, so a training run goes on exactly as without it.
+
+    For a model whose statistics are not its own, such as motivation training's motivated
+    model, which shares the base model's BN buffers and runs few steps itself::
+
+        with bn.recalibrated(method.motivated_model, data.calibration_batches()) as model:
+            accuracy = evaluate(model, data.eval_batches("test"))["acc"]
+    """
+    module = unwrap(model)
+    saved = save_stats(module)
+    # Calibration runs with dropout and drop-path off, so it draws no random numbers; the
+    # global generator is forked all the same, so that nothing a batch source draws (a loader
+    # seeding its workers) can move the run's later masks.
+    with kept_modes(module), torch.random.fork_rng(devices=[]):
+        recalibrate(module, batches, subnet)
+        try:
+            yield module
+        finally:
+            load_stats(module, saved)

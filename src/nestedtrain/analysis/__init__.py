@@ -6,18 +6,31 @@
   time);
 - :func:`loafing_matrix`: smaller architectures run inside larger trained models;
 - :func:`destruct`: accuracy drops when deleting or permuting blocks;
+- :func:`lesion`: lesion curves (single, worst/best/random k deletions, own and re-estimated
+  BN) and residual-branch ratios, of any trained model;
 - :func:`kl_drift_summary`: KL(main || sub-network) during training, per epoch;
 - :func:`logit_norms`, :func:`effective_receptive_field`: logit amplitude and ERF (ST++);
 - :func:`write_report`: a run folder as Markdown and self-contained HTML;
 - :func:`select_subnet`: the most accurate sub-network inside a FLOPs, parameter or measured
   latency budget, with its Pareto front; :func:`deploy_subnet`: a sub-network as a
-  state_dict, TorchScript or checked ONNX file with a JSON sidecar.
+  state_dict, TorchScript or checked ONNX file with a JSON sidecar;
+- :func:`write_latency_kit`: sub-networks as ONNX files with a manifest and a standalone
+  ``measure.py`` to time them on the serving device; :func:`read_latency_table` reads the
+  table it writes back for :func:`select_subnet`, with its additive predictor.
 """
 
 from .deploy import deploy_subnet, measure_latency
 from .destruct import deletion_subnets, destruct, permutation_subnets, swap_subnet
 from .erf import effective_receptive_field, erf_area_ratios
 from .kl_drift import kl_drift_summary
+from .latency import (
+    LatencyTable,
+    kit_subnets,
+    model_identity,
+    read_latency_table,
+    write_latency_kit,
+)
+from .lesion import lesion, residual_ratios
 from .logits import logit_norms
 from .matrix import loafing_matrix
 from .report import write_report
@@ -27,22 +40,29 @@ from .subnets import evaluate_space, match_subnet, subnet_stats
 __all__ = [
     "Budget",
     "LatencySpec",
+    "LatencyTable",
     "deletion_subnets",
     "deploy_subnet",
     "destruct",
     "effective_receptive_field",
     "erf_area_ratios",
     "evaluate_space",
+    "kit_subnets",
     "kl_drift_summary",
+    "lesion",
     "loafing_matrix",
     "logit_norms",
     "match_subnet",
     "measure_latency",
+    "model_identity",
     "pareto_front",
     "permutation_subnets",
     "pick_best",
+    "read_latency_table",
+    "residual_ratios",
     "select_subnet",
     "subnet_stats",
     "swap_subnet",
+    "write_latency_kit",
     "write_report",
 ]

@@ -162,6 +162,26 @@ def _images_per_second(run: _Run) -> float | None:
     return statistics.median(rates) if rates else None
 
 
+def _training_cost(run: _Run) -> float | None:
+    """Seconds of training per training image of an epoch: epochs ÷ median images/s. Per-step
+    cost × epochs, comparable between runs of one data size (and one machine)."""
+    rate, epochs = _images_per_second(run), run.config.get("epochs")
+    return epochs / rate if rate and isinstance(epochs, int) else None
+
+
+def _relative_costs(groups: list[dict[str, Any]], runs: dict[tuple, list[_Run]], base: tuple):
+    """Each group's ``relative_cost``: its mean training cost over the baseline's, where both
+    train on the same data and number of images (else None)."""
+    same = ("data.name", "data.train_subset")
+    base_data = [runs[base][0].config.get(f) for f in same]
+    base_cost = next(g for g, label in zip(groups, runs) if label == base)["train_cost"]["mean"]
+    for group, label in zip(groups, runs):
+        cost = group["train_cost"]["mean"]
+        data = [runs[label][0].config.get(f) for f in same]
+        fits = data == base_data and cost is not None and base_cost
+        group["relative_cost"] = cost / base_cost if fits else None
+
+
 def _group_stats(runs: Sequence[_Run], split: str) -> dict[str, Any]:
     summaries = [run.summary for run in runs]
 
@@ -176,6 +196,7 @@ def _group_stats(runs: Sequence[_Run], split: str) -> dict[str, Any]:
         "best_epoch": _mean_std(column("best_epoch")),
         "wall_seconds": _mean_std(column("wall_seconds")),
         "images_per_second": _mean_std([_images_per_second(run) for run in runs]),
+        "train_cost": _mean_std([_training_cost(run) for run in runs]),
         "flops": _mean_std(column("flops")),
     }
     if split != "test":
@@ -189,6 +210,7 @@ def _group_stats(runs: Sequence[_Run], split: str) -> dict[str, Any]:
     if all(run.config.get("method") == "motivation" for run in runs):
         stats["base_acc"] = _mean_std(column("base_acc"))
         stats["motivated_acc"] = _mean_std(column("motivated_acc"))
+        stats["motivated_acc_raw"] = _mean_std(column("motivated_acc_raw"))
         stats["flops_per_image"] = _mean_std(column("flops_per_image"))
     return stats
 
@@ -292,6 +314,8 @@ def compare_runs(
             stats["efficiency"] = _motivation_efficiency(members, groups)
         stats["curve"] = _accuracy_curve(members, f"{split}_acc")
         result_groups.append(stats)
+    if baseline_label is not None:
+        _relative_costs(result_groups, groups, baseline_label)
     return {
         "by": keys,
         "split": split,
@@ -412,6 +436,9 @@ def compare_rows(result: dict[str, Any]) -> list[tuple[list[str], list[list[str]
     header += ["subnets mean %", "subnets min %"] if subnets else []
     header += ["Δ subnets vs baseline"] if paired and subnets else []
     header += ["best epoch", "wall s", "images/s", "MFLOPs/image"]
+    # training cost (epochs ÷ images/s) relative to the baseline's: CT at equal compute trains
+    # for as many epochs as this factor buys
+    header += ["cost × baseline"] if paired else []
     rows = []
     for group in result["groups"]:
         is_baseline = paired and group["label"] == result["baseline"]
@@ -430,11 +457,14 @@ def compare_rows(result: dict[str, Any]) -> list[tuple[list[str], list[list[str]
         row.append(_number(group["images_per_second"]["mean"], 0))
         flops = group.get("flops_per_image") or group["flops"]
         row.append(_number(flops["mean"] / 1e6 if flops["mean"] is not None else None, 2))
+        if paired:
+            row.append(_number(group.get("relative_cost"), 2))
         rows.append(row)
     tables = [(header, rows)]
     motivation = [g for g in result["groups"] if "base_acc" in g]
     if motivation:
-        header = [*keys, "base %", "motivated %", "F_X-Y MFLOPs", "X classical %"]
+        header = [*keys, "base %", "motivated %", "motivated % (base's BN)", "F_X-Y MFLOPs"]
+        header += ["X classical %"]
         header += ["Y classical %", "ACC/FLOPs X-Y-B (pp/MFLOP)", "ACC/FLOPs Y-C (pp/MFLOP)"]
         header += ["ACC/F ratio"]
         rows = []
@@ -446,6 +476,7 @@ def compare_rows(result: dict[str, Any]) -> list[tuple[list[str], list[list[str]
                 + [
                     format_mean_std(group["base_acc"]),
                     format_mean_std(group["motivated_acc"]),
+                    format_mean_std(group["motivated_acc_raw"]),
                     _number(flops / 1e6 if flops is not None else None, 2),
                     _number(eff.get("acc_xc"), 2),
                     _number(eff.get("acc_yc"), 2),

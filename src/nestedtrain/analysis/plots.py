@@ -17,12 +17,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..runfiles import atomic_save
+from .latency import threads_text
 
 __all__ = [
     "plot_comparison",
     "plot_destruction",
     "plot_erf",
     "plot_kl_drift",
+    "plot_lesion",
     "plot_logit_norms",
     "plot_loafing_matrix",
     "plot_pareto",
@@ -139,6 +141,76 @@ def plot_destruction(result: dict[str, Any], path: str | Path) -> Path:
     return save_figure(figure, path)
 
 
+_BN_STYLE = {"own": ("tab:blue", "own BN"), "recalibrate": ("tab:orange", "BN re-estimated")}
+
+
+def plot_lesion(result: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Lesion curves: per stage, the top-1 after deleting each block (one line per BN policy)
+    with the block's residual-branch ratio (bars, right axis); last, the top-1 after deleting
+    the worst, best and random k blocks."""
+    stages = sorted({row["stage"] for row in result["blocks"]})
+    figure = _figure(3.6 * (len(stages) + 1), 3.8)
+    axes = figure.subplots(1, len(stages) + 1, squeeze=False)[0]
+    for ax, stage in zip(axes, stages):
+        _lesion_stage(ax, [row for row in result["blocks"] if row["stage"] == stage], result)
+    _lesion_curves(axes[-1], result)
+    figure.suptitle(title or "lesion: deleting blocks of the trained network")
+    return save_figure(figure, path)
+
+
+def _lesion_stage(ax: Any, rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    x = [row["block"] for row in rows]
+    twin = ax.twinx()
+    twin.bar(x, [row["norm_ratio"] for row in rows], color="0.85", zorder=0)
+    twin.set_ylabel("||block(x) - x|| / ||x||", color="0.4", fontsize=8)
+    ax.set_zorder(twin.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    for policy in result["bn"]:
+        color, label = _BN_STYLE[policy]
+        ax.plot(x, [row[policy]["acc"] for row in rows], "o-", color=color, label=label)
+        ax.axhline(result["intact"][policy], color=color, linestyle=":", linewidth=1)
+    ax.set_xticks(x)
+    ax.set_xlabel("deleted block")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"stage {rows[0]['stage']} ({rows[0]['stage_name']})")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+
+
+def _lesion_curves(ax: Any, result: dict[str, Any]) -> None:
+    for policy in result["bn"]:
+        color, label = _BN_STYLE[policy]
+        rows = result["curves"][policy]
+        ks = [0, *(row["k"] for row in rows)]
+        intact = result["intact"][policy]
+        ax.plot(
+            ks,
+            [intact, *(r["best"]["acc"] for r in rows)],
+            "^-",
+            color=color,
+            label=f"best k, {label}",
+        )
+        ax.plot(
+            ks,
+            [intact, *(r["worst"]["acc"] for r in rows)],
+            "v--",
+            color=color,
+            label=f"worst k, {label}",
+        )
+        if rows and rows[0]["random"] is not None:
+            mean = [intact, *(r["random"]["acc_mean"] for r in rows)]
+            low = [intact, *(r["random"]["acc_min"] for r in rows)]
+            high = [intact, *(r["random"]["acc_max"] for r in rows)]
+            ax.plot(ks, mean, ".:", color=color, label=f"random k (mean), {label}")
+            ax.fill_between(ks, low, high, color=color, alpha=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("blocks deleted (k)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("deleting k blocks")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+
+
 def plot_kl_drift(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Fig. 7: box plots, one per recorded epoch, of KL(main || sub) over the sub-networks."""
     figure = _figure(max(6.0, 0.5 * len(records) + 3), 4)
@@ -217,6 +289,8 @@ def _pareto_panel(
     acc = f"{result['selection_split']}_acc"
     rows = [r for r in result["subnets"] if r.get(cost) is not None and r.get(acc) is not None]
     flag = "on_front" if cost == "flops" else "on_latency_front"
+    predicted = [r for r in rows if cost != "flops" and r.get("latency_source") == "predicted"]
+    rows = [r for r in rows if r not in predicted]
     ax.plot(
         [r[cost] / scale for r in rows],
         [r[acc] for r in rows],
@@ -226,6 +300,17 @@ def _pareto_panel(
         alpha=0.5,
         label=f"sub-networks ({len(rows)})" if cost == "flops" else f"measured ({len(rows)})",
     )
+    if predicted:  # hollow: the table's additive model, not a measurement
+        ax.plot(
+            [r[cost] / scale for r in predicted],
+            [r[acc] for r in predicted],
+            "o",
+            ms=4,
+            mfc="none",
+            color="tab:gray",
+            alpha=0.6,
+            label=f"predicted ({len(predicted)})",
+        )
     front = sorted((r for r in rows if r.get(flag)), key=lambda r: r[cost])
     ax.plot(
         [r[cost] / scale for r in front],
@@ -269,19 +354,29 @@ def plot_pareto(result: dict[str, Any], path: str | Path, title: str = "") -> Pa
         axes[0], result, "flops", 1e6, "forward MFLOPs per image", budget.get("max_mflops")
     )
     if timed:
-        spec = result.get("latency") or {}
-        where = f"{spec.get('device', '?')}, batch {spec.get('batch', '?')}, "
-        where += f"{spec.get('threads', '?')} thread(s)"
         _pareto_panel(
             axes[1],
             result,
             "latency_ms",
             1.0,
-            f"measured latency, ms (median; {where})",
+            _latency_axis(result.get("latency") or {}),
             budget.get("max_latency_ms"),
         )
     figure.suptitle(title or f"pick {result['pick']['subnet']} for budget: {_budget_text(budget)}")
     return save_figure(figure, path)
+
+
+def _latency_axis(spec: dict[str, Any]) -> str:
+    """The latency panel's axis label: measured here, or on the device of a latency table."""
+    if spec.get("source") == "table":
+        machine = spec["machine"]
+        return (
+            f"device latency, ms (median; onnxruntime {machine['onnxruntime']}, "
+            f"{threads_text(machine['threads'])}, batch {spec['batch']};\n{machine['cpu']})"
+        )
+    where = f"{spec.get('device', '?')}, batch {spec.get('batch', '?')}, "
+    where += f"{spec.get('threads', '?')} thread(s)"
+    return f"measured latency, ms (median; {where})"
 
 
 def _budget_text(budget: dict[str, Any]) -> str:

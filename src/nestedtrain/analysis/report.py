@@ -28,6 +28,7 @@ from ..runfiles import (
     read_metrics,
 )
 from .kl_drift import kl_drift_summary
+from .latency import describe_latency, describe_predictor
 from .plots import plot_kl_drift, plot_training_curves
 
 __all__ = ["write_report"]
@@ -250,6 +251,70 @@ def _render_destruct(section: _Section, data: dict[str, Any]) -> None:
     )
 
 
+def _render_lesion(section: _Section, data: dict[str, Any]) -> None:
+    policies = data["bn"]
+    section.notes.append(
+        "intact network: "
+        + ", ".join(f"{_fmt(data['intact'][p])}% ({p} BN)" for p in policies)
+        + "; ratio = ||block(x) - x|| / ||x|| on evaluation images (small: a block that passes "
+        "its input on nearly unchanged)"
+    )
+    headers = ["block", "stage", "in stage", "ratio"]
+    headers += [f"{what} {p}" for p in policies for what in ("top-1", "drop")]
+    rows = [
+        [r["index"], r["stage"], r["block"], r["norm_ratio"]]
+        + [r[p][key] for p in policies for key in ("acc", "drop")]
+        for r in data["blocks"]
+    ]
+    section.table("Deleting one block: top-1 (%) and drop (points)", headers, rows)
+    headers = ["k"] + [f"{what} {p}" for p in policies for what in ("worst", "best", "random")]
+    rows = []
+    for i, k in enumerate(data["ks"]):
+        row: list[Any] = [k]
+        for p in policies:
+            curve = data["curves"][p][i]
+            random = curve["random"]
+            row += [curve["worst"]["acc"], curve["best"]["acc"], random and random["acc_mean"]]
+        rows.append(row)
+    section.table(
+        "Deleting k blocks: top-1 (%) without the k most harmful (worst), least harmful (best) "
+        f"and {data['random_draws']} random sets of k blocks (mean)",
+        headers,
+        rows,
+    )
+
+
+def _loafing_summary(sections: Sequence[_Section], analyses: dict[str, dict[str, Any]]) -> None:
+    """With a lesion analysis, a first section that answers "does it loaf, and where": the
+    blocks deleted at least cost, and the sub-network spread when it was measured."""
+    data = analyses.get("lesion")
+    if data is None:
+        return
+    policy = data["bn"][-1]
+    blocks = sorted(data["blocks"], key=lambda r: r[policy]["drop"])
+    section = _Section("Does it loaf, and where?", command=data.get("command"))
+    section.notes.append(
+        f"{len(blocks)} blocks can be deleted alone; with BN {policy} the intact network scores "
+        f"{_fmt(data['intact'][policy])}%. Deleting a loafing block costs little."
+    )
+    section.table(
+        "The five cheapest and the five dearest blocks to delete",
+        ["block", "stage", "in stage", "drop (points)", "ratio"],
+        [
+            [r["index"], r["stage"], r["block"], r[policy]["drop"], r["norm_ratio"]]
+            for r in (blocks[:5] + blocks[-5:] if len(blocks) > 10 else blocks)
+        ],
+    )
+    subnets = analyses.get("subnets")
+    if subnets is not None:
+        section.table(
+            "Sub-network spread (top-1 %, BN re-estimated per sub-network)",
+            _STATS_HEADERS,
+            [_stats_row(subnets["stats"])],
+        )
+    sections.insert(0, section)
+
+
 def _render_kl(section: _Section, data: dict[str, Any]) -> None:
     section.table(*_kl_table(data["summary"]))
 
@@ -282,11 +347,9 @@ def _render_select(section: _Section, data: dict[str, Any]) -> None:
         f"{data.get('budget_text', '–')}; BN {data['bn']}"
     )
     if data.get("latency"):
-        spec = data["latency"]
-        section.notes.append(
-            f"latency measured on {spec['device']}, batch {spec['batch']}, {spec['threads']} "
-            f"thread(s): median of {spec['repeats']} runs in {spec.get('rounds', 1)} interleaved rounds after {spec['warmup']} warm-up"
-        )
+        section.notes.append(describe_latency(data["latency"]))
+        if predictor := describe_predictor(data["latency"]):
+            section.notes.append(predictor)
     front = sorted((r for r in data["subnets"] if r["on_front"]), key=lambda r: r["flops"])
     pick, main = data["pick"]["subnet"], data["main"]["subnet"]
     section.table(
@@ -321,6 +384,7 @@ _RENDERERS = {
     "subnets": _render_subnets,
     "matrix": _render_matrix,
     "destruct": _render_destruct,
+    "lesion": _render_lesion,
     "kl-drift": _render_kl,
     "logits": _render_logits,
     "erf": _render_erf,
@@ -415,12 +479,13 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     config = config_path.read_text() if config_path.is_file() else None
     sections = _training(run, out)
     analyses = sorted((run / "analysis").glob("*/*.json")) if (run / "analysis").is_dir() else []
-    kinds = set()
+    kinds: dict[str, dict[str, Any]] = {}
     for path in analyses:
         data = _read_json(path)
         if isinstance(data, dict):
-            kinds.add(data.get("analysis"))
+            kinds[data.get("analysis")] = data
             sections.append(_analysis_section(path, data))
+    _loafing_summary(sections, kinds)
     if "kl-drift" not in kinds:
         kl = _kl_from_training(run, out)
         if kl is not None:
@@ -430,7 +495,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             f"{str(run)!r} holds no config.yaml, metrics.jsonl, summary.json or analysis/: "
             "give a run folder that `nestedtrain train` wrote"
         )
-    title = f"nestedtrain run {run.resolve().name}"
+    # a folder of analyses of a model trained elsewhere has no recipe of its own
+    title = f"nestedtrain {'run' if config is not None else 'analyses'} {run.resolve().name}"
     md_path, html_path = run / "report.md", run / "report.html"
     atomic_write_text(md_path, _markdown(title, config, sections, run))
     atomic_write_text(html_path, _html(title, config, sections))

@@ -14,6 +14,9 @@ the one to deploy:
    every front member within the FLOPs/parameter budget and the main network. Any sub-network
    off the front has a front member at least as accurate with no more FLOPs, so as long as
    latency grows with FLOPs the best one under a latency budget is among those measured.
+   Or, from a latency table measured on the serving device
+   (:class:`~nestedtrain.analysis.latency.LatencyTable`), for every candidate: measured there,
+   or predicted by its additive model when that model's held-out error allows.
 5. The pick (:func:`pick_best`): the most accurate candidate inside every budget; ties go to
    fewer FLOPs, then fewer parameters.
 """
@@ -36,6 +39,7 @@ from ..engine.subnet_eval import evaluate_subnets
 from ..errors import ConfigError
 from ..flops import count_flops, count_params
 from .deploy import measure_latency
+from .latency import LatencyTable
 
 __all__ = ["Budget", "LatencySpec", "pareto_front", "pick_best", "select_subnet"]
 
@@ -137,9 +141,16 @@ def _cost_text(row: dict[str, Any]) -> str:
 def _nothing_fits(rows: Sequence[dict[str, Any]], budget: Budget) -> ConfigError:
     if budget.max_latency_ms is not None and any(budget.fits_cost(r) for r in rows):
         measured = [r for r in rows if r.get("latency_ms") is not None and budget.fits_cost(r)]
+        if not measured:  # a table that neither measured nor predicts these
+            return ConfigError(
+                f"no sub-network fits the budget ({budget.describe()}): none inside the FLOPs "
+                "and parameter bounds has a latency; measure them (a kit with that front) or "
+                "allow the predictor (--max-prediction-error)"
+            )
         fastest = min(measured, key=lambda r: (r["latency_ms"], r["flops"]))
+        how = "predicted" if fastest.get("latency_source") == "predicted" else "measured"
         return ConfigError(
-            f"no sub-network fits the budget ({budget.describe()}): the fastest measured, "
+            f"no sub-network fits the budget ({budget.describe()}): the fastest {how}, "
             f"{fastest['subnet']}, takes {fastest['latency_ms']:.3f} ms "
             f"({fastest['flops'] / 1e6:.2f} MFLOPs)"
         )
@@ -193,6 +204,7 @@ def select_subnet(
     latency: LatencySpec | None = None,
     latency_fn: LatencyFn | None = None,
     chunk_images: int | None = None,
+    latency_table: LatencyTable | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``subnets`` (and the main network) and pick the best one inside ``budget``.
 
@@ -211,13 +223,17 @@ def select_subnet(
             :func:`~nestedtrain.analysis.deploy.measure_latency` on standalone exports, all
             candidates interleaved in ``spec.rounds`` rounds, median of every timed run.
         chunk_images: see :func:`~nestedtrain.engine.subnet_eval.subnet_logits`.
+        latency_table: take every candidate's latency from this table (measured on the
+            serving device, or predicted) instead of measuring here; excludes ``latency``.
 
     Returns:
         ``subnets`` (one row per sub-network: ``subnet``, ``depths``, ``blocks``, ``is_main``,
         ``bn``, ``val_acc``, ``test_acc``, ``flops``, ``params``, ``latency_ms`` (or ``None``),
+        ``latency_source`` (``measured``, here or in the table, ``predicted`` or ``None``),
         ``on_front``, ``on_latency_front``, ``fits_budget``), ``main`` and ``pick`` (rows),
         ``front`` and ``latency_front`` (sub-network strings, cheapest first), ``selection_split``,
-        ``budget`` and ``latency`` (the settings, threads included).
+        ``budget`` and ``latency`` (the settings, threads included; for a table, its machine,
+        the predictor and its held-out error).
 
     Raises:
         ConfigError: a bad split choice, a latency bound without a way to measure it, or a
@@ -225,12 +241,15 @@ def select_subnet(
     """
     model = unwrap(model)
     budget = budget or Budget()
-    _check_request(budget, select_on, val_batches, latency)
+    _check_request(budget, select_on, val_batches, latency, latency_table)
     acc_key = f"{select_on}_acc"
     candidates, main_index = _candidates(model, subnets)
     # 1. Costs; a budget nothing meets fails here, before any evaluation.
     rows = _cost_rows(model, candidates, main_index, budget, input_size, in_chans)
     time_rows = _row_timer(model, candidates, rows, latency, latency_fn, in_chans, input_size)
+    if latency_table is not None:
+        for row, subnet in zip(rows, candidates):
+            row["latency_ms"], row["latency_source"] = latency_table.latency(subnet)
     _stop_if_cheapest_is_too_slow(rows, budget, time_rows)
     # 2. Accuracy: the main network with its own BN statistics, the others re-estimated.
     splits = {"test": test_batches, **({"val": val_batches} if val_batches is not None else {})}
@@ -238,7 +257,8 @@ def select_subnet(
     # 3. The fronts (latency measured for the front inside the budget), then the pick.
     front, latency_front = _fronts(rows, budget, acc_key, main_index, time_rows)
     pick = pick_best(rows, budget, acc_key)
-    return _result(rows, main_index, pick, front, latency_front, select_on, budget, latency)
+    spec = latency_table.summary() if latency_table is not None else latency
+    return _result(rows, main_index, pick, front, latency_front, select_on, budget, spec)
 
 
 def _candidates(model: nn.Module, subnets: Sequence[Subnet | str]) -> tuple[list[Subnet], int]:
@@ -258,16 +278,16 @@ def _result(
     latency_front: Sequence[int],
     select_on: str,
     budget: Budget,
-    latency: LatencySpec | None,
+    latency: LatencySpec | dict[str, Any] | None,
 ) -> dict[str, Any]:
     """What :func:`select_subnet` returns: the settings, then the rows picked out, then all."""
+    if isinstance(latency, LatencySpec):
+        latency = {**asdict(latency), "source": "measured", "threads": torch.get_num_threads()}
     return {
         "selection_split": select_on,
         "bn": "re-estimated per sub-network from training images; the main network keeps its own",
         "budget": asdict(budget),
-        "latency": None
-        if latency is None
-        else {**asdict(latency), "threads": torch.get_num_threads()},
+        "latency": latency,
         "main": rows[main_index],
         "pick": rows[pick],
         "front": [rows[i]["subnet"] for i in front],
@@ -277,7 +297,11 @@ def _result(
 
 
 def _check_request(
-    budget: Budget, select_on: str, val_batches: Batches | None, latency: LatencySpec | None
+    budget: Budget,
+    select_on: str,
+    val_batches: Batches | None,
+    latency: LatencySpec | None,
+    table: LatencyTable | None,
 ) -> None:
     if select_on not in ("val", "test"):
         raise ConfigError(f"select_on={select_on!r}: use 'val' (default) or 'test'")
@@ -286,8 +310,12 @@ def _check_request(
             "no validation split to select on: selecting on test would make its accuracy an "
             "optimistic estimate; pass select_on='test' to do it anyway"
         )
-    if budget.max_latency_ms is not None and latency is None:
-        raise ConfigError("a latency budget needs latency measurement: pass latency=LatencySpec()")
+    if latency is not None and table is not None:
+        raise ConfigError("latency from a table or measured here: pass latency or latency_table")
+    if budget.max_latency_ms is not None and latency is None and table is None:
+        raise ConfigError(
+            "a latency budget needs latencies: pass latency=LatencySpec() or latency_table"
+        )
 
 
 def _cost_row(
@@ -305,6 +333,7 @@ def _cost_row(
         "flops": count_flops(model, input_size, in_chans, subnet=subnet),
         "params": count_params(model, subnet=subnet),
         "latency_ms": None,
+        "latency_source": None,
     }
 
 
@@ -354,7 +383,7 @@ def _row_timer(
         else:
             times = _measure_interleaved(modules, latency, shape)
         for i, ms in zip(indices, times):
-            rows[i]["latency_ms"] = ms
+            rows[i]["latency_ms"], rows[i]["latency_source"] = ms, "measured"
 
     return time_rows
 
@@ -363,8 +392,13 @@ def _stop_if_cheapest_is_too_slow(
     rows: list[dict[str, Any]], budget: Budget, time_rows: Callable[[Sequence[int]], None] | None
 ) -> None:
     """Before the costly evaluation: if the cheapest sub-network is too slow for the latency
-    bound of ``budget`` (if any; ``time_rows`` then measures), stop here."""
+    bound of ``budget`` (if any; ``time_rows`` measures it), stop here. Without ``time_rows``
+    the rows hold a table's latencies already: stop if none of them fits."""
     if budget.max_latency_ms is None:
+        return
+    if time_rows is None:
+        if not any(budget.fits(r) for r in rows):
+            raise _nothing_fits(rows, budget)
         return
     cheapest = min(
         (i for i, r in enumerate(rows) if budget.fits_cost(r)),
@@ -428,13 +462,12 @@ def _fronts(
 ) -> tuple[list[int], list[int]]:
     """The FLOPs front and, when timing, the latency front; marks each row's place on them."""
     front = pareto_front(rows, "flops", acc_key)
-    latency_front = []
     if time_rows is not None:
         # All of them again, the cheapest too: measured side by side, in the same rounds.
         inside = [i for i, r in enumerate(rows) if budget.fits_cost(r)]
         inside_front = pareto_front([rows[i] for i in inside], "flops", acc_key)
         time_rows(sorted({inside[j] for j in inside_front} | {main_index}))
-        latency_front = pareto_front(rows, "latency_ms", acc_key)
+    latency_front = pareto_front(rows, "latency_ms", acc_key)
     for i, row in enumerate(rows):
         row["on_front"] = i in front
         row["on_latency_front"] = i in latency_front

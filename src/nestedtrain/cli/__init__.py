@@ -2,6 +2,7 @@
 
 - :mod:`.train`: ``train``, ``eval``, ``flops``, ``demo``;
 - :mod:`.deploy`: ``export``, ``select``;
+- :mod:`.latency`: ``latency-kit``;
 - :mod:`.analyze`: ``analyze ...``, ``report``;
 - :mod:`.motivation`: ``efficiency``, ``tune-k``;
 - :mod:`.sweep`: ``sweep``, ``compare``;
@@ -27,7 +28,7 @@ __all__ = ["build_parser", "entry", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; each sets ``handler(args) -> exit status``."""
-    from . import analyze, check_data, deploy, motivation, sweep, train
+    from . import analyze, check_data, deploy, latency, motivation, sweep, train
     from .common import Parser
 
     parser = Parser(
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train.register(subparsers)  # train, eval, flops, demo
     deploy.register(subparsers)  # export, select
+    latency.register(subparsers)  # latency-kit
     analyze.register(subparsers)  # analyze ..., report
     motivation.register(subparsers)  # efficiency, tune-k
     sweep.register(subparsers)  # sweep, compare

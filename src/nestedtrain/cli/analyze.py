@@ -22,12 +22,14 @@ from omegaconf import DictConfig
 from ..analysis.destruct import BN_POLICIES, destruct
 from ..analysis.erf import effective_receptive_field, erf_area_ratios
 from ..analysis.kl_drift import kl_drift_summary
+from ..analysis.lesion import LESION_BN, lesion
 from ..analysis.logits import logit_norms
 from ..analysis.matrix import loafing_matrix
 from ..analysis.plots import (
     plot_destruction,
     plot_erf,
     plot_kl_drift,
+    plot_lesion,
     plot_loafing_matrix,
     plot_logit_norms,
     plot_subnet_accuracy,
@@ -54,13 +56,22 @@ from .common import (
     parse_space,
     table,
 )
+from .opening import add_model_options, open_foreign, open_target
 
 __all__ = ["register"]
 
 
 # --------------------------------------------------------------------- loading, writing
 def _data(ckpt: Checkpoint, args: argparse.Namespace, device: torch.device) -> Data:
-    return checkpoint_data(ckpt, device, name=args.data, root=args.data_root)
+    name, root = args.data, args.data_root
+    if name is not None and name.startswith("imagefolder:"):
+        name, root = "imagefolder", name[len("imagefolder:") :]
+    return checkpoint_data(ckpt, device, name=name, root=root)
+
+
+def _open(args: argparse.Namespace, device: torch.device) -> Checkpoint:
+    """CHECKPOINT, or the model of --model (with --weights or --pretrained, and --data)."""
+    return open_target(args, device, "checkpoint", args.out)
 
 
 def _eval_fn(data: Data, args: argparse.Namespace, cfg: DictConfig) -> Callable[[], Iterable]:
@@ -85,9 +96,13 @@ def _same_task(first: Checkpoint, other: Checkpoint) -> None:
         )
 
 
-def _open_all(paths: Sequence[str], device: torch.device) -> list[Checkpoint]:
-    """Checkpoints to compare: all trained for the first one's task."""
-    opened = [open_checkpoint(path, device) for path in paths]
+def _open_all(args: argparse.Namespace, device: torch.device) -> list[Checkpoint]:
+    """Models to compare: the one of --model first (its folder and data are the analysis's),
+    then the CHECKPOINTs; all trained for the first one's task."""
+    opened = [open_foreign(args, device, args.out)] if args.model else []
+    opened += [open_checkpoint(path, device) for path in args.checkpoints]
+    if not opened:
+        raise ConfigError("give one or more CHECKPOINTs, or --model NAME with its --weights")
     for other in opened[1:]:
         _same_task(opened[0], other)
     return opened
@@ -111,10 +126,11 @@ def _header(
         "analysis": analysis,
         "command": command_line(args),
         "checkpoint": str(ckpt.path),
+        "weights": "foreign" if ckpt.foreign else "nestedtrain",
         "model": ckpt.cfg.model.name,
         "method": ckpt.cfg.method,
         "epoch": ckpt.state.get("epoch"),
-        "dataset": args.data or ckpt.cfg.data.name,
+        "dataset": ckpt.cfg.data.name if ckpt.foreign else args.data or ckpt.cfg.data.name,
         "split": args.split,
         "seconds": seconds,
     }
@@ -149,7 +165,7 @@ def _swaps(texts: Sequence[str] | None) -> list[tuple[int, int, int]]:
 # ------------------------------------------------------------------------------ handlers
 def _subnets(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    ckpt = open_checkpoint(args.checkpoint, device)
+    ckpt = _open(args, device)
     data = _data(ckpt, args, device)
     individual = []
     for path in args.individual or []:
@@ -213,7 +229,7 @@ def _print_subnets(result: dict[str, Any], ckpt: Checkpoint, space: str, seconds
 
 def _matrix(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    opened = _open_all(args.checkpoints, device)
+    opened = _open_all(args, device)
     data = _data(opened[0], args, device)
     names = _labels(opened)
     start = time.perf_counter()
@@ -250,7 +266,7 @@ def _destruct(args: argparse.Namespace) -> int:
     )
     if args.max_combinations < 0:
         raise ConfigError(f"--max-combinations {args.max_combinations} must be >= 1, or 0 for all")
-    ckpt = open_checkpoint(args.checkpoint, device)
+    ckpt = _open(args, device)
     data = _data(ckpt, args, device)
     start = time.perf_counter()
     result = destruct(
@@ -317,6 +333,62 @@ def _print_destruct(result: dict[str, Any], ckpt: Checkpoint) -> None:
         )
 
 
+def _lesion(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    policies = [p for p in args.bn.split(",") if p]
+    ks = None if args.k == "all" else parse_ints(args.k, "--k")
+    ckpt = _open(args, device)
+    data = _data(ckpt, args, device)
+    start = time.perf_counter()
+    result = lesion(
+        ckpt.model,
+        _eval_fn(data, args, ckpt.cfg),
+        _calib_fn(data, args, ckpt.cfg) if "recalibrate" in policies else None,
+        ks=ks,
+        random_draws=args.random,
+        seed=args.seed,
+        bn=policies,
+        norm_images=args.norm_images,
+        chunk_images=args.chunk_images,
+        memory_mb=args.memory_mb,
+    )
+    payload = {**_header("lesion", args, ckpt, time.perf_counter() - start), **result}
+    out = output_folder(args.out, ckpt, "lesion")
+    title = f"{ckpt.cfg.model.name} ({ckpt.path}) on {ckpt.cfg.data.name} {args.split}"
+    plot = partial(plot_lesion, result, title=title)
+    json_path, png_path = _save(out, "lesion", payload, plot)
+    _print_lesion(result, title, payload["seconds"])
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def _print_lesion(result: dict[str, Any], title: str, seconds: float) -> None:
+    policies = result["bn"]
+    intact = ", ".join(f"{result['intact'][p]:.2f}% ({p} BN)" for p in policies)
+    print(f"{title}: intact {intact}; {seconds:.1f} s")
+    print("\ndeleting one block: top-1 (%) and drop (points); ratio = ||block(x) - x|| / ||x||")
+    header = ["block", "stage", "in stage", "ratio"]
+    header += [f"{what} {p}" for p in policies for what in ("top-1", "drop")]
+    rows = [
+        [r["index"], r["stage"], r["block"], r["norm_ratio"]]
+        + [r[p][key] for p in policies for key in ("acc", "drop")]
+        for r in result["blocks"]
+    ]
+    print(table(header, rows))
+    print("\ndeleting k blocks: top-1 (%) of the worst, best and random k (mean of draws)")
+    header = ["k"] + [f"{what} {p}" for p in policies for what in ("worst", "best", "random")]
+    rows = []
+    for i, k in enumerate(result["ks"]):
+        row: list[Any] = [k]
+        for p in policies:
+            curve = result["curves"][p][i]
+            randoms = curve["random"]
+            row += [curve["worst"]["acc"], curve["best"]["acc"]]
+            row.append(randoms["acc_mean"] if randoms else None)
+        rows.append(row)
+    print(table(header, rows))
+
+
 def _kl_drift(args: argparse.Namespace) -> int:
     run = Path(args.run)
     records = read_kl_drift(run)
@@ -346,7 +418,7 @@ def _kl_drift(args: argparse.Namespace) -> int:
 
 def _logits(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    opened = _open_all(args.checkpoints, device)
+    opened = _open_all(args, device)
     data = _data(opened[0], args, device)
     start = time.perf_counter()
     rows = [
@@ -374,7 +446,7 @@ def _logits(args: argparse.Namespace) -> int:
 
 def _erf(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    ckpt = open_checkpoint(args.checkpoint, device)
+    ckpt = _open(args, device)
     data = _data(ckpt, args, device)
     subnet = Subnet.parse(ckpt.model, args.subnet) if args.subnet else None
     size = args.input_size or data.test_img_size
@@ -432,7 +504,10 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
     """The data and device options every analysis of checkpoints takes."""
     group = parser.add_argument_group("data and device")
     group.add_argument(
-        "--data", metavar="NAME", help="evaluate on this dataset (default: the run's)"
+        "--data",
+        metavar="DATA",
+        help="evaluate on this dataset or imagefolder:PATH (default: the run's); with --model "
+        "also a recipe (recipes/x.yaml)",
     )
     group.add_argument("--data-root", metavar="DIR", help="dataset root (default: the run's)")
     group.add_argument(
@@ -451,7 +526,12 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="training images for BN re-calibration (default: the run's data.calib_images)",
     )
-    group.add_argument("--out", metavar="DIR", help="write here instead of RUN/analysis/<what>/")
+    group.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write here instead of RUN/analysis/<what>/ (with --model: DIR/analysis/<what>/, "
+        "DIR by default runs/analysis/<model>)",
+    )
 
 
 def _subnets_options(parser: argparse.ArgumentParser) -> None:
@@ -504,6 +584,35 @@ def _destruct_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _lesion_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--k",
+        default="all",
+        help="numbers of blocks to delete together: all (default: 1 up to all that can go) or 1,2,4",
+    )
+    parser.add_argument(
+        "--random",
+        type=int,
+        default=10,
+        metavar="N",
+        help="random draws of k blocks per k (default 10; 0: none)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    parser.add_argument(
+        "--bn",
+        default=",".join(LESION_BN),
+        help="BN statistics: own (the trained ones), recalibrate (re-estimated per lesioned "
+        "network from training images) or both (default own,recalibrate)",
+    )
+    parser.add_argument(
+        "--norm-images",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="evaluation images for the residual-branch ratios (default 1024)",
+    )
+
+
 def _erf_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subnet", help="analyse this sub-network (BN re-calibrated), e.g. 3-2-4")
     parser.add_argument(
@@ -533,14 +642,15 @@ def _add_analysis(
     options."""
     p = add_command(which, name, handler, help=help, description=description)
     if many:
-        p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+        p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT")
     else:
-        p.add_argument("checkpoint", metavar="CHECKPOINT")
+        p.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?")
     if options is not None:
         options(p)
     if chunked:
         _chunk_options(p)
     _data_options(p)
+    add_model_options(p, input_size=name != "erf")  # erf has its own --input-size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -549,12 +659,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "analyze",
         help="loafing analyses of trained models",
         description="Loafing analyses of trained checkpoints. A CHECKPOINT is a .pt file of "
-        "`nestedtrain train` or its run folder (then checkpoints/last.pt).",
+        "`nestedtrain train` or its run folder (then checkpoints/last.pt); or name a model "
+        "trained elsewhere: --model NAME --weights FILE --data RECIPE|DATASET|imagefolder:PATH.",
     )
     which = analyze.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
     _register_subnets(which)
     _register_matrix(which)
     _register_destruct(which)
+    _register_lesion(which)
     _register_kl_drift(which)
     _register_logits(which)
     _register_erf(which)
@@ -598,6 +710,22 @@ def _register_destruct(which: argparse._SubParsersAction) -> None:
         help="accuracy drop when deleting or permuting blocks",
         description="Accuracy drop when deleting each skippable block, deleting k of them, or "
         "permuting blocks within a stage by k transpositions (ST paper, Fig. 6).",
+    )
+
+
+def _register_lesion(which: argparse._SubParsersAction) -> None:
+    """``analyze lesion``."""
+    _add_analysis(
+        which,
+        "lesion",
+        _lesion,
+        _lesion_options,
+        help="lesion curves: delete single blocks, then the worst/best/random k, with own and "
+        "re-estimated BN; residual-branch norms",
+        description="Does the model loaf, and where? The accuracy after deleting each block, "
+        "then k blocks (the k whose single deletion costs most, least, and random draws), with "
+        "the trained BN statistics and with BN re-estimated; and per block the ratio of its "
+        "residual branch to its skip path on evaluation images.",
     )
 
 

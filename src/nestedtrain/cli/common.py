@@ -222,6 +222,14 @@ class Checkpoint:
     cfg: DictConfig
     state: dict[str, Any]
     run: Path | None  # RUN for RUN/checkpoints/x.pt (RUN holding config.yaml), else None
+    # A model trained elsewhere (--model): the data it was opened with; ``run`` is then the
+    # folder its analyses go to (--out, default runs/analysis/<model>).
+    data: Data | None = None
+
+    @property
+    def foreign(self) -> bool:
+        """Opened with --model, not from a nestedtrain checkpoint."""
+        return self.data is not None
 
 
 def open_checkpoint(path: str | Path, device: torch.device) -> Checkpoint:
@@ -237,7 +245,10 @@ def checkpoint_data(
     ckpt: Checkpoint, device: torch.device, name: str | None = None, root: str | None = None
 ) -> Data:
     """The data a checkpoint was trained on, or dataset ``name`` (under ``root``) instead,
-    refused when its classes or channels differ from the model's."""
+    refused when its classes or channels differ from the model's. A foreign model's data is
+    the data it was opened with."""
+    if ckpt.data is not None:
+        return ckpt.data
     cfg = OmegaConf.to_object(ckpt.cfg.data)  # load_model put it on today's schema
     if name is not None:
         cfg.name = name
@@ -262,7 +273,10 @@ def batch_size(requested: int | None, cfg: DictConfig) -> int:
 
 
 def output_folder(out: str | None, ckpt: Checkpoint, what: str) -> Path:
-    """``--out``, else RUN/analysis/<what> (analysis/<what> beside a loose checkpoint)."""
+    """``--out``, else RUN/analysis/<what> (analysis/<what> beside a loose checkpoint); a
+    foreign model's analyses go to OUT/analysis/<what> (OUT: --out, runs/analysis/<model>)."""
+    if ckpt.foreign:
+        return ckpt.run / "analysis" / what
     if out is not None:
         return Path(out)
     base = ckpt.run if ckpt.run is not None else ckpt.path.parent

@@ -20,6 +20,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..analysis.deploy import FORMATS, deploy_subnet, format_for, require_onnx, sidecar_path
+from ..analysis.latency import (
+    LatencyTable,
+    describe_latency,
+    describe_predictor,
+    model_identity,
+    read_latency_table,
+)
 from ..analysis.plots import plot_pareto
 from ..analysis.select import Budget, LatencySpec, select_subnet
 from ..data import Data
@@ -36,13 +43,13 @@ from .common import (
     checkpoint_data,
     command_line,
     fmt,
-    open_checkpoint,
     output_folder,
     parse_space,
     table,
 )
+from .opening import add_model_options, open_target
 
-__all__ = ["register"]
+__all__ = ["candidate_subnets", "register"]
 
 
 # --------------------------------------------------------------------------------- export
@@ -72,7 +79,7 @@ def _preprocess(data: Data) -> str:
 
 def _meta(ckpt: Checkpoint, data: Data) -> dict[str, Any]:
     return {
-        "source_run": str(ckpt.run) if ckpt.run is not None else None,
+        "source_run": str(ckpt.run) if ckpt.run is not None and not ckpt.foreign else None,
         "checkpoint": str(ckpt.path),
         "epoch": ckpt.state.get("epoch"),
         "method": ckpt.cfg.method,
@@ -147,7 +154,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt_name == "onnx":
         require_onnx()
     device = pick_device(args.device)
-    ckpt = open_checkpoint(args.checkpoint, device)
+    ckpt = open_target(args, device, "checkpoint")
     data = checkpoint_data(ckpt, device)
     subnet = Subnet.parse(ckpt.model, args.subnet)
     batch = batch_size(args.batch_size, ckpt.cfg)
@@ -174,10 +181,21 @@ def _check_select_options(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} {value} must be >= {least}")
     if args.format is not None and args.export is None:
         raise ConfigError(f"--format {args.format} needs --export PATH: the file to write")
+    if not (math.isfinite(args.max_prediction_error) and args.max_prediction_error > 0):
+        raise ConfigError(
+            f"--max-prediction-error {args.max_prediction_error:g}: give a percentage > 0, e.g. 20"
+        )
+    if args.latency_table is not None and args.latency_device is not None:
+        raise ConfigError(
+            f"--latency-table {args.latency_table} and --latency-device {args.latency_device}: "
+            "the table's latencies were measured on its device; give one of them"
+        )
 
 
 def _latency(args: argparse.Namespace) -> LatencySpec | None:
     """How to measure latency: asked for by a latency budget or a latency device."""
+    if args.latency_table is not None:
+        return None  # the table's, not measured here
     if args.max_latency_ms is None and args.latency_device is None:
         return None
     return LatencySpec(
@@ -185,8 +203,9 @@ def _latency(args: argparse.Namespace) -> LatencySpec | None:
     )
 
 
-def _candidates(model: Any, args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
-    """The sub-networks to evaluate, and how they were chosen."""
+def candidate_subnets(model: Any, args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
+    """The sub-networks to evaluate (``args``: ``space``, ``max_evaluated``, ``seed``), and how
+    they were chosen."""
     if args.max_evaluated < 1:
         raise ConfigError(f"--max-evaluated {args.max_evaluated} must be >= 1")
     space = parse_space(args.space)
@@ -213,7 +232,8 @@ def _describe(row: dict[str, Any], acc: str) -> str:
         parts.append(f"{other.split('_')[0]} {row[other]:.2f}%")
     parts += [f"{row['flops'] / 1e6:.2f} MFLOPs", f"{row['params'] / 1e6:.3f} M parameters"]
     if row.get("latency_ms") is not None:
-        parts.append(f"{row['latency_ms']:.3f} ms")
+        source = row.get("latency_source")
+        parts.append(f"{row['latency_ms']:.3f} ms" + (f" ({source})" if source else ""))
     return ", ".join(parts)
 
 
@@ -223,13 +243,16 @@ def _print_front(payload: dict[str, Any], flag: str, cost: str, what: str) -> No
     pick_subnet = payload["pick"]["subnet"]
     front = sorted((r for r in rows if r[flag]), key=lambda r: r[cost])
     timed = any(r.get("latency_ms") is not None for r in front)
+    tabled = (payload.get("latency") or {}).get("source") == "table"
     header = ["sub-network", "MFLOPs", "M params", "val %", "test %"]
-    header += ["ms", "budget", ""] if timed else ["budget", ""]
+    header += (["ms", "from"] if tabled else ["ms"]) if timed else []
+    header += ["budget", ""]
     cells = []
     for r in front:
         row = [r["subnet"], fmt(r["flops"] / 1e6), fmt(r["params"] / 1e6, 3)]
         row += [fmt(r["val_acc"]), fmt(r["test_acc"])]
         row += [fmt(r["latency_ms"], 3)] if timed else []
+        row += [r.get("latency_source") or "-"] if timed and tabled else []
         marks = [
             w for w, on in (("pick", r["subnet"] == pick_subnet), ("main", r["is_main"])) if on
         ]
@@ -237,7 +260,7 @@ def _print_front(payload: dict[str, Any], flag: str, cost: str, what: str) -> No
     among = [r for r in rows if r.get(cost) is not None]
     print(
         f"\nPareto front, {payload['selection_split']} top-1 vs {what} "
-        f"({len(front)} of {len(among)}{' measured' if cost == 'latency_ms' else ''}):"
+        f"({len(front)} of {len(among)}{' with a latency' if cost == 'latency_ms' else ''}):"
     )
     print(table(header, cells))
 
@@ -261,15 +284,14 @@ def _print_select(payload: dict[str, Any], data: Data) -> None:
     line = f"budget: {payload['budget_text']}"
     spec = payload.get("latency")
     if spec:
-        line += (
-            f"; latency measured on {spec['device']}, batch {spec['batch']}, {spec['threads']} "
-            f"thread(s): median of {spec['repeats']} runs in {spec.get('rounds', 1)} interleaved "
-            f"rounds after {spec['warmup']} warm-up"
-        )
+        line += f"; {describe_latency(spec)}"
     print(line)
+    if spec and (predictor := describe_predictor(spec)):
+        print(predictor)
     _print_front(payload, "on_front", "flops", "FLOPs")
     if any(r["on_latency_front"] for r in payload["subnets"]):
-        _print_front(payload, "on_latency_front", "latency_ms", "measured latency")
+        what = "device latency" if spec.get("source") == "table" else "measured latency"
+        _print_front(payload, "on_latency_front", "latency_ms", what)
     pick, main = payload["pick"], payload["main"]
     print(f"\npick: {pick['subnet']} ({_describe(pick, acc)})")
     print(f"main network {main['subnet']} (its own BN statistics): {_describe(main, acc)}")
@@ -286,16 +308,17 @@ def cmd_select(args: argparse.Namespace) -> int:
     if fmt_name == "onnx":
         require_onnx()  # before minutes of evaluation
     device = pick_device(args.device)
-    ckpt = open_checkpoint(args.run, device)
+    ckpt = open_target(args, device, "run", args.out)
     data, cfg = checkpoint_data(ckpt, device), ckpt.cfg
     if data.n_val == 0 and args.select_on == "val":
         raise ConfigError(
-            f"{args.run} holds out no validation split (data.val_size=0), so selection would "
+            f"{ckpt.path} holds out no validation split (data.val_size=0), so selection would "
             "have to look at test: retrain with data.val_size > 0, or pass --select-on test to "
             "select on test anyway"
         )
     batch = batch_size(args.batch_size, cfg)
-    subnets, chosen = _candidates(ckpt.model, args)
+    subnets, chosen = candidate_subnets(ckpt.model, args)
+    table = _latency_table(args, ckpt, data)
     start = time.perf_counter()
     result = select_subnet(
         ckpt.model,
@@ -308,6 +331,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         budget=budget,
         select_on=args.select_on,
         latency=latency,
+        latency_table=table,
     )
     seconds = time.perf_counter() - start
     payload = _select_payload(args, ckpt, data, chosen, budget, seconds, result)
@@ -327,6 +351,20 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latency_table(args: argparse.Namespace, ckpt: Checkpoint, data: Data) -> LatencyTable | None:
+    """``--latency-table``, read for this run's architecture and input shape."""
+    if args.latency_table is None:
+        return None
+    identity = model_identity(ckpt.model, ckpt.cfg.model.name, data.in_chans, data.test_img_size)
+    table = read_latency_table(args.latency_table, identity, args.max_prediction_error / 100)
+    if args.latency_batch not in (1, table.table["batch"]):  # 1: the default, not asked for
+        raise ConfigError(
+            f"--latency-batch {args.latency_batch}: {args.latency_table} was measured at batch "
+            f"{table.table['batch']}; run the kit's measure.py with --batch {args.latency_batch}"
+        )
+    return table
+
+
 def _select_payload(
     args: argparse.Namespace,
     ckpt: Checkpoint,
@@ -337,7 +375,7 @@ def _select_payload(
     result: dict[str, Any],
 ) -> dict[str, Any]:
     """``select.json``: the command, the checkpoint, the data, how the candidates were
-    ``chosen`` (:func:`_candidates`), the budget, then :func:`select_subnet`'s ``result``."""
+    ``chosen`` (:func:`candidate_subnets`), the budget, then :func:`select_subnet`'s ``result``."""
     cfg = ckpt.cfg
     return {
         "analysis": "select",
@@ -362,7 +400,8 @@ def _select_payload(
 
 # --------------------------------------------------------------------------------- parser
 def _export_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a run folder or a checkpoint .pt")
+    parser.add_argument("checkpoint", nargs="?", help="a run folder or a checkpoint .pt")
+    add_model_options(parser, data=True)
     parser.add_argument("--subnet", required=True, help="e.g. 3-2-4")
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument(
@@ -406,10 +445,25 @@ def _budget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--latency-repeats", type=int, default=30, metavar="N", help="timed runs (default 30)"
     )
+    parser.add_argument(
+        "--latency-table",
+        metavar="JSON",
+        help="latencies measured on the serving device: the latency.json that the measure.py of "
+        "a kit (nestedtrain latency-kit) wrote; refused for another architecture or input shape",
+    )
+    parser.add_argument(
+        "--max-prediction-error",
+        type=float,
+        default=20.0,
+        metavar="PCT",
+        help="with --latency-table: predict the latency of sub-networks it did not measure only "
+        "if the additive model's worst held-out error is at most PCT %% (default 20)",
+    )
 
 
 def _select_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="a run folder or a checkpoint .pt")
+    parser.add_argument("run", metavar="RUN", nargs="?", help="a run folder or a checkpoint .pt")
+    add_model_options(parser, data=True)
     _budget_options(parser)
     parser.add_argument(
         "--space",

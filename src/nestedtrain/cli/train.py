@@ -30,9 +30,9 @@ from .common import (
     add_recipe_arguments,
     checkpoint_data,
     fmt,
-    open_checkpoint,
     table,
 )
+from .opening import add_model_options, open_target
 
 __all__ = ["register"]
 
@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers,
         "train",
         cmd_train,
-        help="train with a recipe (ct | st | stpp | motivation)",
+        help="train with a recipe (ct | st | stpp | sandwich | motivation)",
         description="Train with a YAML recipe; any field can be overridden as key=value.",
         epilog="recipe fields and defaults:\n" + describe_fields(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -62,8 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
         subparsers, "eval", cmd_eval, help="evaluate a checkpoint's main network and sub-networks"
     )
-    p.add_argument("checkpoint", help="a run folder or a checkpoint .pt")
-    p.add_argument("--data", help="dataset name (default: the one it was trained on)")
+    p.add_argument("checkpoint", nargs="?", help="a run folder or a checkpoint .pt")
+    p.add_argument(
+        "--data",
+        help="dataset name (default: the one it was trained on); with --model also a recipe "
+        "or imagefolder:PATH",
+    )
+    add_model_options(p)
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--subnets", default="all", help="none | all | sample:N | 3-2-4,2-2-2")
     p.add_argument("--json", help="write the results as JSON here")
@@ -148,7 +153,7 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
 # ----------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    ckpt = open_checkpoint(args.checkpoint, device)
+    ckpt = open_target(args, device, "checkpoint")
     model, cfg = ckpt.model, ckpt.cfg
     data = checkpoint_data(ckpt, device, name=args.data)
     memory_mb = cfg.eval.memory_mb if args.memory_mb is None else args.memory_mb
@@ -185,8 +190,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(table(["subnet", "acc %", "MFLOPs", "kparams"], rows))
     if args.json:
         report = {
-            "checkpoint": str(args.checkpoint),
-            "data": args.data or cfg.data.name,
+            "checkpoint": str(ckpt.path),
+            "data": cfg.data.name if ckpt.foreign else args.data or cfg.data.name,
             "split": args.split,
             "main": main,
             "subnets": results,

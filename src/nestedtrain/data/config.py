@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = ["DataConfig", "CROPS"]
 
@@ -49,10 +49,18 @@ class DataConfig:
     label_smoothing: float = 0.0  # folded into the soft targets when mixing
     # DataLoader workers for on-disk datasets; None: this node's CPUs per rank, less one (<= 16)
     num_workers: Optional[int] = None
-    # imagefolder JPEG decoding: pil (in the workers) | torchvision (decode_jpeg where the
-    # model runs: nvJPEG on CUDA) | dali (NVIDIA DALI, the [dali] extra)
+    # imagefolder JPEG decoding: pil (in the workers) | torchcodec (TorchCodec's decode_jpeg
+    # where the model runs: nvJPEG on CUDA; torchvision's where TorchCodec is missing; its old
+    # name torchvision means the same) | dali (NVIDIA DALI, the [dali] extra)
     decoder: str = "pil"
     on_device: Optional[bool] = None  # keep the images on the device; None = small datasets only
     calib_images: int = 2000  # training images for BatchNorm re-calibration
     bad_images: str = "skip"  # imagefolder, an image that does not decode: skip | error
     max_bad_fraction: float = 0.001  # skip: stop when more than this fraction is bad
+    # Normalisation per channel, of images scaled to [0, 1]; None = the dataset's own (a model
+    # trained elsewhere brings its own, e.g. from timm's pretrained config).
+    mean: Optional[Any] = None
+    std: Optional[Any] = None
+    # imagefolder: re-estimate BN statistics from the images of this tree of class folders
+    # instead of the training split; None = the training split.
+    calib_root: Optional[str] = None

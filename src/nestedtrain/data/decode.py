@@ -1,26 +1,30 @@
-"""JPEG decoding outside the loader workers: torchvision's ``decode_jpeg`` or NVIDIA DALI.
+"""JPEG decoding outside the loader workers: TorchCodec's ``decode_jpeg`` or NVIDIA DALI.
 
 With ``data.decoder=pil`` (the default) a DataLoader worker decodes each image with PIL and
-runs the whole per-image transform. With ``torchvision`` or ``dali`` a worker only reads the
-file's bytes (and checks that they are a complete RGB or greyscale JPEG); the main process
-decodes the batch where the model runs: ``torchvision.io.decode_jpeg`` (nvJPEG, batched, on
-CUDA; libjpeg-turbo on the CPU) or a DALI pipeline (its ``mixed`` decoder on CUDA, its CPU
-decoder threads otherwise). Each decoded image then goes through the same torchvision/timm
-transform objects as the PIL path, on the tensor, inside the image's own seed scope (a final
-colour jitter runs on the whole batch with the factors each image drew): the same crop box,
-flip and colour-jitter factors as ``decoder=pil`` for every image, only resampled by torch
-instead of PIL.
+runs the whole per-image transform. With ``torchcodec`` or ``dali`` a worker only reads the
+file's bytes (and checks that they are a complete RGB or greyscale JPEG) and sends its batch
+as one flat byte tensor; the main process decodes the batch where the model runs:
+``torchcodec.decoders.decode_jpeg`` (nvJPEG, batched, on CUDA; libjpeg-turbo on the CPU;
+torchvision's deprecated ``decode_jpeg`` where TorchCodec is not installed) or a DALI pipeline
+(its ``mixed`` decoder on CUDA, its CPU decoder threads otherwise); ``torchvision`` is the
+earlier name of ``torchcodec`` and means the same. Each decoded image then goes through the
+same torchvision/timm transform objects as the PIL path, on the tensor, inside the image's own
+seed scope (a final colour jitter runs on the whole batch with the factors each image drew):
+the same crop box, flip and colour-jitter factors as ``decoder=pil`` for every image, only
+resampled by torch instead of PIL.
 
-Files that are not such JPEGs (PNG, CMYK, truncated, not an image at all) take the PIL path in
-the worker, where a file that does not decode is replaced and reported as before
-(``read_or_replace``). A batch the decoder rejects is redone image by image with PIL in the
+Files that are not such JPEGs (PNG, CMYK, truncated, not an image at all, EXIF-rotated) take
+the PIL path in the worker, where a file that does not decode is replaced and reported as
+before (``read_or_replace``). A batch the decoder rejects is redone image by image with PIL in the
 main process, with the same replacement and report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
+import itertools
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,16 +35,22 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..errors import ConfigError
 from .images import DECODE_ERRORS, read_or_replace
-from .transforms import TRIVIAL_AUGMENT, BatchColorJitter, host_rng_reseeder, host_rng_scope
+from .transforms import (
+    TRIVIAL_AUGMENT,
+    BatchColorJitter,
+    host_rng_reseeder,
+    host_rng_scope,
+    to_device,
+)
 
 __all__ = [
     "DECODERS",
     "BatchDecoder",
     "Encoded",
+    "EncodedBatch",
     "EncodedSamples",
     "check_decoder",
     "collate_encoded",
@@ -49,16 +59,20 @@ __all__ = [
     "tensor_stages",
 ]
 
-DECODERS = ("pil", "torchvision", "dali")
+DECODERS = ("pil", "torchcodec", "dali")
+# Earlier names, kept so that older recipes run: "torchvision" decoded with torchvision's
+# decode_jpeg, which torchvision 0.29 deprecates in favour of TorchCodec's.
+_ALIASES = {"torchvision": "torchcodec"}
 _DALI_INSTALL = (
     "pip install 'nestedtrain[dali]' (the CUDA 13 build; nvidia-dali-cuda120 for CUDA 12)"
 )
 _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
+_EXIF_ORIENTATION = 0x0112
 
 
 def check_decoder(name: str, decoder: str, auto_augment: str | None) -> None:
     """Raise ConfigError unless ``decoder`` can run on dataset ``name`` with ``auto_augment``."""
-    if decoder not in DECODERS:
+    if _ALIASES.get(decoder, decoder) not in DECODERS:
         raise ConfigError(f"data.decoder={decoder!r}: must be one of {list(DECODERS)}")
     if decoder == "pil":
         return
@@ -83,7 +97,7 @@ def check_decoder(name: str, decoder: str, auto_augment: str | None) -> None:
 
 @dataclass
 class Encoded:
-    """One sample as a worker sends it: the file's bytes, or an image it decoded itself.
+    """One sample as a worker reads it: the file's bytes, or an image it decoded itself.
 
     Attributes:
         data: the JPEG file's bytes (uint8), or None when ``image`` is set.
@@ -102,18 +116,20 @@ class Encoded:
 
 
 def _plain_jpeg(data: bytes) -> bool:
-    """Whether ``data`` looks like a whole baseline/progressive RGB or greyscale JPEG.
+    """Whether ``data`` looks like a whole baseline/progressive RGB or greyscale JPEG, upright.
 
     A truncated file lacks the end marker (PIL refuses it, libjpeg-turbo and DALI would fill
-    it with grey silently); CMYK and odd modes are left to PIL's conversion. Reads only the
-    header.
+    it with grey silently); CMYK and odd modes are left to PIL's conversion. A file with an
+    EXIF orientation too: TorchCodec's ``decode_jpeg`` always applies it, while ImageFolder's
+    loader, torchvision's ``decode_jpeg`` and DALI (as set here) do not. Reads only the header.
     """
     # the tail only: no copy of the whole file (longer zero padding falls back to PIL)
     if not data.startswith(_JPEG_START) or not data[-4096:].rstrip(b"\0").endswith(_JPEG_END):
         return False
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.format == "JPEG" and img.mode in ("RGB", "L")
+            upright = img.getexif().get(_EXIF_ORIENTATION, 1) == 1
+            return img.format == "JPEG" and img.mode in ("RGB", "L") and upright
     except DECODE_ERRORS:
         return False
 
@@ -162,9 +178,57 @@ def pil_sample(
         return transform(image), label, report
 
 
-def collate_encoded(items: list[Encoded]) -> list[Encoded]:
-    """DataLoader's collate for :class:`EncodedSamples`: files differ in length, keep a list."""
-    return items
+@dataclass
+class EncodedBatch:
+    """A batch of :class:`Encoded` samples as a worker sends it: all bytes in one flat tensor.
+
+    A tensor sent by a worker holds a shared-memory file descriptor in the main process for
+    as long as it lives: a tensor per image made thousands with prefetching and pinning
+    ("Too many open files"), one per batch makes a few. ``pin_memory`` (called by the
+    DataLoader on CUDA) pins that one tensor, so its copies to the device do not block.
+
+    Attributes:
+        buffer: flat uint8: each sample's JPEG bytes, or the CHW pixels of its PIL path.
+        offsets: sample ``i`` is ``buffer[offsets[i]:offsets[i + 1]]`` (Python ints, which
+            travel in the message, not as more shared tensors).
+        shapes: None for JPEG bytes, the CHW shape of a PIL-path image.
+        labels, indices, seeds, reports: as in :class:`Encoded`, one per sample.
+    """
+
+    buffer: torch.Tensor
+    offsets: list[int]
+    shapes: list[tuple[int, ...] | None]
+    labels: list[int]
+    indices: list[int]
+    seeds: list[int | None]
+    reports: list[str]
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def sample(self, i: int) -> torch.Tensor:
+        """Sample ``i``: its JPEG bytes (1-D), or its uint8 CHW image; a view of ``buffer``."""
+        part = self.buffer[self.offsets[i] : self.offsets[i + 1]]
+        shape = self.shapes[i]
+        return part if shape is None else part.view(shape)
+
+    def pin_memory(self) -> EncodedBatch:
+        return dataclasses.replace(self, buffer=self.buffer.pin_memory())
+
+
+def collate_encoded(items: list[Encoded]) -> EncodedBatch:
+    """DataLoader's collate for :class:`EncodedSamples`: files differ in length, so their
+    bytes are concatenated, with their offsets."""
+    parts = [item.image.reshape(-1) if item.data is None else item.data for item in items]
+    return EncodedBatch(
+        buffer=torch.cat(parts),
+        offsets=[0, *itertools.accumulate(len(part) for part in parts)],
+        shapes=[None if item.data is not None else tuple(item.image.shape) for item in items],
+        labels=[item.label for item in items],
+        indices=[item.index for item in items],
+        seeds=[item.seed for item in items],
+        reports=[item.report for item in items],
+    )
 
 
 class _DaliDecoder:
@@ -229,19 +293,41 @@ class _DaliDecoder:
         return image.permute(2, 0, 1)
 
 
-def _torchvision_decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+def _torch_jpeg_decoder() -> tuple[Callable, Any]:
+    """TorchCodec's ``decode_jpeg`` and its RGB mode, or torchvision's where TorchCodec is
+    missing or does not load (its wheels are built for one torch each; none for macOS)."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+
+        return decode_jpeg, "RGB"
+    except (ImportError, OSError, RuntimeError):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg, ImageReadMode.RGB
+
+
+def _decode_jpegs(
+    datas: list[torch.Tensor], device: torch.device, decode_jpeg: Callable, mode: Any
+) -> list[torch.Tensor]:
+    images = decode_jpeg(datas, mode=mode, device=device)
     return [images] if isinstance(images, torch.Tensor) else list(images)
 
 
 def make_decode(
     decoder: str, device: torch.device, threads: int
 ) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """JPEG byte tensors to CHW uint8 images on ``device``, with ``decoder`` ("torchvision" or
-    "dali"; DALI with ``threads`` CPU threads)."""
+    """JPEG byte tensors to CHW uint8 images on ``device``, with ``decoder`` ("torchcodec", its
+    old name "torchvision", or "dali"; DALI with ``threads`` CPU threads)."""
     if decoder == "dali":
         return _DaliDecoder(device, max(1, threads))
-    return functools.partial(_torchvision_decode, device=device)
+    decode_jpeg, mode = _torch_jpeg_decoder()
+    return functools.partial(_decode_jpegs, device=device, decode_jpeg=decode_jpeg, mode=mode)
+
+
+def _drain_current_stream(device: torch.device) -> None:
+    """On CUDA, wait on the host until the current stream has run everything queued on it."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def tensor_stages(pil_transform: Any) -> tuple[Callable, BatchColorJitter | None]:
@@ -266,7 +352,7 @@ def _flat(transform: Any) -> list:
 
 
 class BatchDecoder:
-    """The main process's half of ``decoder=torchvision|dali``: a list of :class:`Encoded`
+    """The main process's half of ``decoder=torchcodec|dali``: an :class:`EncodedBatch`
     to a uint8 batch on ``device``, its labels and its bad-file reports.
 
     Args:
@@ -289,30 +375,26 @@ class BatchDecoder:
         self.pil_transform = pil_transform
         self.per_image, self.jitter = tensor_stages(pil_transform)
 
-    def __call__(self, items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        labels = [item.label for item in items]
-        reports = [item.report for item in items]
-        images = [
-            None if item.image is None else item.image.to(self.device, non_blocking=True)
-            for item in items
+    def __call__(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        labels, reports = list(batch.labels), list(batch.reports)
+        images: list[torch.Tensor | None] = [
+            None if shape is None else batch.sample(i).to(self.device, non_blocking=True)
+            for i, shape in enumerate(batch.shapes)
         ]
-        todo = [i for i, item in enumerate(items) if item.image is None]
-        try:
-            decoded = self.decode([items[i].data for i in todo]) if todo else []
-        except (RuntimeError, ValueError):
-            decoded = None  # a file the decoder refuses: this batch's JPEGs go through PIL
+        todo = [i for i, shape in enumerate(batch.shapes) if shape is None]
+        decoded = self._decode([batch.sample(i) for i in todo]) if todo else []
         jitter: list[tuple[int, tuple]] = []  # (place in the batch, factors) of decoded images
         with host_rng_reseeder() as reseed:  # one RNG save and restore for the batch
             for slot, i in enumerate(todo):
-                item = items[i]
-                if decoded is None:
+                seed = batch.seeds[i]
+                if decoded is None:  # the decoder refused a file: this batch goes through PIL
                     image, labels[i], reports[i] = pil_sample(
-                        self.samples, item.index, item.seed, self.loader, self.pil_transform
+                        self.samples, batch.indices[i], seed, self.loader, self.pil_transform
                     )
                     images[i] = image.to(self.device)
                     continue
-                if item.seed is not None:
-                    reseed(item.seed)
+                if seed is not None:
+                    reseed(seed)
                 images[i] = self.per_image(decoded[slot])
                 if self.jitter is not None:  # drawn after the crop's and flip's numbers
                     jitter.append((i, self.jitter.draw()))
@@ -321,4 +403,26 @@ class BatchDecoder:
             jittered = self.jitter(torch.stack([images[i] for i in places]), [p for _, p in jitter])
             for i, image in zip(places, jittered):
                 images[i] = image
-        return torch.stack(images), torch.tensor(labels), reports
+        return torch.stack(images), to_device(torch.tensor(labels), self.device), reports
+
+    def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The decoded images, or None when the decoder refuses one of the files.
+
+        On CUDA the host first waits for the current stream (the loader's side stream) to run
+        what is queued on it. The caching allocator hands a block freed on a stream straight
+        back to the next allocation on that stream, trusting stream order: the previous
+        batch's decoded images, freed when this object returned, may still be read by crop
+        kernels queued there. A decoder that writes outside that order then overwrites them:
+        torchvision's ``decode_jpeg`` allocates on the caller's stream and writes from a
+        private one that does not wait for it (pytorch/vision PR 9606), and nvJPEG's hardware
+        engine (A100, H100; baseline JPEGs) does not wait for the stream it is given
+        (TorchCodec 0.16 corrupted there too, meta-pytorch/torchcodec PR 1634). Once the
+        stream is drained every block it can hand out is idle, whatever the decoder does.
+        With TorchCodec it adds no wait: its CUDA decode already synchronises that same stream
+        on the host before it returns (the wait moves earlier, as in that PR's fix).
+        """
+        _drain_current_stream(self.device)
+        try:
+            return self.decode(datas)
+        except (RuntimeError, ValueError):
+            return None

@@ -151,13 +151,15 @@ class Data(abc.ABC):
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.in_chans = spec.in_chans
-        self.mean, self.std = tuple(spec.mean), tuple(spec.std)
+        self.mean = tuple(spec.mean if cfg.mean is None else cfg.mean)
+        self.std = tuple(spec.std if cfg.std is None else cfg.std)
         self.img_size = cfg.img_size or spec.native_size
         self.test_img_size = cfg.test_img_size or self.img_size
         self.crop = cfg.crop or spec.crop
         self.crop_padding = spec.crop_padding if cfg.crop_padding is None else cfg.crop_padding
         self.hflip = spec.hflip if cfg.hflip is None else cfg.hflip
         self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
+        self.n_calib = n_train  # images BN re-calibration draws from (data.calib_root: its own)
         self.batch_size = batch_size
         self.local_batch_size = batch_size // world_size
         self.seed, self.device, self.rank, self.world_size = seed, device, rank, world_size
@@ -245,8 +247,8 @@ class Data(abc.ABC):
         count = self.cfg.calib_images if num_images is None else num_images
         if count < 1:
             raise ConfigError(f"num_images={count}: calibration needs at least one image")
-        order = torch.randperm(self.n_train, generator=make_generator(self.seed, _CALIB))
-        return self._calibration_batches(order[: min(count, self.n_train)], batch_size)
+        order = torch.randperm(self.n_calib, generator=make_generator(self.seed, _CALIB))
+        return self._calibration_batches(order[: min(count, self.n_calib)], batch_size)
 
     @abc.abstractmethod
     def _eval_batches(
@@ -489,8 +491,9 @@ class _FolderData(Data):
             **kwargs,
         )
         self._splits, self._loader = splits, loader
+        self.n_calib = len(splits.get("calib", splits["train"]))
         self._workers = default_workers() if cfg.num_workers is None else cfg.num_workers
-        # decoder=torchvision|dali: the workers read bytes, the main process decodes
+        # decoder=torchcodec|dali: the workers read bytes, the main process decodes
         self._decode = (
             None if cfg.decoder == "pil" else make_decode(cfg.decoder, self.device, self._workers)
         )
@@ -595,7 +598,7 @@ class _FolderData(Data):
         yield from ahead_on_device(loader, prepare, self.device)
 
     def _calibration_batches(self, index: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-        train = self._splits["train"]
+        train = self._splits.get("calib", self._splits["train"])
 
         loader, unpack = self._eval_loader([train[i] for i in index.tolist()], batch_size)
 
@@ -622,6 +625,9 @@ def ahead_on_device(
 
     On CUDA the next batch is prepared on a side stream while the current one is used, as
     timm's PrefetchLoader does: its host-to-device copy and normalisation overlap the step.
+    The device JPEG decoders run in ``prepare`` on the side stream too; ``BatchDecoder`` waits
+    for that stream before each decode (a decoder may write outside stream order), and the
+    main stream's use of a batch is ordered by ``wait_stream`` and ``record_stream`` below.
     """
     if device.type != "cuda":
         yield from map(prepare, batches)
@@ -780,11 +786,31 @@ def build_data(
             f"data.pca_lighting={cfg.pca_lighting}: {cfg.name} has {spec.in_chans} channel(s), "
             "and the lighting noise is defined on RGB: set it to 0"
         )
+    _check_normalisation(cfg, spec)
     pil_augment = build_pil_augment(cfg.auto_augment, cfg.color_jitter, img_size, spec.mean)
     common = dict(batch_size=batch_size, seed=seed, device=device, rank=rank, world_size=world_size)
     if cfg.name == "imagefolder":
         return _folder_data(cfg, spec, pil_augment, common)
     return _tensor_data(cfg, spec, pil_augment, common)
+
+
+def _check_normalisation(cfg: DataConfig, spec: DatasetSpec) -> None:
+    """``data.mean``/``data.std``: one number per channel (std > 0); ``calib_root`` only
+    for image folders."""
+    for field, values in (("mean", cfg.mean), ("std", cfg.std)):
+        if values is None:
+            continue
+        numbers = list(values)
+        if len(numbers) != spec.in_chans or (field == "std" and min(numbers) <= 0):
+            raise ConfigError(
+                f"data.{field}={numbers}: give {spec.in_chans} number(s), one per channel of "
+                f"{cfg.name}" + (", each > 0" if field == "std" else "")
+            )
+    if cfg.calib_root is not None and cfg.name != "imagefolder":
+        raise ConfigError(
+            f"data.calib_root={cfg.calib_root!r}: calibration folders are for image folders; "
+            f"{cfg.name} re-estimates BN statistics from its own training split"
+        )
 
 
 def _folder_data(
@@ -814,6 +840,9 @@ def _folder_data(
         "val": [samples[i] for i in val_index],
         "test": list(test_folder.samples),
     }
+    if cfg.calib_root is not None:
+        # BN statistics from images the user chose (never the evaluation images)
+        splits["calib"] = list(_scan_folder(Path(cfg.calib_root), cfg.calib_root).samples)
     return _FolderData(
         cfg, spec, splits, train_folder.classes, train_folder.loader, pil_augment, **common
     )

@@ -310,20 +310,31 @@ class BatchColorJitter:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (order, *_) in enumerate(params):
             groups.setdefault(order, []).append(i)
-        for order, members in groups.items():
-            index = torch.tensor(members, device=images.device)
-            x = out[index]
+        # One copy to the device for the whole batch, pinned and queued on CUDA (a tensor per
+        # group and operation made two dozen blocking copies): row r holds the place of the
+        # r-th image in group order (exact in float64) and its three factors.
+        members = [i for group in groups.values() for i in group]
+        table = torch.tensor(
+            [[i, *(math.nan if f is None else f for f in params[i][1:4])] for i in members],
+            dtype=torch.float64,
+        )
+        table = to_device(table, images.device)
+        index, factors = table[:, 0].long(), table[:, 1:]
+        start = 0
+        for order, group in groups.items():
+            rows = slice(start, start + len(group))
+            start = rows.stop
+            x = out[index[rows]]
             for op in order:
-                factors = [params[i][1 + op] if op < 3 else None for i in members]
-                if op == 3 or factors[0] is None:
+                if op == 3 or params[group[0]][1 + op] is None:
                     continue  # no hue; an unset component draws no factor
-                x = self._adjust(x, op, factors)
-            out[index] = x
+                x = self._adjust(x, op, factors[rows, op])
+            out[index[rows]] = x
         return out
 
     @staticmethod
-    def _adjust(x: torch.Tensor, op: int, factors: list[float]) -> torch.Tensor:
-        ratio = torch.tensor(factors, dtype=torch.float64, device=x.device).view(-1, 1, 1, 1)
+    def _adjust(x: torch.Tensor, op: int, factors: torch.Tensor) -> torch.Tensor:
+        ratio = factors.view(-1, 1, 1, 1)  # float64, as torchvision's Python float factor
         if op == 0:  # brightness: blend with black
             other = torch.zeros((), dtype=torch.float32, device=x.device)
         elif op == 1:  # contrast: blend with the mean grey level

@@ -2,7 +2,7 @@
 piece by piece (stem, blocks, head) to compute shared prefixes once."""
 
 from .sampling import SAMPLING_SPACES, OrderedSampler, StochasticSampler, build_sampler
-from .split import ModelSplit, SplitError, draws_random
+from .split import ModelSplit, SplitError
 from .stages import (
     SUPPORTED_FAMILIES,
     Stage,
@@ -20,7 +20,6 @@ __all__ = [
     "SplitError",
     "TrieNode",
     "build_trie",
-    "draws_random",
     "run_path",
     "SAMPLING_SPACES",
     "SUPPORTED_FAMILIES",

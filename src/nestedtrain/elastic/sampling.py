@@ -54,6 +54,10 @@ class OrderedSampler:
         drops = [int(torch.randint(0, c + 1, (1,), generator=generator)) for c in self.max_drop]
         return self._subnet(drops)
 
+    def smallest(self) -> Subnet:
+        """The shallowest Subnet of the space: every stage drops its most."""
+        return self._subnet(self.max_drop)
+
     def all(self) -> list[Subnet]:
         """Every Subnet of the space, deepest first."""
         ranges = [range(c + 1) for c in self.max_drop]
@@ -91,6 +95,15 @@ class StochasticSampler:
                     break
             kept_per_stage.append(tuple(int(i) for i in keep.nonzero().flatten()))
         return Subnet(kept_per_stage)
+
+    def smallest(self) -> Subnet:
+        """The shallowest Subnet of the space: the blocks that cannot be skipped, or a stage's
+        first block where all can."""
+        kept = []
+        for stage in self.stages:
+            fixed = tuple(i for i, ok in enumerate(stage.skippable) if not ok)
+            kept.append(fixed or (0,))
+        return Subnet(kept)
 
     def all(self) -> list[Subnet]:
         """Every Subnet of the space."""

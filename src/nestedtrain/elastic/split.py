@@ -21,13 +21,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..bnstats import batchnorms, frozen_stats
-from ..modes import eval_mode, kept_modes
+from ..bnstats import batchnorms
+from ..modes import eval_mode
 from .stages import Stage, unwrap
 from .subnet import swapped_blocks
 from .trie import HEAD, STEM, Key
 
-__all__ = ["ModelSplit", "SplitError", "draws_random"]
+__all__ = ["ModelSplit", "SplitError"]
 
 
 class SplitError(Exception):
@@ -232,27 +232,3 @@ class ModelSplit:
             self._mode, self._features = "off", None
             for m, was in zip(self.stem_bns, training):
                 m.train(was)
-
-
-def draws_random(model: nn.Module, images: torch.Tensor) -> bool:
-    """Whether ``model``'s train-mode forward draws random numbers (dropout, drop-path).
-
-    Runs the model once on two of ``images`` without grad, leaving every BN's statistics,
-    every module's mode and the random state as they were.
-    """
-    model = unwrap(model)
-    before = _rng_states(images.device)
-    devices = [images.device] if images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=images.device.type):
-        with frozen_stats(model), torch.no_grad(), kept_modes(model):
-            model.train()
-            model(images[:2])
-        after = _rng_states(images.device)
-    return any(not torch.equal(a, b) for a, b in zip(before, after))
-
-
-def _rng_states(device: torch.device) -> list[torch.Tensor]:
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states

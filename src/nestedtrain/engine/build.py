@@ -32,6 +32,7 @@ from ..methods import (
     MethodStep,
     MotivationTraining,
     Precision,
+    SandwichTraining,
     StimulativeTraining,
 )
 from ..methods.conditions import Condition, build_condition
@@ -303,11 +304,14 @@ def _build_st(parts: MethodParts) -> MethodStep:
     # sub-network's skipped blocks) only where a synchronised backward runs a sub-network, the
     # plain path's last one. The shared path backpropagates under no_sync and all-reduces by
     # hand, and a step without sub-networks runs the whole main network: neither pays for
-    # the search. (One process has no DDP, and no second probe.)
-    samples = parts.dist.enabled and options["lam"] > 0 and options["num_subnets"] > 0
+    # the search. (One process has no DDP, and no second probe.) Sandwich always trains its
+    # smallest sub-network.
+    sandwich = cfg.method == "sandwich"
+    draws = options["lam"] > 0 and (options["num_subnets"] > 0 or sandwich)
+    samples = parts.dist.enabled and draws
     shared = samples and _shares_prefix(parts, options, example)
     wrapped = wrap_ddp(parts.model, parts.dist, parts.device, samples and not shared)
-    step = StimulativeTraining(
+    step = (SandwichTraining if sandwich else StimulativeTraining)(
         wrapped,
         parts.optimizer,
         sampler=build_sampler(parts.model, kind=kind, space=space, p=p),
@@ -318,7 +322,8 @@ def _build_st(parts: MethodParts) -> MethodStep:
         example_inputs=example,
         **options,
     )
-    if samples and (step.prefix_sharing or "").startswith("on") != shared:
+    decided = step.prefix_sharing  # None: decided on the first step (sandwich without random)
+    if samples and decided is not None and decided.startswith("on") != shared:
         raise RuntimeError(f"ST's shared path was decided twice differently: {step.prefix_sharing}")
     return step
 
@@ -359,6 +364,7 @@ def _build_motivation(parts: MethodParts) -> MethodStep:
         precision=parts.precision,
         label_smoothing=cfg.data.label_smoothing,
         criterion=build_criterion(cfg),
+        reestimate_bn=cfg.motivation.reestimate_bn,
     )
 
 
@@ -410,6 +416,7 @@ METHODS: dict[str, MethodSpec] = {
     "ct": MethodSpec(_build_ct),
     "st": MethodSpec(_build_st),
     "stpp": MethodSpec(_build_st),
+    "sandwich": MethodSpec(_build_st),
     "motivation": MethodSpec(_build_motivation),
 }
 

@@ -1,6 +1,7 @@
 """The training recipe: an OmegaConf structured config, read from YAML plus dotted overrides.
 
-Resolution order: schema defaults < the method's preset (``st``, ``stpp``) < the recipe file <
+Resolution order: schema defaults < the method's preset (``st``, ``stpp``, ``sandwich``) < the
+recipe file <
 ``key=value`` overrides. An unknown key or a value of the wrong type is a one-line ConfigError.
 """
 
@@ -90,6 +91,9 @@ class MotivationConfig:
     max_activations: Optional[int] = None  # random_a: most motivated steps per epoch
     counts_from: list = field(default_factory=list)  # random_b: metrics.jsonl of earlier runs
     qkv: str = "split"  # ViT fused qkv mapping: split | literal
+    # evaluate and save the motivated model with BN statistics re-estimated from training
+    # images (its buffers are the base model's); motivated_acc_raw logs it without
+    reestimate_bn: bool = True
 
 
 @dataclass
@@ -122,7 +126,7 @@ class AnalysisConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "ct"  # ct | st | stpp | motivation
+    method: str = "ct"  # ct | st | stpp | sandwich | motivation
     epochs: int = 10
     batch_size: int = 128  # global batch, split across distributed ranks
     seed: int = 0
@@ -147,7 +151,7 @@ class TrainConfig:
 
 # Presets applied under the recipe when ``method`` names them (see DESIGN.md).
 # The training methods (engine/build.py builds each; a test keeps the two lists equal).
-METHOD_NAMES = ("ct", "st", "stpp", "motivation")
+METHOD_NAMES = ("ct", "st", "stpp", "sandwich", "motivation")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "st": {"st": {"lam": 1.0, "kl_norm": "none", "num_subnets": 1, "space": None}},
@@ -162,6 +166,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "resize": [0.43, 1.0],
         }
     },
+    # the sandwich rule as slimmable/US-Nets and BigNAS use it: the smallest and 2 random
+    # sub-networks a step, plain KL to the main network's output, weight 1 each
+    "sandwich": {"st": {"lam": 1.0, "kl_norm": "none", "num_subnets": 2, "space": None}},
 }
 
 # ST++ bounds the sampling space of the deep ImageNet ResNets with "space3".

@@ -3,6 +3,7 @@ chosen sub-networks; and the KL-drift snapshots of ``analysis.kl_drift_every``."
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +52,8 @@ class EpochEvaluation:
 
     def epoch(self) -> dict[str, Any]:
         """``test_acc``, ``test_acc5``, ``test_loss``, ``val_acc`` (with a validation split),
-        ``ema_test_acc``, ``<model>_acc`` for the method's other models, ``subnets``."""
+        ``ema_test_acc``, ``<model>_acc`` for the method's other models (``<model>_acc_raw``
+        too for those evaluated with re-estimated BN statistics), ``subnets``."""
         if self.method.reestimates_main_bn:
             # BN policy "reference": sub-network forwards moved the main statistics; the
             # reference code re-estimates them from training images before evaluating.
@@ -66,13 +68,22 @@ class EpochEvaluation:
         for name, model in self.method.extra_models().items():
             if model is self.model:  # e.g. motivation's base model: evaluated just above
                 out[f"{name}_acc"] = test["acc"]
-            else:
-                out[f"{name}_acc"] = evaluate(model, self._batches("test")())["acc"]
+                continue
+            out[f"{name}_acc"] = evaluate(model, self._batches("test")())["acc"]
+            if name in self.method.recalibrated_models:
+                out[f"{name}_acc_raw"] = out[f"{name}_acc"]
+                with self.recalibrated(model):
+                    out[f"{name}_acc"] = evaluate(model, self._batches("test")())["acc"]
         if self.subnets:
             # Shared-prefix evaluation: equal to evaluate_subnets, several times faster.
             results = self._on_test_split(evaluate_subnets, self.subnets)
             out["subnets"] = [{"subnet": r["subnet"], "acc": r["acc"]} for r in results]
         return out
+
+    def recalibrated(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """``model`` with BN statistics re-estimated from the calibration images inside, its
+        own back on exit (:func:`nestedtrain.bn.recalibrated`)."""
+        return bn.recalibrated(model, self._calib())
 
     def kl_drift(self) -> dict[str, float]:
         """KL(main || sub-network) on the test split for the drift sub-networks."""

@@ -59,6 +59,8 @@ def run_summary(
         summary["ema_test_acc"] = last.get("ema_test_acc")
     for name, other in method.extra_models().items():
         summary[f"{name}_acc"] = last.get(f"{name}_acc")
+        if f"{name}_acc_raw" in last:
+            summary[f"{name}_acc_raw"] = last[f"{name}_acc_raw"]
         same = other is model
         summary[f"flops_{name}"] = (
             summary["flops"] if same else count_flops(other, side, data.in_chans)

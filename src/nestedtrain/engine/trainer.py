@@ -8,6 +8,7 @@ folder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -274,7 +275,11 @@ class Trainer:
         summary = run_summary(
             self.cfg, self.model, self.method, self.data, record, self.run.best, wall
         )
-        self.folder.save_models({**self.method.extra_models(), "weights": self.model})
+        models = {**self.method.extra_models(), "weights": self.model}
+        with contextlib.ExitStack() as saved_as_evaluated:
+            for name in self.method.recalibrated_models:
+                saved_as_evaluated.enter_context(self.evaluation.recalibrated(models[name]))
+            self.folder.save_models(models)
         write_summary(self.out_dir, summary)
         return summary
 

@@ -3,6 +3,7 @@
 from .base import MethodStep, Precision
 from .common import CommonTraining
 from .motivation import MotivationTraining
+from .sandwich import SandwichTraining
 from .stimulative import StimulativeTraining
 
 __all__ = [
@@ -10,5 +11,6 @@ __all__ = [
     "MethodStep",
     "MotivationTraining",
     "Precision",
+    "SandwichTraining",
     "StimulativeTraining",
 ]

@@ -175,6 +175,13 @@ class MethodStep(abc.ABC):
         images before evaluating (when the method's forwards moved them)."""
         return False
 
+    @property
+    def recalibrated_models(self) -> tuple[str, ...]:
+        """Names of :meth:`extra_models` whose BN statistics are not their own (motivation's
+        motivated model): the loop evaluates and saves them with statistics re-estimated from
+        training images (``bn.recalibrated``), and logs their raw accuracy beside."""
+        return ()
+
     def extra_models(self) -> dict[str, nn.Module]:
         """Models besides the main one that the loop evaluates each epoch (logged as
         ``<name>_acc``) and saves at the end (``<name>.pt``, a plain state_dict)."""

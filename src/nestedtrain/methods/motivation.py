@@ -69,6 +69,11 @@ class MotivationTraining(MethodStep):
         precision: autocast/grad scaling; plain fp32 by default.
         label_smoothing: for hard labels.
         criterion: ``(logits, targets) -> loss``; CE with ``label_smoothing`` when None.
+        reestimate_bn: evaluate and save the motivated model with BN statistics re-estimated
+            from training images (:attr:`recalibrated_models`). Its BN buffers are the base
+            model's, copied at each switch, and it runs few steps itself, so its own
+            statistics lag behind what its extra blocks make of their inputs. Training is the
+            same either way.
 
     Raises:
         ConfigError: models the WeightMap cannot pair, optimizers of different classes, or a
@@ -89,6 +94,7 @@ class MotivationTraining(MethodStep):
         precision: Precision | None = None,
         label_smoothing: float = 0.0,
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        reestimate_bn: bool = True,
     ):
         # MethodStep.__init__ is not called: it assigns ``model`` and ``optimizer``, which are
         # read from the ``motivated`` flag here.
@@ -115,6 +121,7 @@ class MotivationTraining(MethodStep):
         self.condition = condition
         self.val_batch = val_batch
         self.motivated = False  # Algorithm 1, line 1
+        self.reestimate_bn = bool(reestimate_bn)
         self._counts = dict.fromkeys(_COUNTERS, 0)  # the epoch being trained
         self._last_epoch = dict.fromkeys(_COUNTERS, 0)  # the epoch last finished
         self._totals = dict.fromkeys(_COUNTERS, 0)  # the whole run
@@ -144,6 +151,10 @@ class MotivationTraining(MethodStep):
 
     def extra_models(self) -> dict[str, nn.Module]:
         return {"base": self.base_model, "motivated": self.motivated_model}
+
+    @property
+    def recalibrated_models(self) -> tuple[str, ...]:
+        return ("motivated",) if self.reestimate_bn else ()
 
     # -------------------------------------------------------------------------------- step
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
@@ -232,8 +243,12 @@ class MotivationTraining(MethodStep):
     # ------------------------------------------------------------------------------- logs
     def epoch_metrics(self) -> dict[str, Any]:
         """``motivated_steps``, ``base_steps`` and ``switches`` (to the motivated model) of the
-        epoch just trained."""
-        return dict(self._last_epoch)
+        epoch just trained, and ``motivated_share``, the fraction of its steps that were
+        motivated."""
+        counts = dict(self._last_epoch)
+        steps = counts["motivated_steps"] + counts["base_steps"]
+        counts["motivated_share"] = counts["motivated_steps"] / steps if steps else 0.0
+        return counts
 
     def summary_extras(self, summary: dict[str, Any]) -> dict[str, Any]:
         """``flops_per_image`` (F_X-Y: mean forward FLOPs of a training step, from the run's

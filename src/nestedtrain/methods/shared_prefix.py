@@ -3,7 +3,7 @@ sub-networks so that each shared block's forward and backward runs once.
 
 An ordered sub-network on the main network's input computes exactly what the main network
 computes up to the first block where they differ (train-mode BN normalises by the batch). The
-sub-networks of a step and the main network form a trie (:func:`nestedtrain.elastic.split.
+sub-networks of a step and the main network form a trie (:func:`nestedtrain.elastic.trie.
 build_trie`); :class:`PrefixSharing` cuts the main network's forward where sub-networks branch
 off, runs each branch from a leaf copy of the activation and backpropagates it there, then the
 segment above the cut once with the summed gradient.
@@ -20,7 +20,7 @@ from torch import nn
 
 from ..bn import frozen_stats
 from ..distributed import all_ranks
-from ..elastic.split import ModelSplit, SplitError, draws_random
+from ..elastic.split import ModelSplit, SplitError
 from ..elastic.stages import Stage
 from ..elastic.subnet import Subnet
 from ..elastic.trie import HEAD, TrieNode, build_trie, run_path, walk_trie
@@ -40,14 +40,14 @@ def decide_prefix_sharing(
 
     Under DDP every rank takes the same path (the shared one all-reduces gradients by hand,
     the plain one in DDP's backward; ranks on different paths would hang).
+
+    A model that draws random numbers in train mode (dropout, drop-path) shares too: a
+    sub-network then runs the shared prefix with the main network's masks, and draws its own
+    in the blocks after it (the plain step draws fresh masks for the whole sub-network). Both
+    are stochastic depth on top of ST; they differ only in which masks the sub-network sees.
     """
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     split, reason = None, why_not
-    if reason is None and draws_random(module, images):
-        reason = (
-            "the model draws random numbers in train mode (dropout or drop-path), so a "
-            "sub-network's prefix is not the main network's"
-        )
     if reason is None:
         try:
             split = ModelSplit(module, stages, images[:2])

@@ -12,8 +12,9 @@ __all__ = ["BasicBlock", "CifarResNet", "CIFAR_DEPTHS", "create_model", "is_know
 
 
 def is_known_model(name: str) -> bool:
-    """Whether ``name`` is one of ours or a timm model name."""
-    return name in CIFAR_DEPTHS or bool(timm.list_models(name))
+    """Whether ``name`` is one of ours or a timm model name, with or without a pretrained tag
+    (``resnet50.a1_in1k``)."""
+    return name in CIFAR_DEPTHS or bool(timm.list_models(name)) or timm.is_model(name)
 
 
 def create_model(

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from ..demo import run_demo
 from ..elastic import Subnet
 from ..engine.config import describe_fields, load_config
-from ..engine.distributed import pick_device
+from ..engine.distributed import end_distributed, pick_device
 from ..engine.evaluate import evaluate, select_subnets
 from ..engine.faults import TrainingDiverged, TrainingInterrupted
 from ..engine.subnet_eval import evaluate_subnets
@@ -132,6 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         # so in one line, as it does for bad input.
         print(f"nestedtrain: {stopped}", file=sys.stderr)
         return stopped.exit_status
+    finally:
+        end_distributed()
     if trainer.dist.is_main:
         _print_summary(summary, out)
     return 0

@@ -25,6 +25,7 @@ __all__ = [
     "barrier",
     "configure_cuda",
     "control_group",
+    "end_distributed",
     "init_distributed",
     "input_memory_format",
     "pick_device",
@@ -74,6 +75,17 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return info, device
+
+
+def end_distributed() -> None:
+    """Leave the process group (the one :func:`init_distributed` joined), if any.
+
+    Before the interpreter exits: left to it, a gloo group's threads are torn down with the
+    process and can abort it ("terminate called without an active exception", status -6)
+    after it has said why it stops, when another rank has gone first.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def configure_cuda(device: torch.device) -> None:

@@ -252,6 +252,7 @@ def test_every_epoch_ends_and_starts_on_the_base_model(digits):
             "motivated_steps": steps - 1,
             "base_steps": 1,
             "switches": 1,
+            "motivated_share": (steps - 1) / steps,
         }
         # The forced switch copied the motivated model's base slices back, state included.
         motivated_sd = motivated.state_dict()

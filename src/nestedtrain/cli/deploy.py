@@ -461,10 +461,9 @@ def _budget_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _select_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", nargs="?", help="a run folder or a checkpoint .pt")
-    add_model_options(parser, data=True)
-    _budget_options(parser)
+def add_candidate_options(parser: argparse.ArgumentParser, select_on_help: str) -> None:
+    """``--space``, ``--max-evaluated``, ``--seed`` (what :func:`candidate_subnets` reads)
+    and ``--select-on``: the sub-networks a command evaluates and the split it ranks them on."""
     parser.add_argument(
         "--space",
         default="full",
@@ -479,11 +478,15 @@ def _select_options(parser: argparse.ArgumentParser) -> None:
         help="a larger space is sampled: N sub-networks, seeded (default 1000)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
-    parser.add_argument(
-        "--select-on",
-        choices=("val", "test"),
-        default="val",
-        help="val (default); test only when the run has no validation split, explicitly",
+    parser.add_argument("--select-on", choices=("val", "test"), default="val", help=select_on_help)
+
+
+def _select_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", nargs="?", help="a run folder or a checkpoint .pt")
+    add_model_options(parser, data=True)
+    _budget_options(parser)
+    add_candidate_options(
+        parser, "val (default); test only when the run has no validation split, explicitly"
     )
     parser.add_argument(
         "--export", metavar="PATH", help="deploy the pick to this file (+ PATH.json)"

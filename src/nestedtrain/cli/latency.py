@@ -28,7 +28,7 @@ from .common import (
     checkpoint_data,
     command_line,
 )
-from .deploy import candidate_subnets
+from .deploy import add_candidate_options, candidate_subnets
 from .opening import add_model_options, open_target
 
 __all__ = ["register"]
@@ -139,24 +139,8 @@ def _options(parser: argparse.ArgumentParser) -> None:
         help="other sub-networks, drawn seeded, to fit the predictor on, besides the front, the "
         "main network and one per stage (default 8)",
     )
-    parser.add_argument(
-        "--space",
-        default="full",
-        help="full (default), space3, or most blocks each stage may drop: N or 0,1,3,0",
-    )
-    parser.add_argument(
-        "--max-evaluated",
-        type=int,
-        default=1000,
-        metavar="N",
-        help="a larger space is sampled: N sub-networks, seeded (default 1000)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="of the samples (default 0)")
-    parser.add_argument(
-        "--select-on",
-        choices=("val", "test"),
-        default="val",
-        help="the split of the Pareto front: val (default); test only explicitly",
+    add_candidate_options(
+        parser, "the split of the Pareto front: val (default); test only explicitly"
     )
     parser.add_argument("--device", default="auto", help="evaluation device: auto, cpu, cuda")
     parser.add_argument(

@@ -41,8 +41,12 @@ from ..errors import ConfigError
 from ..flops import count_flops, count_params
 from ..runfiles import atomic_write_text
 from ..version import __version__
-from . import kit_measure
 from .deploy import export_onnx, require_onnx
+from .kit_measure import KIT_FORMAT, file_sha256, predict
+from .kit_measure import predictor as fit_predictor
+
+# copied into every kit as measure.py: it runs there without torch or nestedtrain
+_MEASURE_SCRIPT = Path(__file__).with_name("kit_measure.py")
 
 __all__ = [
     "LatencyTable",
@@ -152,7 +156,7 @@ def _kit_entry(
         "flops": count_flops(model, images.shape[-1], images.shape[1], subnet=subnet),
         "params": count_params(model, subnet=subnet),
         "file": name,
-        "sha256": kit_measure.file_sha256(folder / name),
+        "sha256": file_sha256(folder / name),
     }
 
 
@@ -212,7 +216,7 @@ def write_latency_kit(
         ]
         manifest = _manifest(model, model_name, in_chans, input_size, files, source)
         atomic_write_text(staging / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        shutil.copyfile(kit_measure.__file__, staging / "measure.py")
+        shutil.copyfile(_MEASURE_SCRIPT, staging / "measure.py")
         if out.exists():
             out.rmdir()  # empty, checked above
         staging.rename(out)
@@ -231,7 +235,7 @@ def _manifest(
     source: dict[str, Any] | None,
 ) -> dict[str, Any]:
     return {
-        "format": kit_measure.KIT_FORMAT,
+        "format": KIT_FORMAT,
         "kind": "nestedtrain latency kit",
         "model": model_identity(model, model_name, in_chans, input_size),
         "input_name": "images",
@@ -280,7 +284,7 @@ class LatencyTable:
         if self.refusal is not None:
             return None, None
         blocks = [len(kept) for kept in subnet.blocks]
-        return kit_measure.predict(self.predictor["fit"], blocks), "predicted"
+        return predict(self.predictor["fit"], blocks), "predicted"
 
     def summary(self) -> dict[str, Any]:
         """What ``select.json`` records about the table."""
@@ -320,10 +324,10 @@ def read_latency_table(
         raise ConfigError(
             f"{path} is not a latency table: give the latency.json that the kit's measure.py wrote"
         )
-    if table.get("format") != kit_measure.KIT_FORMAT:
+    if table.get("format") != KIT_FORMAT:
         raise ConfigError(
             f"{path} is a latency table of format {table.get('format')!r}; this nestedtrain reads "
-            f"format {kit_measure.KIT_FORMAT}: measure the kit again with its measure.py"
+            f"format {KIT_FORMAT}: measure the kit again with its measure.py"
         )
     try:
         theirs, entries = table["model"], table["entries"]
@@ -344,7 +348,7 @@ def read_latency_table(
         path=str(path),
         table=table,
         measured=measured,
-        predictor=kit_measure.predictor(entries),
+        predictor=fit_predictor(entries),
         max_error=max_error,
     )
 

@@ -215,46 +215,37 @@ def select_subnet(
         test_batches: the test split, reported beside the selection accuracy.
         calib_batches: training images to re-estimate BN statistics per sub-network.
         input_size, in_chans: the input the model takes (FLOPs, latency).
-        budget: the bounds (``None``: none); a latency bound needs ``latency``.
+        budget: the bounds (``None``: none); a latency bound needs ``latency`` or a table.
         select_on: ``"val"`` (default), or ``"test"`` to select on test explicitly.
         latency: measure latency this way for the front within the FLOPs/parameter budget and
             for the main network; ``None`` measures nothing.
-        latency_fn: ``(module, subnet, spec) -> {"ms": ...}``; default
-            :func:`~nestedtrain.analysis.deploy.measure_latency` on standalone exports, all
-            candidates interleaved in ``spec.rounds`` rounds, median of every timed run.
+        latency_fn: ``(module, subnet, spec) -> {"ms": ...}``; default: ``measure_latency``
+            on standalone exports, interleaved in ``spec.rounds`` rounds, the median.
         chunk_images: see :func:`~nestedtrain.engine.subnet_eval.subnet_logits`.
         latency_table: take every candidate's latency from this table (measured on the
             serving device, or predicted) instead of measuring here; excludes ``latency``.
 
     Returns:
-        ``subnets`` (one row per sub-network: ``subnet``, ``depths``, ``blocks``, ``is_main``,
-        ``bn``, ``val_acc``, ``test_acc``, ``flops``, ``params``, ``latency_ms`` (or ``None``),
-        ``latency_source`` (``measured``, here or in the table, ``predicted`` or ``None``),
-        ``on_front``, ``on_latency_front``, ``fits_budget``), ``main`` and ``pick`` (rows),
-        ``front`` and ``latency_front`` (sub-network strings, cheapest first), ``selection_split``,
-        ``budget`` and ``latency`` (the settings, threads included; for a table, its machine,
-        the predictor and its held-out error).
+        The rows of every candidate, the main network's and the pick's, the fronts and the
+        settings (:func:`_result` lists the keys).
 
     Raises:
-        ConfigError: a bad split choice, a latency bound without a way to measure it, or a
-            budget nothing meets (one line naming the smallest sub-network's cost).
+        ConfigError: a bad split choice, a latency bound with no way to measure it, or a budget
+            nothing meets (one line naming the smallest sub-network's cost).
     """
-    model = unwrap(model)
-    budget = budget or Budget()
+    model, budget = unwrap(model), budget or Budget()
     _check_request(budget, select_on, val_batches, latency, latency_table)
     acc_key = f"{select_on}_acc"
     candidates, main_index = _candidates(model, subnets)
-    # 1. Costs; a budget nothing meets fails here, before any evaluation.
+    # 1. Costs: a budget nothing meets fails here, before any evaluation; 2. accuracy; 3. fronts.
     rows = _cost_rows(model, candidates, main_index, budget, input_size, in_chans)
     time_rows = _row_timer(model, candidates, rows, latency, latency_fn, in_chans, input_size)
-    if latency_table is not None:
-        for row, subnet in zip(rows, candidates):
-            row["latency_ms"], row["latency_source"] = latency_table.latency(subnet)
+    for row, subnet in zip(rows, candidates) if latency_table is not None else ():
+        row["latency_ms"], row["latency_source"] = latency_table.latency(subnet)
     _stop_if_cheapest_is_too_slow(rows, budget, time_rows)
-    # 2. Accuracy: the main network with its own BN statistics, the others re-estimated.
+    # the main network with its own BN statistics, the others re-estimated
     splits = {"test": test_batches, **({"val": val_batches} if val_batches is not None else {})}
     _evaluate_splits(model, rows, candidates, main_index, splits, calib_batches, chunk_images)
-    # 3. The fronts (latency measured for the front inside the budget), then the pick.
     front, latency_front = _fronts(rows, budget, acc_key, main_index, time_rows)
     pick = pick_best(rows, budget, acc_key)
     spec = latency_table.summary() if latency_table is not None else latency
@@ -280,7 +271,16 @@ def _result(
     budget: Budget,
     latency: LatencySpec | dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """What :func:`select_subnet` returns: the settings, then the rows picked out, then all."""
+    """What :func:`select_subnet` returns: the settings, then the rows picked out, then all.
+
+    ``subnets`` (one row per sub-network: ``subnet``, ``depths``, ``blocks``, ``is_main``,
+    ``bn``, ``val_acc``, ``test_acc``, ``flops``, ``params``, ``latency_ms`` (or ``None``),
+    ``latency_source`` (``measured``, here or in the table, ``predicted`` or ``None``),
+    ``on_front``, ``on_latency_front``, ``fits_budget``), ``main`` and ``pick`` (rows),
+    ``front`` and ``latency_front`` (sub-network strings, cheapest first), ``selection_split``,
+    ``budget`` and ``latency`` (the settings, threads included; for a table, its machine, the
+    predictor and its held-out error).
+    """
     if isinstance(latency, LatencySpec):
         latency = {**asdict(latency), "source": "measured", "threads": torch.get_num_threads()}
     return {

@@ -4,7 +4,7 @@ chosen sub-networks; and the KL-drift snapshots of ``analysis.kl_drift_every``."
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -84,6 +84,15 @@ class EpochEvaluation:
         """``model`` with BN statistics re-estimated from the calibration images inside, its
         own back on exit (:func:`nestedtrain.bn.recalibrated`)."""
         return bn.recalibrated(model, self._calib())
+
+    @contextlib.contextmanager
+    def as_evaluated(self, models: dict[str, nn.Module]) -> Iterator[None]:
+        """Inside, the method's ``recalibrated_models`` among ``models`` (by name) have the BN
+        statistics they are evaluated with; their own come back on exit."""
+        with contextlib.ExitStack() as stack:
+            for name in self.method.recalibrated_models:
+                stack.enter_context(self.recalibrated(models[name]))
+            yield
 
     def kl_drift(self) -> dict[str, float]:
         """KL(main || sub-network) on the test split for the drift sub-networks."""

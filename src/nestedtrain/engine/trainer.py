@@ -8,7 +8,6 @@ folder.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
@@ -276,9 +275,7 @@ class Trainer:
             self.cfg, self.model, self.method, self.data, record, self.run.best, wall
         )
         models = {**self.method.extra_models(), "weights": self.model}
-        with contextlib.ExitStack() as saved_as_evaluated:
-            for name in self.method.recalibrated_models:
-                saved_as_evaluated.enter_context(self.evaluation.recalibrated(models[name]))
+        with self.evaluation.as_evaluated(models):  # the motivated model's re-estimated BN
             self.folder.save_models(models)
         write_summary(self.out_dir, summary)
         return summary

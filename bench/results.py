@@ -222,13 +222,10 @@ def _block(*lines: str) -> list[str]:
 
 
 def _runs_of(folder: Path, **fields: str) -> list[str]:
-    """The run folders in ``folder`` whose names hold every ``field=value``."""
+    """The finished run folders in ``folder`` whose names hold every ``field=value``."""
     wanted = [f"{k.replace('__', '.')}={v}" for k, v in fields.items()]
-    return sorted(
-        str(p)
-        for p in folder.iterdir()
-        if p.is_dir() and all(w in p.name.split(",") for w in wanted)
-    )
+    runs = [p for p in folder.iterdir() if (p / "summary.json").is_file()]
+    return sorted(str(p) for p in runs if all(w in p.name.split(",") for w in wanted))
 
 
 def report(study: Study) -> dict:

@@ -152,3 +152,15 @@ def test_results_study_reuses_its_runs_names_and_buys_ct_epochs_with_measured_co
     ct_st = "sweep recipes/fmnist_st.yaml seed=0,1,2 model.name=resnet20 epochs=30 "
     ct_st += "data.train_subset=3000 eval.every=30 + method=ct + method=st st.lam=1"
     assert " ".join(study.ct_st).startswith(ct_st)
+
+
+def test_results_picks_finished_runs_by_their_overrides(tmp_path):
+    results = _results_module()
+    for name in ("seed=0,method=ct", "seed=0,method=st,st.lam=1", "seed=1,method=st,st.lam=1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text("{}")
+    (tmp_path / "logs").mkdir()  # a sweep's logs folder is no run
+    (tmp_path / "seed=2,method=st,st.lam=1").mkdir()  # unfinished
+    assert len(results._runs_of(tmp_path)) == 3
+    st = results._runs_of(tmp_path, method="st", st__lam="1")
+    assert [Path(p).name for p in st] == ["seed=0,method=st,st.lam=1", "seed=1,method=st,st.lam=1"]

@@ -5,7 +5,12 @@ Fashion-MNIST at the longest CPU schedule here.
     python bench/results.py --quick      # does main still give what RESULTS.md records?
 
 One command, resumable: finished runs are skipped, interrupted ones resumed, so running it
-again continues the study or only rewrites the document. Every arm shares the model, data,
+again continues the study or only rewrites the document. The study takes longer than one
+working session on a 2-core machine, so what a finished run leaves that the document reads
+(``config.yaml``, ``summary.json``, ``metrics.jsonl``, ``sweep.json``, ``tune_k.json``, with
+the commit it ran on) is kept in ``docs/results/`` as it finishes, and restored from there
+into ``--out`` on the next start: commit it, and a fresh clone continues the study where it
+stopped. ``--archive`` only copies the finished runs now. Every arm shares the model, data,
 optimizer and schedule of ``recipes/fmnist_st.yaml`` (resnet20, SGD Nesterov lr 0.1 cosine)
 but for the sizes given here, and evaluates the main network and 16 sampled sub-networks with
 BN re-estimated for each. Before the runs, the cost of a training step of ST and ST++
@@ -37,6 +42,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,6 +65,8 @@ COST_ROUNDS = 5
 CHECK = ["train", "recipes/fmnist_stpp.yaml", "model.name=resnet20", "data.train_subset=3000"]
 CHECK += ["epochs=2", "eval.every=2", "eval.subnets=none", "model.drop_path_rate=0.1", "seed=0"]
 RECORD_START, RECORD_END = "<!-- check row:", "-->"
+ARCHIVE = REPO / "docs" / "results"
+KEPT = (".json", ".jsonl", ".yaml")  # what a finished run leaves that compare and this read
 
 
 def _run(args: list[str], cwd: Path = REPO) -> str:
@@ -70,6 +78,73 @@ def _run(args: list[str], cwd: Path = REPO) -> str:
     if done.returncode != 0:
         raise SystemExit(f"nestedtrain {args[0]} failed with exit status {done.returncode}")
     return done.stdout
+
+
+# ---------------------------------------------------------------------------- archive
+def _kept_files(out: Path) -> list[Path]:
+    """The small files of the finished runs under ``out`` (relative paths), and the study's
+    own json files; nothing of an unfinished run, no checkpoint."""
+    kept = [p.relative_to(out) for p in out.glob("*.json")]
+    for summary in out.rglob("summary.json"):
+        run = summary.parent
+        kept += [p.relative_to(out) for p in run.iterdir() if p.suffix in KEPT and p.is_file()]
+    for record in [*out.rglob("sweep.json"), *out.rglob("tune_k.json"), *out.rglob("compare.json")]:
+        kept.append(record.relative_to(out))
+    return sorted(set(kept))
+
+
+_ARCHIVE_LOCK = threading.Lock()
+
+
+def archive(out: Path, archive_dir: Path = ARCHIVE) -> int:
+    """Copy what the finished runs under ``out`` left into ``archive_dir``, each new run
+    recorded with the commit this code is at; returns the number of files copied."""
+    if not out.is_dir():
+        return 0
+    with _ARCHIVE_LOCK:
+        return _archive(out, archive_dir)
+
+
+def _archive(out: Path, archive_dir: Path) -> int:
+    manifest_file = archive_dir / "commits.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
+    copied = 0
+    for rel in _kept_files(out):
+        source, target = out / rel, archive_dir / rel
+        if target.exists() and target.read_bytes() == source.read_bytes():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        copied += 1
+        if rel.name == "summary.json":
+            manifest[str(rel.parent)] = _git_commit()
+    if copied:
+        archive_dir.mkdir(parents=True, exist_ok=True)
+        manifest_file.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return copied
+
+
+def restore(out: Path, archive_dir: Path = ARCHIVE) -> int:
+    """Copy the archived files that ``out`` lacks into it (so finished runs are skipped);
+    returns how many."""
+    if not archive_dir.is_dir():
+        return 0
+    restored = 0
+    for source in archive_dir.rglob("*"):
+        rel = source.relative_to(archive_dir)
+        target = out / rel
+        if source.is_file() and rel.name != "commits.json" and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            restored += 1
+    return restored
+
+
+def _archive_every(out: Path, seconds: float, stop: threading.Event) -> None:
+    """Archive the finished runs every ``seconds`` until ``stop`` is set (a sweep's runs
+    finish one by one inside one command)."""
+    while not stop.wait(seconds):
+        archive(out)
 
 
 def _command(args: list[str]) -> str:
@@ -257,9 +332,17 @@ def report(study: Study) -> dict:
 
 
 def _git_commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True)
-    return done.stdout.strip() + (" (with uncommitted changes in src)" if dirty.stdout else "")
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout
+
+    done, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "src")
+    return done.strip() + (" (with uncommitted changes in src)" if dirty else "")
+
+
+def _run_commits() -> str:
+    manifest = ARCHIVE / "commits.json"
+    commits = set(json.loads(manifest.read_text()).values()) if manifest.exists() else set()
+    return ", ".join(sorted(commits)) or _git_commit()
 
 
 def _document(args, study: Study, found: dict, check: dict) -> list[str]:
@@ -279,9 +362,12 @@ def _document(args, study: Study, found: dict, check: dict) -> list[str]:
         "# Results at CPU scale",
         "",
         f"Written by `python bench/results.py --seeds {args.seeds} --epochs {args.epochs} "
-        f"--train {args.train}` at commit {_git_commit()} on {platform.machine()} "
-        f"({os.cpu_count()} CPU cores, two runs at a time, one thread each); {versions}. The "
-        f"runs' wall times add up to {minutes:.0f} minutes.",
+        f"--train {args.train}` at commit {_git_commit()} from runs made at commit "
+        f"{_run_commits()} on {platform.machine()} ({os.cpu_count()} CPU cores, two runs at a "
+        f"time, one thread each, over several sessions: `docs/results/` keeps each finished "
+        f"run's records and `commits.json` the commit of each); {versions}. The runs' wall "
+        f"times add up to {minutes:.0f} minutes; they shared the machine with other work, so "
+        "only the step costs below, measured side by side, are timings.",
         "",
         f"Fashion-MNIST, resnet20, {args.train} training images (a seeded subset; 10% of the "
         "training split held out before it as the validation split), the 10,000 test images, "
@@ -419,18 +505,34 @@ def main() -> int:
     parser.add_argument("--train", type=int, default=3000, help="training images")
     parser.add_argument("--doc", default=str(REPO / "docs" / "RESULTS.md"))
     parser.add_argument("--quick", action="store_true", help="rerun the check row only")
+    parser.add_argument(
+        "--archive", action="store_true", help=f"copy the finished runs into {ARCHIVE} only"
+    )
     args = parser.parse_args()
     if args.quick:
         return quick(Path(args.doc))
-    study = Study(args, measure_costs(Path(args.out), args.train))
-    start = time.time()
-    _in_parallel(study.chain_a, study.chain_b)
+    out = Path(args.out)
+    if args.archive:
+        print(f"archived {archive(out)} files into {ARCHIVE}")
+        return 0
+    print(f"restored {restore(out)} files of finished runs from {ARCHIVE}", flush=True)
+    study = Study(args, measure_costs(out, args.train))
+    archive(out)
+    start, stop = time.time(), threading.Event()
+    watcher = threading.Thread(target=_archive_every, args=(out, 60.0, stop), daemon=True)
+    watcher.start()
+    try:
+        _in_parallel(study.chain_a, study.chain_b)
+    finally:
+        stop.set()
+        archive(out)
     print(f"runs took {(time.time() - start) / 60:.0f} minutes this time", flush=True)
     found = report(study)
     check_file = study.out / "check.json"
     if not check_file.exists():
         check_file.write_text(json.dumps(run_check(study.out / "check"), indent=2) + "\n")
     check = json.loads(check_file.read_text())
+    archive(out)
     Path(args.doc).write_text("\n".join(_document(args, study, found, check)) + "\n")
     print(f"wrote {args.doc}")
     return 0

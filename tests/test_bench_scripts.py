@@ -164,3 +164,34 @@ def test_results_picks_finished_runs_by_their_overrides(tmp_path):
     assert len(results._runs_of(tmp_path)) == 3
     st = results._runs_of(tmp_path, method="st", st__lam="1")
     assert [Path(p).name for p in st] == ["seed=0,method=st,st.lam=1", "seed=1,method=st,st.lam=1"]
+
+
+def test_results_archive_keeps_finished_runs_records_and_restores_them(tmp_path):
+    results = _results_module()
+    out, kept = tmp_path / "runs", tmp_path / "kept"
+    done, unfinished = out / "ct_st" / "seed=0,method=ct", out / "ct_st" / "seed=1,method=ct"
+    (done / "checkpoints").mkdir(parents=True)
+    unfinished.mkdir(parents=True)
+    for folder in (done, unfinished):
+        (folder / "config.yaml").write_text("seed: 0\n")
+        (folder / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    (done / "summary.json").write_text('{"main_acc": 80.0}')
+    (done / "checkpoints" / "last.pt").write_bytes(b"weights")
+    (out / "ct_st" / "sweep.json").write_text("{}")
+    (out / "costs.json").write_text('{"relative": {"ct": 1.0}}')
+    assert results.archive(out, kept) == 5
+    names = sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file())
+    assert names == [
+        "commits.json",
+        "costs.json",
+        "ct_st/seed=0,method=ct/config.yaml",
+        "ct_st/seed=0,method=ct/metrics.jsonl",
+        "ct_st/seed=0,method=ct/summary.json",
+        "ct_st/sweep.json",
+    ]  # no checkpoint, nothing of the unfinished run
+    assert list(json.loads((kept / "commits.json").read_text())) == ["ct_st/seed=0,method=ct"]
+    assert results.archive(out, kept) == 0  # nothing new
+    fresh = tmp_path / "fresh"
+    assert results.restore(fresh, kept) == 5
+    assert json.loads((fresh / "ct_st/seed=0,method=ct/summary.json").read_text())["main_acc"] == 80
+    assert not (fresh / "commits.json").exists()

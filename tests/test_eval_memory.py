@@ -178,11 +178,14 @@ def test_one_at_a_time_fallback_streams_and_stays_exact():
         )
 
 
-def test_evaluate_space_passes_the_budget_on():
+def test_evaluate_space_passes_the_budget_on(passes):
     model = resnet()
     eval_fn, calib_fn = batches()
     tiny = evaluate_space(model, eval_fn, calib_fn, space=[1, 0, 1], memory_mb=1e-3)
+    # the budget reached the evaluator: one eval image a chunk, whole calibration batches
+    assert passes == {"calibrate": 5, "evaluate": 150}
     whole = evaluate_space(model, eval_fn, calib_fn, space=[1, 0, 1], memory_mb=None)
+    assert passes == {"calibrate": 6, "evaluate": 151}  # and no budget: one chunk
     assert_same_but_loss_rounding(tiny.pop("subnets"), whole.pop("subnets"))
     assert tiny == whole
 

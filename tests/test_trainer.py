@@ -1,8 +1,8 @@
-"""Method steps, the trainer, checkpoints, resume and torchrun on digits."""
+"""The trainer on digits: run folders, seeds, resume, initialisation, torchrun, recipes, EMA,
+clipping, label smoothing, memory formats and stochastic depth."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -19,131 +19,11 @@ from torch.optim.optimizer import (
 )
 
 import nestedtrain as nt
-from nestedtrain import runfiles
 from nestedtrain.cli import main
-from nestedtrain.data import DataConfig, build_data
-from nestedtrain.engine import checkpoint as ckpt_module
 from nestedtrain.engine.trainer import Trainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SMALL = ["data.train_subset=256", "batch_size=64", "eval.subnets=sample:3", "optim.lr=0.05"]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return build_data(DataConfig(crop="none"), batch_size=64, seed=0, device=torch.device("cpu"))
-
-
-def _steps(method, data, epochs=3):
-    losses = []
-    for epoch in range(epochs):
-        for images, labels in data.train_batches(epoch):
-            info = method.step(images, labels)
-            method.optimizer.step()
-            method.optimizer.zero_grad(set_to_none=True)
-            method.after_optimizer_step(info)
-            losses.append(info)
-        method.on_epoch_end(epoch)
-    return losses
-
-
-def _method(kind, **kwargs):
-    torch.manual_seed(0)
-    model = nt.create_model("resnet20", num_classes=10, in_chans=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    if kind == "ct":
-        return nt.CommonTraining(model, optimizer)
-    return nt.StimulativeTraining(model, optimizer, **kwargs)
-
-
-@pytest.mark.parametrize(
-    "kind, kwargs",
-    [
-        ("ct", {}),
-        ("st", {"lam": 1.0}),
-        ("stpp", {"kl_norm": "std", "norm_main_ce": True, "num_subnets": 3, "resize": (0.43, 1.0)}),
-    ],
-)
-def test_each_method_lowers_the_loss(digits, kind, kwargs):
-    infos = _steps(_method("ct" if kind == "ct" else "st", **kwargs), digits, epochs=3)
-    first = sum(i["ce"] for i in infos[:4]) / 4
-    last = sum(i["ce"] for i in infos[-4:]) / 4
-    assert last < 0.7 * first, (first, last)
-    if kind != "ct":
-        assert all(len(i["subnets"]) == kwargs.get("num_subnets", 1) for i in infos)
-        # CE falls without the KL term too: the term shows in the sub-networks' KL to the main
-        # network, which ends well below the one of the same draws trained (almost) without it
-        alone = _steps(_method("st", **{**kwargs, "lam": 1e-8}), digits, epochs=3)
-        epoch = len(infos) // 3
-        kl, kl_alone = (sum(float(i["kl"]) for i in run[-epoch:]) for run in (infos, alone))
-        assert kl < 0.85 * kl_alone, (kl, kl_alone)
-
-
-def test_st_loss_is_ce_plus_lambda_kl(digits):
-    images, labels = next(iter(digits.train_batches(0)))
-    for lam, n in ((5.0, 1), (2.0, 3)):
-        method = _method("st", lam=lam, num_subnets=n)
-        perturb_norms(method.model)  # zero-init last BNs make every sub-network the main one
-        info = method.step(images, labels)
-        # loss terms stay tensors on the device: the step never waits for it
-        assert all(isinstance(info[k], torch.Tensor) for k in ("loss", "ce", "kl"))
-        loss, ce, kl = (float(info[k]) for k in ("loss", "ce", "kl"))
-        assert kl > 0
-        assert loss == pytest.approx(ce + lam * n * kl, rel=1e-6)
-
-
-def test_n_subnets_mean_n_subnet_backwards(digits):
-    images, labels = next(iter(digits.train_batches(0)))
-    method = _method("st", num_subnets=4)
-    backwards = []
-    method.model.fc.weight.register_hook(lambda g: backwards.append(1))
-    info = method.step(images, labels)
-    assert len(backwards) == 1 + 4 and len(info["subnets"]) == 4
-
-
-def test_lambda_zero_and_start_epoch_mean_plain_ce(digits):
-    images, labels = next(iter(digits.train_batches(0)))
-    method = _method("st", start_epoch=1)
-    assert method.step(images, labels)["subnets"] == []
-    method.on_epoch_end(0)
-    assert len(method.step(images, labels)["subnets"]) == 1
-
-
-def test_protect_leaves_main_bn_statistics_to_the_main_forward(digits):
-    images, labels = next(iter(digits.train_batches(0)))
-    protect = _method("st", num_subnets=3, bn="protect")
-    reference = copy.deepcopy(protect.model)
-    main_only = copy.deepcopy(protect.model).train()
-    with torch.no_grad():
-        main_only(images)  # what the main forward alone does to the statistics
-    protect.step(images, labels)
-    expected = nt.bn.save_stats(main_only)
-    got = nt.bn.save_stats(protect.model)
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
-    ref_method = nt.StimulativeTraining(
-        reference, torch.optim.SGD(reference.parameters(), lr=0.1), num_subnets=3, bn="reference"
-    )
-    ref_method.step(images, labels)
-    moved = nt.bn.save_stats(reference)
-    assert not all(torch.equal(expected[k], moved[k]) for k in expected)
-    assert ref_method.reestimates_main_bn and not protect.reestimates_main_bn
-
-
-def test_st_label_target_and_validation():
-    model = nt.create_model("resnet20", num_classes=10, in_chans=1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for kwargs, message in [
-        ({"lam": -1}, "st.lam=-1"),
-        ({"kl_norm": "max"}, "st.kl_norm='max'"),
-        ({"resize": (0.5, 1.5)}, r"st.resize=\[0.5, 1.5\]"),
-        ({"target": "x"}, "st.target='x'"),
-        ({"bn": "x"}, "st.bn='x'"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            nt.StimulativeTraining(model, opt, **kwargs)
-    vit = nt.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8)
-    with pytest.raises(ValueError, match="dynamic_img_size=True"):
-        nt.StimulativeTraining(vit, opt, resize=(0.5, 1.0))
 
 
 # ------------------------------------------------------------------------------ the trainer
@@ -235,21 +115,6 @@ def test_resume_ends_where_an_uninterrupted_run_would(tmp_path, monkeypatch):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
-
-
-def test_crash_between_temp_write_and_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    runfiles.atomic_save({"format": ckpt_module.CHECKPOINT_FORMAT, "epoch": 1}, path)
-
-    def crash(src, dst):
-        raise OSError("disk pulled out")
-
-    monkeypatch.setattr(runfiles.os, "replace", crash)
-    with pytest.raises(OSError, match="disk pulled out"):
-        runfiles.atomic_save({"format": ckpt_module.CHECKPOINT_FORMAT, "epoch": 2}, path)
-    monkeypatch.undo()
-    assert ckpt_module.load_checkpoint(path)["epoch"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
 def test_init_from_checkpoint_with_new_classifier(tmp_path):
@@ -354,29 +219,6 @@ def test_every_recipe_loads_and_cpu_recipes_build(tmp_path):
     stpp = nt.load_config(Path(recipes[0]).parent / "stpp_imagenet_resnet50_a1.yaml")
     assert (stpp.st.num_subnets, stpp.st.space, stpp.st.kl_norm) == (6, "space3", "std")
     assert list(stpp.st.resize) == [0.43, 1.0] and stpp.st.norm_main_ce
-
-
-def test_evaluate_subnets_restores_main_bn_and_mode(digits):
-    from oracle import evaluate_one_at_a_time
-
-    from nestedtrain.engine.evaluate import select_subnets
-
-    model = nt.create_model("resnet20", num_classes=10, in_chans=1)
-    model.train()(next(iter(digits.calibration_batches())))  # give BN non-default statistics
-    before = nt.bn.save_stats(model)
-    subnets = select_subnets(model, "sample:3")
-    results = evaluate_one_at_a_time(
-        model, subnets, lambda: digits.eval_batches("test"), digits.calibration_batches
-    )
-    assert [r["subnet"] for r in results] == [str(s) for s in subnets] and len(results) == 3
-    after = nt.bn.save_stats(model)
-    assert all(torch.equal(before[k], after[k]) for k in before) and model.training
-    # each sub-network's accuracy is the one of its export with freshly calibrated BN
-    exported = nt.export_subnet(model, subnets[-1])
-    nt.bn.recalibrate(exported, digits.calibration_batches())
-    from nestedtrain.engine.evaluate import evaluate
-
-    assert evaluate(exported, digits.eval_batches("test"))["acc"] == results[-1]["acc"]
 
 
 def test_ema_and_clipping_and_label_smoothing_run(tmp_path):

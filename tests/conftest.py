@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import nestedtrain as nt
+from nestedtrain.data import DataConfig, build_data
 
 # Tiny instances of every built-in family: (name, kwargs, input side).
 FAMILIES = {
@@ -112,3 +113,9 @@ class UserResNet(nn.Module):
 
 def declare_user_resnet() -> None:
     nt.declare_stages(UserResNet, ["first", "second"], skippable=lambda b: isinstance(b, UserBlock))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The digits data set: batches of 64, no crop, on the CPU."""
+    return build_data(DataConfig(crop="none"), batch_size=64, seed=0, device=torch.device("cpu"))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ListStageNet, UserResNet, declare_user_resnet, make_model, perturb_norms
+from conftest import UserResNet, declare_user_resnet, make_model, perturb_norms
 from omegaconf import OmegaConf
 from oracle import evaluate_one_at_a_time
 from torch import nn
@@ -39,8 +39,8 @@ from nestedtrain.cli import main
 from nestedtrain.elastic.weightmap import inherit
 from nestedtrain.engine.checkpoint import CHECKPOINT_FORMAT
 from nestedtrain.engine.config import load_config
-from nestedtrain.engine.evaluate import evaluate, space_subnets
-from nestedtrain.engine.subnet_eval import evaluate_subnets, kl_drift_snapshot, subnet_logits
+from nestedtrain.engine.evaluate import evaluate
+from nestedtrain.engine.subnet_eval import kl_drift_snapshot
 from nestedtrain.engine.trainer import train
 from nestedtrain.runfiles import append_kl_drift, atomic_save, read_kl_drift
 
@@ -109,89 +109,6 @@ def run(tmp_path_factory) -> Path:
     )
     train(cfg, out, progress=False)
     return out
-
-
-# ------------------------------------------------------------- shared-prefix evaluation
-def test_space_sizes_and_seeded_samples():
-    model = resnet()
-    assert len(space_subnets(model)) == 27
-    assert [str(s) for s in space_subnets(model, [0, 1, 1])] == ["3-3-3", "3-3-2", "3-2-3", "3-2-2"]
-    sample = space_subnets(model, sample=5, seed=1)
-    assert len(set(sample)) == 5 and set(sample) <= set(space_subnets(model))
-    assert sample == space_subnets(model, sample=5, seed=1)
-    assert sample != space_subnets(model, sample=5, seed=2)
-    assert len(space_subnets(model, sample=100)) == 27
-    with pytest.raises(ValueError, match="sample=0"):
-        space_subnets(model, sample=0)
-    with pytest.raises(ValueError, match="max_drop"):
-        space_subnets(model, "space3")  # a 4-stage space on a 3-stage model
-
-
-def test_shared_evaluation_equals_naive_exactly_and_restores_the_model():
-    model = resnet()
-    model.train()
-    before = bn.save_stats(model)
-    eval_fn, calib_fn = batches(8)
-    subnets = space_subnets(model)
-    naive = evaluate_one_at_a_time(model, subnets, eval_fn, calib_fn)
-    shared = evaluate_subnets(model, subnets, eval_fn, calib_fn)
-    assert shared == naive
-    assert len({r["acc"] for r in shared}) > 5  # the sub-networks do differ
-    assert model.training
-    after = bn.save_stats(model)
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(m.momentum == 0.1 for m in bn.batchnorms(model))
-
-
-def test_each_prefix_is_computed_once():
-    model = resnet()
-    eval_fn, calib_fn = batches(8)
-    calls = []
-    for stage in nt.find_stages(model):
-        for block in stage.blocks:
-            block.register_forward_hook(lambda *a: calls.append(1))
-    subnet_logits(model, space_subnets(model), eval_fn, calib_fn, lambda *a: None)
-    trie_blocks = 3 + 3 * 3 + 3 * 3 * 3  # stage-1 depths, then every stage-2, stage-3 prefix
-    eval_batches, calib_batches = len(eval_fn()), len(calib_fn())
-    probe = 2 * 9  # one full forward to find stem and head, one to check the split
-    assert len(calls) == trie_blocks * (eval_batches + calib_batches) + probe
-
-
-@pytest.mark.parametrize("family", ["timm-efficientnet_b0", "timm-mobilenetv3", "timm-vit_tiny"])
-def test_shared_equals_naive_on_timm_families(family):
-    model, side = make_model(family)
-    eval_fn, calib_fn = batches(side, chans=3, classes=7, n_eval=40, n_calib=30)
-    subnets = space_subnets(model, sample=5, seed=3)
-    assert evaluate_subnets(model, subnets, eval_fn, calib_fn) == evaluate_one_at_a_time(
-        model, subnets, eval_fn, calib_fn
-    )
-
-
-def test_shared_handles_any_subnet_order_duplicates_chunks_and_own_statistics():
-    model = resnet()
-    eval_fn, calib_fn = batches(8)
-    subnets = [
-        nt.Subnet.parse(model, text)
-        for text in ["0.2.1-0.2-3", "1-1-1", "3-3-3", "1-1-1", "2.-2-0.1."]
-    ]
-    naive = evaluate_one_at_a_time(model, subnets, eval_fn, calib_fn)
-    assert evaluate_subnets(model, subnets, eval_fn, calib_fn, chunk_images=64) == naive
-    own = evaluate_subnets(model, subnets, eval_fn, None)
-    for subnet, result in zip(subnets, own):
-        with nt.use_subnet(model, subnet):
-            assert result == {"subnet": str(subnet), **evaluate(model, eval_fn())}
-
-
-def test_model_that_cannot_be_split_falls_back_to_one_at_a_time():
-    nt.declare_stages(ListStageNet, ["stage"], skippable=[[0, 1, 2]])
-    torch.manual_seed(0)
-    model = perturb_norms(ListStageNet())
-    eval_fn, calib_fn = batches(8)
-    subnets = nt.OrderedSampler(model).all()
-    assert subnet_logits(model, subnets, eval_fn, calib_fn, lambda *a: None) == "naive"
-    assert evaluate_subnets(model, subnets, eval_fn, calib_fn) == evaluate_one_at_a_time(
-        model, subnets, eval_fn, calib_fn
-    )
 
 
 def test_evaluate_space_stats_and_individual_models():

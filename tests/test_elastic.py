@@ -181,10 +181,19 @@ def test_two_models_run_different_subnets():
 
 
 def test_use_subnet_under_no_grad_and_train_mode():
-    model = nt.create_model("resnet20", num_classes=10).train()
+    model = perturb_norms(nt.create_model("resnet20", num_classes=10)).train()
+    exported = nt.export_subnet(model, "2-2-2")  # in train mode too: BN normalises by the batch
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 3, 16, 16)
     with torch.no_grad(), nt.use_subnet(model, "2-2-2"):
-        out = model(torch.randn(4, 3, 16, 16))
+        out = model(x)
+        expected = exported(x)
     assert not out.requires_grad
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # the kept blocks' BN statistics follow the batch; the skipped block's are left alone
+    after = model.state_dict()
+    assert not torch.equal(after["layer1.1.bn1.running_mean"], before["layer1.1.bn1.running_mean"])
+    assert torch.equal(after["layer1.2.bn1.running_mean"], before["layer1.2.bn1.running_mean"])
 
 
 def test_reordered_and_gapped_subnets_run_like_their_export():

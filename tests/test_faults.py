@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 import nestedtrain as nt
-from nestedtrain import runfiles
 from nestedtrain.engine.faults import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
@@ -209,36 +208,6 @@ def test_cli_sigusr1_exits_75_and_resume_finishes_exactly(tmp_path):
     _assert_same_run(tmp_path / "straight", run)
 
 
-def test_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
-    overrides = ["method=ct", "epochs=2", "checkpoint.every_steps=2"]
-    nt.train(_cfg(*overrides), tmp_path / "straight")
-    with pytest.raises(_Kill):
-        Trainer(_cfg(*overrides), tmp_path / "broken").fit(step_hook=_kill_at(1, 7))
-    last = tmp_path / "broken" / "checkpoints" / "last.pt"
-    previous = runfiles.previous_path(last)
-    assert torch.load(previous, weights_only=False)["position"] == {"epoch": 1, "step": 4}
-    last.write_bytes(last.read_bytes()[:1000])  # a torn write on a flaky file system
-    with caplog.at_level("WARNING", logger="nestedtrain"):
-        nt.train(_cfg(*overrides), tmp_path / "broken", resume=True)
-    notes = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
-    assert len(notes) == 1 and "last.prev.pt" in notes[0] and "\n" not in notes[0]
-    _assert_same_run(tmp_path / "straight", tmp_path / "broken")
-
-
-def test_time_based_checkpoints_only_when_due(tmp_path):
-    # every_minutes=1e-9 is due after every step; the 30-minute default never within
-    # the seconds these epochs take, so small runs checkpoint only at epoch ends.
-    with pytest.raises(_Kill):
-        Trainer(_cfg("epochs=1", "checkpoint.every_minutes=1e-9"), tmp_path / "often").fit(
-            step_hook=_kill_at(0, 6)
-        )
-    state = torch.load(tmp_path / "often" / "checkpoints" / "last.pt", weights_only=False)
-    assert state["position"] == {"epoch": 0, "step": 5}
-    with pytest.raises(_Kill):
-        Trainer(_cfg("epochs=1"), tmp_path / "default").fit(step_hook=_kill_at(0, 6))
-    assert not (tmp_path / "default" / "checkpoints" / "last.pt").exists()
-
-
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_finite_checkpoints(tmp_path):
     trainer = Trainer(_cfg("method=st", "epochs=3", "log_every=4"), tmp_path / "run")
     step = trainer.method.step
@@ -318,37 +287,6 @@ def test_stale_locks_are_taken_over(tmp_path):
     os.utime(lock, (old, old))
     with RunLock(tmp_path, stale_after=60) as held:
         assert held.took_over["host"] == "elsewhere"
-
-
-def test_training_loop_reads_the_device_only_at_log_points(tmp_path, monkeypatch):
-    """The number of host reads of floating-point tensors does not grow with the steps."""
-    reads = {"n": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__float__")}
-
-    def counting(name):
-        def read(self, *args, **kwargs):
-            if self.is_floating_point():
-                reads["n"] += 1
-            return originals[name](self, *args, **kwargs)
-
-        return read
-
-    def reads_in_epoch(batch):
-        trainer = Trainer(
-            _cfg("method=st", f"batch_size={batch}", "log_every=1000", "eval.subnets=none"),
-            tmp_path / f"run{batch}",
-        )
-        for name in originals:
-            monkeypatch.setattr(torch.Tensor, name, counting(name))
-        reads["n"] = 0
-        trainer.train_epoch(0, progress=False)
-        monkeypatch.undo()
-        return reads["n"], trainer.data.steps_per_epoch
-
-    few, steps_few = reads_in_epoch(64)
-    many, steps_many = reads_in_epoch(16)
-    assert steps_many == 4 * steps_few
-    assert many == few, (few, many)
 
 
 _DIST_STOP = """

@@ -12,7 +12,6 @@ from conftest import ListStageNet, make_model, perturb_norms
 from torch import nn
 
 import nestedtrain as nt
-from nestedtrain.elastic import ModelSplit, build_trie, run_path
 from nestedtrain.memory import PeakMemory
 from nestedtrain.methods import CommonTraining, StimulativeTraining
 
@@ -127,18 +126,6 @@ def test_a_sub_network_equal_to_the_main_network_shares_its_head():
     )
 
 
-def test_the_step_trie_shares_prefixes_among_sub_networks():
-    model = nt.create_model("resnet20", num_classes=10)
-    subnets = [nt.Subnet.parse(model, s) for s in ("2-3-3", "2-3-1", "3-1-1")]
-    root = build_trie([*subnets, nt.Subnet.full(model)])
-    # The stem and the first two blocks are computed once for all four networks.
-    assert len(root.children) == 1
-    node = root.children["block", 0, 0].children["block", 0, 1]
-    assert set(node.children) == {("block", 0, 2), ("block", 1, 0)}
-    # 2-3-3 and 2-3-1 go on together through stage 2's first block.
-    assert run_path(subnets[0])[:6] == run_path(subnets[1])[:6]
-
-
 @pytest.mark.parametrize("name", ["resnet20", "resnet32", "timm-resnet18"])
 @pytest.mark.parametrize("num_subnets", [1, 6])
 def test_shared_step_peak_memory_is_no_higher_than_the_plain_step(name, num_subnets):
@@ -223,41 +210,3 @@ def test_reference_bn_policy_runs_the_plain_step():
     shared = _step(model, images, labels, True, num_subnets=2, bn="reference")
     assert shared[2].prefix_sharing.startswith("off: st.bn=reference")
     _assert_same_step(_step(model, images, labels, False, num_subnets=2, bn="reference"), shared)
-
-
-def test_model_split_reproduces_the_model_and_rejects_what_it_cannot_split():
-    model, side, chans = MODELS["timm-resnet50"]()
-    images, _ = _batch(side, chans)
-    split = ModelSplit(model, nt.find_stages(model), images)
-    model.eval()
-    with torch.no_grad():
-        reference = model(images)
-    with torch.no_grad(), split.installed():
-        x = split.stem(images)
-        for s, stage in enumerate(split.stages):
-            for b in range(len(stage)):
-                x = split.block(("block", s, b))(x)
-        torch.testing.assert_close(split.head(x), reference)
-    nt.declare_stages(ListStageNet, ["stage"], skippable=[[0, 1, 2]])
-    with pytest.raises(nt.elastic.SplitError, match="called once"):
-        ModelSplit(ListStageNet(), nt.find_stages(ListStageNet()), torch.randn(2, 1, 8, 8))
-
-
-def test_resize_per_is_checked():
-    model = nt.create_model("resnet20", num_classes=10)
-    with pytest.raises(ValueError, match="st.resize_per='batch' must be one of subnet, step"):
-        StimulativeTraining(model, torch.optim.SGD(model.parameters(), lr=0.1), resize_per="batch")
-
-
-def test_resize_multiple_draws_only_multiples_within_the_range():
-    model = nt.create_model("resnet20", num_classes=10)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    st = StimulativeTraining(
-        model, optimizer, num_subnets=200, resize=[0.43, 1.0], resize_multiple=8
-    )
-    sides = {side for _, side in st._draw(224)}
-    assert sides == set(range(96, 225, 8))  # int(0.43·224) = 96 .. 224: 17 sides
-    every = StimulativeTraining(model, optimizer, num_subnets=400, resize=[0.43, 1.0])
-    assert len({side for _, side in every._draw(224)}) > 100  # 1: every side, as before
-    with pytest.raises(ValueError, match="st.resize_multiple=0 must be >= 1"):
-        StimulativeTraining(model, optimizer, resize=[0.5, 1.0], resize_multiple=0)

@@ -1,4 +1,5 @@
-"""Sub-network evaluation in chunks sized from a memory budget: exact, and bounded in memory."""
+"""Sub-network evaluation: equal to evaluating one sub-network at a time, each shared prefix
+computed once, in chunks sized from a memory budget, bounded in memory."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ListStageNet, perturb_norms
+from conftest import ListStageNet, make_model, perturb_norms
 from oracle import evaluate_one_at_a_time
 from torch import nn
 
@@ -23,7 +24,7 @@ from nestedtrain.analysis import (
 from nestedtrain.cli import main
 from nestedtrain.engine import subnet_eval as subnets_module
 from nestedtrain.engine.config import load_config
-from nestedtrain.engine.evaluate import space_subnets
+from nestedtrain.engine.evaluate import evaluate, space_subnets
 from nestedtrain.engine.subnet_eval import (
     DEFAULT_MEMORY_MB,
     evaluate_subnets,
@@ -47,9 +48,23 @@ def batches(n_eval: int = 150, n_calib: int = 100, side: int = 8):
     )
 
 
-def resnet(name: str = "resnet20") -> nn.Module:
-    torch.manual_seed(0)
-    return perturb_norms(nt.create_model(name, num_classes=10, in_chans=1))
+def batch_lists(
+    side: int, chans: int = 1, classes: int = 10, n_eval: int = 150, n_calib: int = 100
+):
+    """Fixed random data as lists: eval batches of 64, calibration batches of 48."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n_eval, chans, side, side, generator=g)
+    y = torch.randint(0, classes, (n_eval,), generator=g)
+    c = torch.randn(n_calib, chans, side, side, generator=g)
+    return (
+        lambda: [(x[i : i + 64], y[i : i + 64]) for i in range(0, n_eval, 64)],
+        lambda: [c[i : i + 48] for i in range(0, n_calib, 48)],
+    )
+
+
+def resnet(name: str = "resnet20", seed: int = 0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return perturb_norms(nt.create_model(name, num_classes=10, in_chans=1, **kwargs), seed)
 
 
 @pytest.fixture
@@ -178,11 +193,120 @@ def test_one_at_a_time_fallback_streams_and_stays_exact():
         )
 
 
-def test_evaluate_space_passes_the_budget_on():
+# ------------------------------------------------------------- shared-prefix evaluation
+def test_space_sizes_and_seeded_samples():
+    model = resnet()
+    assert len(space_subnets(model)) == 27
+    assert [str(s) for s in space_subnets(model, [0, 1, 1])] == ["3-3-3", "3-3-2", "3-2-3", "3-2-2"]
+    sample = space_subnets(model, sample=5, seed=1)
+    assert len(set(sample)) == 5 and set(sample) <= set(space_subnets(model))
+    assert sample == space_subnets(model, sample=5, seed=1)
+    assert sample != space_subnets(model, sample=5, seed=2)
+    assert len(space_subnets(model, sample=100)) == 27
+    with pytest.raises(ValueError, match="sample=0"):
+        space_subnets(model, sample=0)
+    with pytest.raises(ValueError, match="max_drop"):
+        space_subnets(model, "space3")  # a 4-stage space on a 3-stage model
+
+
+def test_shared_evaluation_equals_naive_exactly_and_restores_the_model():
+    model = resnet()
+    model.train()
+    before = bn.save_stats(model)
+    eval_fn, calib_fn = batch_lists(8)
+    subnets = space_subnets(model)
+    naive = evaluate_one_at_a_time(model, subnets, eval_fn, calib_fn)
+    shared = evaluate_subnets(model, subnets, eval_fn, calib_fn)
+    assert shared == naive
+    assert len({r["acc"] for r in shared}) > 5  # the sub-networks do differ
+    assert model.training
+    after = bn.save_stats(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.momentum == 0.1 for m in bn.batchnorms(model))
+
+
+def test_each_prefix_is_computed_once():
+    model = resnet()
+    eval_fn, calib_fn = batch_lists(8)
+    calls = []
+    for stage in nt.find_stages(model):
+        for block in stage.blocks:
+            block.register_forward_hook(lambda *a: calls.append(1))
+    subnet_logits(model, space_subnets(model), eval_fn, calib_fn, lambda *a: None)
+    trie_blocks = 3 + 3 * 3 + 3 * 3 * 3  # stage-1 depths, then every stage-2, stage-3 prefix
+    eval_batches, calib_batches = len(eval_fn()), len(calib_fn())
+    probe = 2 * 9  # one full forward to find stem and head, one to check the split
+    assert len(calls) == trie_blocks * (eval_batches + calib_batches) + probe
+
+
+@pytest.mark.parametrize("family", ["timm-efficientnet_b0", "timm-mobilenetv3", "timm-vit_tiny"])
+def test_shared_equals_naive_on_timm_families(family):
+    model, side = make_model(family)
+    eval_fn, calib_fn = batch_lists(side, chans=3, classes=7, n_eval=40, n_calib=30)
+    subnets = space_subnets(model, sample=5, seed=3)
+    assert evaluate_subnets(model, subnets, eval_fn, calib_fn) == evaluate_one_at_a_time(
+        model, subnets, eval_fn, calib_fn
+    )
+
+
+def test_shared_handles_any_subnet_order_duplicates_chunks_and_own_statistics():
+    model = resnet()
+    eval_fn, calib_fn = batch_lists(8)
+    subnets = [
+        nt.Subnet.parse(model, text)
+        for text in ["0.2.1-0.2-3", "1-1-1", "3-3-3", "1-1-1", "2.-2-0.1."]
+    ]
+    naive = evaluate_one_at_a_time(model, subnets, eval_fn, calib_fn)
+    assert evaluate_subnets(model, subnets, eval_fn, calib_fn, chunk_images=64) == naive
+    own = evaluate_subnets(model, subnets, eval_fn, None)
+    for subnet, result in zip(subnets, own):
+        with nt.use_subnet(model, subnet):
+            assert result == {"subnet": str(subnet), **evaluate(model, eval_fn())}
+
+
+def test_model_that_cannot_be_split_falls_back_to_one_at_a_time():
+    nt.declare_stages(ListStageNet, ["stage"], skippable=[[0, 1, 2]])
+    torch.manual_seed(0)
+    model = perturb_norms(ListStageNet())
+    eval_fn, calib_fn = batch_lists(8)
+    subnets = nt.OrderedSampler(model).all()
+    assert subnet_logits(model, subnets, eval_fn, calib_fn, lambda *a: None) == "naive"
+    assert evaluate_subnets(model, subnets, eval_fn, calib_fn) == evaluate_one_at_a_time(
+        model, subnets, eval_fn, calib_fn
+    )
+
+
+def test_evaluate_subnets_restores_main_bn_and_mode(digits):
+    from oracle import evaluate_one_at_a_time
+
+    from nestedtrain.engine.evaluate import select_subnets
+
+    model = nt.create_model("resnet20", num_classes=10, in_chans=1)
+    model.train()(next(iter(digits.calibration_batches())))  # give BN non-default statistics
+    before = nt.bn.save_stats(model)
+    subnets = select_subnets(model, "sample:3")
+    results = evaluate_one_at_a_time(
+        model, subnets, lambda: digits.eval_batches("test"), digits.calibration_batches
+    )
+    assert [r["subnet"] for r in results] == [str(s) for s in subnets] and len(results) == 3
+    after = nt.bn.save_stats(model)
+    assert all(torch.equal(before[k], after[k]) for k in before) and model.training
+    # each sub-network's accuracy is the one of its export with freshly calibrated BN
+    exported = nt.export_subnet(model, subnets[-1])
+    nt.bn.recalibrate(exported, digits.calibration_batches())
+    from nestedtrain.engine.evaluate import evaluate
+
+    assert evaluate(exported, digits.eval_batches("test"))["acc"] == results[-1]["acc"]
+
+
+def test_evaluate_space_passes_the_budget_on(passes):
     model = resnet()
     eval_fn, calib_fn = batches()
     tiny = evaluate_space(model, eval_fn, calib_fn, space=[1, 0, 1], memory_mb=1e-3)
+    # the budget reached the evaluator: one eval image a chunk, whole calibration batches
+    assert passes == {"calibrate": 5, "evaluate": 150}
     whole = evaluate_space(model, eval_fn, calib_fn, space=[1, 0, 1], memory_mb=None)
+    assert passes == {"calibrate": 6, "evaluate": 151}  # and no budget: one chunk
     assert_same_but_loss_rounding(tiny.pop("subnets"), whole.pop("subnets"))
     assert tiny == whole
 

@@ -2,8 +2,8 @@
 
 The run is method-agnostic: a method step (``nestedtrain.methods``) runs the forwards and
 backwards; :func:`~nestedtrain.engine.loop.train_one_epoch` steps the optimizer, the schedule and
-the EMA; the trainer evaluates the main network and a set of sub-networks, and writes the run
-folder.
+the EMA, and returns when the run asks to save or stop; the trainer saves, evaluates the main
+network and a set of sub-networks, and writes the run folder.
 """
 
 from __future__ import annotations
@@ -55,8 +55,7 @@ from .distributed import (
 from .epoch_eval import EpochEvaluation
 from .faults import StopSignals, TrainingInterrupted
 from .logs import EpochLog
-from .loop import EpochLoop, EpochProgress, FiniteWatch, StepControl, check_finite
-from .loop import train_one_epoch as _train_one_epoch
+from .loop import MetricLogger, StepControl, check_finite, end_epoch, train_one_epoch
 from .resume import check_resume_recipe
 from .runfolder import RunFolder
 from .summary import run_summary
@@ -99,7 +98,7 @@ class Trainer:
         # Stop requests and time-based checkpoints are agreed on the host, between steps,
         # so that every rank stops (or saves) after the same step without a device sync.
         self.control = StepControl(cfg.checkpoint, control_group(), self.data.bad_images)
-        self._watch = FiniteWatch()
+        self.metrics = MetricLogger(epoch=0)  # the epoch being trained, or the last one
         self._last_checkpoint: Path | None = None
         self._wall_start = time.perf_counter()
         # Dropout and drop-path masks come from the global torch (and CUDA) generators: once
@@ -183,15 +182,9 @@ class Trainer:
         record: dict[str, Any] = {}
         for epoch in range(self.run.start_epoch, self.cfg.epochs):
             record = self._epoch(epoch, progress, step_hook)
-            final = epoch == self.cfg.epochs - 1
-            stop, _ = self.control.flags(0, 0, True)
-            if stop and not final:
-                raise TrainingInterrupted(
-                    self.control.signal_name(),
-                    epoch,
-                    self.data.steps_per_epoch,
-                    self._last_checkpoint,
-                )
+            if self.control.stop_requested() and epoch < self.cfg.epochs - 1:
+                steps, saved = self.data.steps_per_epoch, self._last_checkpoint
+                raise TrainingInterrupted(self.control.signal_name(), epoch, steps, saved)
         if not record and self.dist.is_main:
             # resumed from the final checkpoint: the summary comes from the last log line
             metrics = self.out_dir / METRICS_FILE
@@ -228,29 +221,39 @@ class Trainer:
         progress: bool,
         step_hook: Callable[[int, int], None] | None = None,
     ) -> dict[str, float]:
-        """Train epoch ``epoch`` (from a mid-epoch checkpoint's step on, if one is loaded)."""
+        """Train epoch ``epoch`` (on from a loaded mid-epoch checkpoint), saving where asked."""
         partial, self.run.partial = self.run.partial, None
-        state = EpochProgress.from_state(partial, self.device) if partial else EpochProgress(epoch)
-        loop = EpochLoop(  # in the order of EpochLoop's fields
-            self.method,
-            self.data.train_batches,
-            self.data.steps_per_epoch,
-            self.precision,
-            self.scheduler,
-            self.ema,
-            self.model,
-            self.cfg,
-            self.device,
-            self.dist.is_main,
-            self._watch,
-            self.control,
-            self._check_finite,
-            self._save_progress,
-        )
-        return _train_one_epoch(loop, state, progress, step_hook)
+        metrics = MetricLogger.from_state(partial, self.device) if partial else MetricLogger(epoch)
+        self.metrics = metrics
+        batches = iter(self.data.train_batches(epoch, metrics.step))
+        while True:
+            asked = train_one_epoch(
+                self.method,
+                batches,
+                metrics,
+                self.control,
+                self.cfg,
+                steps=self.data.steps_per_epoch,
+                device=self.device,
+                scheduler=self.scheduler,
+                ema=self.ema,
+                model=self.model,
+                is_main=self.dist.is_main,
+                progress=progress,
+                last_checkpoint=self._last_checkpoint,
+                step_hook=step_hook,
+            )
+            if not (asked.stop or asked.save):
+                break
+            saved = self._checkpoint((epoch, metrics.step), metrics)
+            if asked.stop:
+                raise TrainingInterrupted(self.control.signal_name(), epoch, metrics.step, saved)
+        self._check_finite()
+        images_seen = self.data.steps_per_epoch * self.cfg.batch_size
+        return end_epoch(self.method, metrics, self.scheduler, self.device, images_seen)
 
     def _check_finite(self) -> None:
-        check_finite(self._watch, self.precision, self._last_checkpoint, self.control.group)
+        check_finite(self.metrics, self.precision, self._last_checkpoint, self.control.group)
 
     def _agree_bad_images(self) -> None:
         """Under torchrun, the bad images every rank met since the last agreement, judged
@@ -303,12 +306,8 @@ class Trainer:
         """The checkpoint after epoch ``epoch``'s end (and ``best.pt`` when ``is_best``)."""
         self._checkpoint((epoch, 0), None, is_best)
 
-    def _save_progress(self, progress: EpochProgress) -> Path:
-        """A mid-epoch checkpoint: the weights and everything needed to go on from here."""
-        return self._checkpoint((progress.epoch, progress.step), progress)
-
     def _checkpoint(
-        self, position: tuple[int, int], progress: EpochProgress | None, best: bool = False
+        self, position: tuple[int, int], progress: MetricLogger | None, best: bool = False
     ) -> Path:
         """A checkpoint after ``position`` = (epoch, steps done): mid-epoch with the epoch's
         ``progress``, else after the epoch's end. Every rank takes part; rank 0 writes."""

@@ -150,10 +150,11 @@ def end_epoch(
     metrics: MetricLogger,
     scheduler: Any,
     device: torch.device,
-    images_seen: int,
+    batch_size: int,
 ) -> dict[str, float]:
     """After an epoch's last step: the schedule's epoch step and the method's epoch end; the
-    epoch's mean loss terms (over ranks), its training seconds and images per second."""
+    epoch's mean loss terms (over ranks), its training seconds and images per second
+    (``batch_size``: the global batch)."""
     if scheduler is not None:
         scheduler.step(metrics.epoch + 1)
         sync_lr(method.optimizers)
@@ -162,7 +163,7 @@ def end_epoch(
     return {
         **means,
         "train_seconds": metrics.seconds,
-        "images_per_second": images_seen / max(metrics.seconds, 1e-9),
+        "images_per_second": metrics.step * batch_size / max(metrics.seconds, 1e-9),
     }
 
 

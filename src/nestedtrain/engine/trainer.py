@@ -206,7 +206,9 @@ class Trainer:
         is_best = False
         if epoch == self.cfg.epochs - 1 or (epoch + 1) % self.cfg.eval.every == 0:
             record.update(self.evaluate_epoch())
-            self._agree_bad_images()  # before the evaluation is logged
+            # under torchrun, every rank's bad images judged alike on every rank (an error
+            # on all of them, or none), before the evaluation is logged
+            self.data.bad_images.agree(self.control.group)
             is_best = self._track_best(epoch, record)
         self._record_kl_drift(epoch)
         record["epoch_seconds"] = time.perf_counter() - epoch_start
@@ -245,20 +247,14 @@ class Trainer:
             )
             if not (asked.stop or asked.save):
                 break
-            saved = self._checkpoint((epoch, metrics.step), metrics)
+            saved = self._save_progress(metrics)
             if asked.stop:
                 raise TrainingInterrupted(self.control.signal_name(), epoch, metrics.step, saved)
         self._check_finite()
-        images_seen = self.data.steps_per_epoch * self.cfg.batch_size
-        return end_epoch(self.method, metrics, self.scheduler, self.device, images_seen)
+        return end_epoch(self.method, metrics, self.scheduler, self.device, self.cfg.batch_size)
 
     def _check_finite(self) -> None:
         check_finite(self.metrics, self.precision, self._last_checkpoint, self.control.group)
-
-    def _agree_bad_images(self) -> None:
-        """Under torchrun, the bad images every rank met since the last agreement, judged
-        alike on every rank (BadImageError on all of them, or none)."""
-        self.data.bad_images.agree(self.control.group)
 
     def _track_best(self, epoch: int, record: dict[str, Any]) -> bool:
         """Whether this epoch is the best so far: chosen on the validation split, or the last
@@ -306,13 +302,17 @@ class Trainer:
         """The checkpoint after epoch ``epoch``'s end (and ``best.pt`` when ``is_best``)."""
         self._checkpoint((epoch, 0), None, is_best)
 
+    def _save_progress(self, metrics: MetricLogger) -> Path:
+        """A mid-epoch checkpoint: the weights and everything needed to go on from here."""
+        return self._checkpoint((metrics.epoch, metrics.step), metrics)
+
     def _checkpoint(
         self, position: tuple[int, int], progress: MetricLogger | None, best: bool = False
     ) -> Path:
         """A checkpoint after ``position`` = (epoch, steps done): mid-epoch with the epoch's
         ``progress``, else after the epoch's end. Every rank takes part; rank 0 writes."""
         self._check_finite()  # never save a non-finite state
-        self._agree_bad_images()  # nor one that data.bad_images should have stopped
+        self.data.bad_images.agree(self.control.group)  # nor one bad images should stop
         self._agree_bn()
         rng = gather_rng_states(self.control.group, self.dist.world_size)
         if self.dist.is_main:

@@ -159,10 +159,10 @@ class PlainRunner:
                     self.protect_bn,
                 )
             terms.append(term)
-        return ce, stacked(terms, ce)
+        return ce, _stacked(terms, ce)
 
 
-def stacked(terms: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+def _stacked(terms: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """``terms`` as one 1-dim tensor (empty, like ``like``, when there are none)."""
     return torch.stack(terms) if terms else like.new_zeros(0)
 

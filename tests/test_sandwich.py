@@ -49,7 +49,7 @@ def test_a_step_is_main_smallest_and_n_random_on_both_paths(n):
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
     step, info, shared = _step(model, images, labels, True, num_subnets=n)
-    assert step.prefix_sharing.startswith("on: ")
+    assert step.shared_prefix.startswith("on: ")
     assert info["subnets"][0] == "1-1-1" and len(info["subnets"]) == n + 1
     # the random draws are ST's own, from the same generator
     st = StimulativeTraining(

@@ -66,8 +66,8 @@ def test_shared_step_equals_plain_step(name, num_subnets):
     images, labels = _batch(side, chans)
     plain = _step(model, images, labels, False, num_subnets=num_subnets)
     shared = _step(model, images, labels, True, num_subnets=num_subnets)
-    assert plain[2].prefix_sharing == "off: st.share_prefix is off"
-    assert shared[2].prefix_sharing.startswith("on:")
+    assert plain[2].shared_prefix == "off: st.share_prefix is off"
+    assert shared[2].shared_prefix.startswith("on:")
     _assert_same_step(plain, shared)
 
 
@@ -174,9 +174,9 @@ def test_a_model_that_cannot_split_runs_the_plain_step(caplog):
     images, labels = _batch(8, 1)
     with caplog.at_level(logging.INFO, logger="nestedtrain"):
         shared = _step(model, images, labels, True, num_subnets=2)
-    assert shared[2].prefix_sharing.startswith("off: the model's forward cannot be split")
+    assert shared[2].shared_prefix.startswith("off: the model's forward cannot be split")
     assert [r.getMessage() for r in caplog.records] == [
-        f"ST shared prefix {shared[2].prefix_sharing}"
+        f"ST shared prefix {shared[2].shared_prefix}"
     ]
     _assert_same_step(_step(model, images, labels, False, num_subnets=2), shared)
 
@@ -190,7 +190,7 @@ def test_a_model_with_drop_path_shares_prefixes_with_the_main_networks_masks():
     images, labels = _batch(16)
     torch.manual_seed(1)
     shared = _step(model, images, labels, True, num_subnets=2)
-    assert shared[2].prefix_sharing.startswith("on: ")
+    assert shared[2].shared_prefix.startswith("on: ")
     drops = [m for m in model.modules() if type(m).__name__ == "DropPath"]
     assert drops, "drop_path_rate made no DropPath"
     torch.manual_seed(1)
@@ -208,5 +208,5 @@ def test_reference_bn_policy_runs_the_plain_step():
     model, side, chans = MODELS["resnet20"]()
     images, labels = _batch(side, chans)
     shared = _step(model, images, labels, True, num_subnets=2, bn="reference")
-    assert shared[2].prefix_sharing.startswith("off: st.bn=reference")
+    assert shared[2].shared_prefix.startswith("off: st.bn=reference")
     _assert_same_step(_step(model, images, labels, False, num_subnets=2, bn="reference"), shared)

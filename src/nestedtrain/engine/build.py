@@ -36,8 +36,8 @@ from ..methods import (
     StimulativeTraining,
 )
 from ..methods.conditions import Condition, build_condition
-from ..methods.shared_prefix import decide_prefix_sharing
-from ..methods.stimulative import shared_path_veto
+from ..methods.shared_prefix import decide_shared_prefix
+from ..methods.stimulative import shared_prefix_veto
 from ..models import create_model
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from .config import TrainConfig, plain
@@ -296,16 +296,16 @@ def _build_st(parts: MethodParts) -> MethodStep:
     cfg = parts.cfg
     options = plain(cfg.st)
     kind, space, p = (options.pop(name) for name in _SAMPLER_FIELDS)
-    # the shared path is decided on two test images, here and (alike) in the step object,
-    # in the training batches' memory format (the shared path's head forwards reuse them)
+    # the shared prefix is decided on two test images, here and (alike) in the step object,
+    # in the training batches' memory format (the shared-prefix head forwards reuse them)
     example = next(iter(parts.data.eval_batches("test", batch_size=2)))[0]
     example = example.contiguous(memory_format=input_memory_format(parts.device, cfg.channels_last))
     # Under DDP, decided before wrapping: DDP must look for parameters without gradients (a
     # sub-network's skipped blocks) only where a synchronised backward runs a sub-network, the
-    # plain path's last one. The shared path backpropagates under no_sync and all-reduces by
-    # hand, and a step without sub-networks runs the whole main network: neither pays for
-    # the search. (One process has no DDP, and no second probe.) Sandwich always trains its
-    # smallest sub-network.
+    # plain runner's last one. The shared-prefix runner backpropagates under no_sync and
+    # all-reduces by hand, and a step without sub-networks runs the whole main network:
+    # neither pays for the search. (One process has no DDP, and no second probe.) Sandwich
+    # always trains its smallest sub-network.
     sandwich = cfg.method == "sandwich"
     draws = options["lam"] > 0 and (options["num_subnets"] > 0 or sandwich)
     samples = parts.dist.enabled and draws
@@ -322,17 +322,17 @@ def _build_st(parts: MethodParts) -> MethodStep:
         example_inputs=example,
         **options,
     )
-    decided = step.prefix_sharing  # None: decided on the first step (sandwich without random)
+    decided = step.shared_prefix  # None: decided on the first step (sandwich without random)
     if samples and decided is not None and decided.startswith("on") != shared:
-        raise RuntimeError(f"ST's shared path was decided twice differently: {step.prefix_sharing}")
+        raise RuntimeError(f"ST's shared prefix was decided twice differently: {decided}")
     return step
 
 
 def _shares_prefix(parts: MethodParts, options: dict[str, Any], example: torch.Tensor) -> bool:
-    """Whether the ST step will take its shared path, decided as the step decides it (on
-    every rank: all of them take it, or none)."""
-    why_not = shared_path_veto(options.get("share_prefix", True), options.get("bn", "protect"))
-    split, _ = decide_prefix_sharing(parts.model, find_stages(parts.model), example, why_not)
+    """Whether the ST step will compute shared prefixes once, decided as the step decides
+    it (on every rank: all of them do, or none)."""
+    why_not = shared_prefix_veto(options.get("share_prefix", True), options.get("bn", "protect"))
+    split, _ = decide_shared_prefix(parts.model, find_stages(parts.model), example, why_not)
     return all_ranks(split is not None, device=parts.device)
 
 

@@ -160,7 +160,7 @@ class RunState:
     and the wall time of earlier processes (resumed runs)."""
 
     start_epoch: int = 0
-    partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's EpochProgress state
+    partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's MetricLogger state
     best: dict[str, Any] = field(default_factory=lambda: {"epoch": None, "val_acc": None})
     wall_before: float = 0.0
 
@@ -174,7 +174,7 @@ def run_checkpoint(
     wall_seconds: float,
 ) -> dict[str, Any]:
     """The checkpoint to continue exactly after ``position`` = (epoch, steps done in it): at
-    the next epoch's start when ``partial`` (an EpochProgress state) is None, else within the
+    the next epoch's start when ``partial`` (a MetricLogger state) is None, else within the
     epoch.
 
     Args:

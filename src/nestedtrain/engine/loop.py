@@ -1,10 +1,13 @@
 """One training epoch, torchvision-reference style: :func:`train_one_epoch`.
 
-The loop runs a method's steps, the optimizer and the schedule, and between steps asks
-:class:`StepControl` whether to stop (a signal) or save (a step or time checkpoint). Nothing in a
-step waits for the device: loss terms are summed as tensors (:class:`EpochProgress`), watched
-for non-finite values on the device (:class:`FiniteWatch`), and read on the host every
-``log_every`` steps, at checkpoints and at the epoch's end.
+:func:`train_one_epoch` runs a method's steps, the optimizer, the schedule and the EMA over an
+epoch's batches until the epoch ends, or until the run's :class:`StepControl` asks, between
+two steps, to stop (a signal) or to save (a step or time checkpoint): it returns what was
+asked (:class:`Requests`); the caller saves and, to go on, calls it again with the same
+batches. :func:`end_epoch` closes the epoch. Nothing in a step waits for the device: the
+epoch's :class:`MetricLogger` sums the loss terms as tensors and watches them for non-finite
+values on the device, and they are read on the host every ``log_every`` steps, at checkpoints
+and at the epoch's end.
 """
 
 from __future__ import annotations
@@ -13,27 +16,27 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 from tqdm import tqdm
 
 from ..data.images import BadImages
 from ..distributed import all_reduce_mean
 from ..methods import MethodStep, Precision
 from .distributed import input_memory_format
-from .faults import StopSignals, TrainingDiverged, TrainingInterrupted
+from .faults import StopSignals, TrainingDiverged
 
 __all__ = [
-    "EpochLoop",
-    "EpochProgress",
-    "FiniteWatch",
+    "MetricLogger",
+    "Requests",
     "StepControl",
     "check_finite",
+    "end_epoch",
     "sync_lr",
     "train_one_epoch",
 ]
@@ -50,130 +53,117 @@ _MIN_LOSS_SCALE = 2.0**-8
 _AGREE_EVERY = 20
 
 
-@dataclass
-class EpochLoop:
-    """What :func:`train_one_epoch` runs, set up once by the trainer.
+class Requests(NamedTuple):
+    """What the run asked for after a step (every rank alike)."""
 
-    Attributes:
-        method: the training method's step object.
-        batches: ``batches(epoch, first_step)``, the epoch's training batches from a step on.
-        steps_per_epoch: steps in a whole epoch.
-        precision: autocast and GradScaler.
-        scheduler: timm scheduler, stepped per update and per epoch (or None).
-        ema: timm ``ModelEmaV3`` of ``model`` (or None).
-        model: the main model (what the EMA follows).
-        cfg: the recipe (epochs, batch_size, log_every, optim.clip_grad, channels_last).
-        device: where training runs.
-        is_main: rank 0 (logs lines).
-        watch: the run's non-finite watch.
-        control: the run's stop/save control.
-        check_finite: raises :class:`TrainingDiverged` (reads the watch).
-        save_progress: writes a mid-epoch checkpoint of an :class:`EpochProgress`; returns
-            its path (None on ranks that do not write).
-    """
-
-    method: MethodStep
-    batches: Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
-    steps_per_epoch: int
-    precision: Precision
-    scheduler: Any
-    ema: Any
-    model: torch.nn.Module
-    cfg: DictConfig
-    device: torch.device
-    is_main: bool
-    watch: FiniteWatch
-    control: StepControl
-    check_finite: Callable[[], None]
-    save_progress: Callable[[EpochProgress], Path | None]
+    stop: bool  # a stop signal arrived: save, then stop
+    save: bool  # a step or time checkpoint is due
 
 
 def train_one_epoch(
-    loop: EpochLoop,
-    state: EpochProgress,
-    progress: bool,
+    method: MethodStep,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    metrics: MetricLogger,
+    control: StepControl,
+    cfg: DictConfig,
+    *,
+    steps: int,
+    device: torch.device,
+    scheduler: Any = None,
+    ema: Any = None,
+    model: nn.Module | None = None,
+    is_main: bool = True,
+    progress: bool = False,
+    last_checkpoint: Path | None = None,
     step_hook: Callable[[int, int], None] | None = None,
-) -> dict[str, float]:
-    """Train ``state.epoch`` from step ``state.step`` on; the epoch's mean loss terms (over
-    ranks), its training seconds and images per second.
+) -> Requests:
+    """Train epoch ``metrics.epoch`` from step ``metrics.step`` on (``batches``: the rest of
+    its batches) until it ends or ``control`` asks after a step to stop or save; returns
+    what it asked (neither: the epoch ended). Raises :class:`TrainingDiverged`.
 
-    Raises:
-        TrainingInterrupted: a stop signal, after a checkpoint of the step it stopped at.
-        TrainingDiverged: a loss term became non-finite.
+    ``cfg`` gives ``epochs``, ``batch_size``, ``log_every``, ``optim.clip_grad`` and
+    ``channels_last``; ``steps``: the steps of a whole epoch; ``ema`` follows ``model``;
+    rank 0 (``is_main``) without a ``progress`` bar logs a line every ``log_every`` steps.
     """
-    cfg, epoch, steps = loop.cfg, state.epoch, loop.steps_per_epoch
-    loop.method.model.train()
-    num_updates = epoch * steps + state.step
-    label = f"epoch {epoch + 1}/{cfg.epochs}"
+    epoch, label = metrics.epoch, f"epoch {metrics.epoch + 1}/{cfg.epochs}"
     bar = tqdm(
         total=steps,
-        initial=state.step,
+        initial=metrics.step,
         desc=label,
         disable=not progress,
         leave=False,
         file=sys.stderr,
     )
-    step_log = StepLog(not progress and loop.is_main, label, steps, cfg.batch_size, state.step)
-    start = time.perf_counter()
-    for images, labels in loop.batches(epoch, state.step):
-        info = _train_step(loop, images, labels, num_updates)
+    memory_format = input_memory_format(device, cfg.channels_last)
+    method.model.train()
+    num_updates = epoch * steps + metrics.step
+    asked, start = Requests(stop=False, save=False), time.perf_counter()
+    for images, labels in batches:
+        if memory_format != torch.contiguous_format:  # the CPU's batches are left as they are
+            images = images.contiguous(memory_format=memory_format)
+        info = _train_step(method, images, labels, cfg.optim.clip_grad)
         num_updates += 1
-        state.step += 1
-        state.add(info)
-        loop.watch.observe(epoch, state.step, info)
+        _follow(method, num_updates, scheduler, ema, model)
+        metrics.update(info)
         bar.update(1)
-        if state.step % cfg.log_every == 0:
-            loop.check_finite()
+        if metrics.step % cfg.log_every == 0:
+            check_finite(metrics, method.precision, last_checkpoint, control.group)
             loss = float(info["loss"])
             bar.set_postfix(loss=f"{loss:.3f}")
-            step_log.line(state.step, loss)
+            if is_main and not progress:
+                metrics.log_line(label, steps, cfg.batch_size, loss)
         if step_hook is not None:
-            step_hook(epoch, state.step)
-        stop, due = loop.control.flags(num_updates, state.step, state.step == steps)
-        if stop or due:
-            now = time.perf_counter()
-            state.seconds, start = state.seconds + now - start, now
-            saved = loop.save_progress(state)
-            if stop:
-                bar.close()
-                raise TrainingInterrupted(loop.control.signal_name(), epoch, state.step, saved)
+            step_hook(epoch, metrics.step)
+        asked = control.after_step(num_updates, metrics.step, epoch_done=metrics.step == steps)
+        if asked.stop or asked.save:
+            break
     bar.close()
-    state.seconds += time.perf_counter() - start
-    return _end_epoch(loop, state)
+    metrics.seconds += time.perf_counter() - start
+    return asked
 
 
 def _train_step(
-    loop: EpochLoop, images: torch.Tensor, labels: torch.Tensor, num_updates: int
+    method: MethodStep, images: torch.Tensor, labels: torch.Tensor, clip_grad: float | None
 ) -> dict[str, Any]:
-    """One update: the method's step, the optimizer, the schedule and the EMA."""
-    memory_format = input_memory_format(loop.device, loop.cfg.channels_last)
-    if memory_format != torch.contiguous_format:  # the CPU's batches are left as they are
-        images = images.contiguous(memory_format=memory_format)
-    info = loop.method.step(images, labels)
-    optimizer = loop.method.optimizer
-    loop.precision.step(optimizer, loop.cfg.optim.clip_grad)
+    """One update: the method's step and the optimizer's."""
+    info = method.step(images, labels)
+    optimizer = method.optimizer
+    method.precision.step(optimizer, clip_grad)
     optimizer.zero_grad(set_to_none=True)
-    loop.method.after_optimizer_step(info)
-    if loop.scheduler is not None:
-        loop.scheduler.step_update(num_updates + 1)
-        sync_lr(loop.method.optimizers)
-    if loop.ema is not None:
-        loop.ema.update(loop.model, step=num_updates + 1)
+    method.after_optimizer_step(info)
     return info
 
 
-def _end_epoch(loop: EpochLoop, state: EpochProgress) -> dict[str, float]:
-    loop.check_finite()
-    if loop.scheduler is not None:
-        loop.scheduler.step(state.epoch + 1)
-        sync_lr(loop.method.optimizers)
-    loop.method.on_epoch_end(state.epoch)
-    means = all_reduce_mean(state.means(), loop.device)
-    images_seen = loop.steps_per_epoch * loop.cfg.batch_size
+def _follow(
+    method: MethodStep, num_updates: int, scheduler: Any, ema: Any, model: nn.Module | None
+) -> None:
+    """After update ``num_updates``: the schedule's step, and the EMA's."""
+    if scheduler is not None:
+        scheduler.step_update(num_updates)
+        sync_lr(method.optimizers)
+    if ema is not None:
+        ema.update(model, step=num_updates)
+
+
+def end_epoch(
+    method: MethodStep,
+    metrics: MetricLogger,
+    scheduler: Any,
+    device: torch.device,
+    batch_size: int,
+) -> dict[str, float]:
+    """After an epoch's last step: the schedule's epoch step and the method's epoch end; the
+    epoch's mean loss terms (over ranks), its training seconds and images per second
+    (``batch_size``: the global batch)."""
+    if scheduler is not None:
+        scheduler.step(metrics.epoch + 1)
+        sync_lr(method.optimizers)
+    method.on_epoch_end(metrics.epoch)
+    means = all_reduce_mean(metrics.means(), device)
     return {
         **means,
-        "train_seconds": state.seconds,
-        "images_per_second": images_seen / max(state.seconds, 1e-9),
+        "train_seconds": metrics.seconds,
+        "images_per_second": metrics.step * batch_size / max(metrics.seconds, 1e-9),
     }
 
 
@@ -205,13 +195,13 @@ class StepControl:
         self.signals: StopSignals | None = None  # set while a fit runs
         self.last_save = time.monotonic()
 
-    def flags(self, num_updates: int, step: int, epoch_done: bool) -> tuple[bool, bool]:
-        """``(stop, save)`` after step ``step`` of the epoch (global step ``num_updates``);
-        the epoch's last step saves at the epoch's end anyway."""
+    def after_step(self, num_updates: int, step: int, epoch_done: bool) -> Requests:
+        """What is asked after step ``step`` of the epoch (global step ``num_updates``); the
+        epoch's last step (``epoch_done``) saves at the epoch's end anyway."""
         every = self.every
         due = bool(every.every_steps) and num_updates % every.every_steps == 0
         if self.group is not None and not (epoch_done or step % _AGREE_EVERY == 0):
-            return False, due
+            return Requests(stop=False, save=due)
         stop = self.signals is not None and self.signals.requested is not None
         minutes = (time.monotonic() - self.last_save) / 60.0
         timed = bool(every.every_minutes) and minutes >= every.every_minutes
@@ -222,7 +212,12 @@ class StepControl:
             stop, timed = bool(flags[0]), bool(flags[1])
             if flags[2]:  # raises BadImageError on every rank alike, if it must
                 self.bad_images.agree(self.group, anywhere=True)
-        return stop, (due or timed) and not epoch_done
+        return Requests(stop=stop, save=(due or timed) and not epoch_done)
+
+    def stop_requested(self) -> bool:
+        """Between epochs: whether a stop signal arrived (under torchrun, on any rank: the
+        ranks agree, as at an epoch's last step)."""
+        return self.after_step(num_updates=0, step=0, epoch_done=True).stop
 
     def signal_name(self) -> str:
         requested = self.signals.requested if self.signals is not None else None
@@ -233,7 +228,7 @@ class StepControl:
 
 
 def check_finite(
-    watch: FiniteWatch, precision: Precision, last_checkpoint: Path | None, group: Any = None
+    metrics: MetricLogger, precision: Precision, last_checkpoint: Path | None, group: Any = None
 ) -> None:
     """Raise :class:`TrainingDiverged` if a loss term was non-finite since the last check
     (one host sync), or if float16's loss scale collapsed.
@@ -243,11 +238,11 @@ def check_finite(
     one has diverged), so that all raise the same error, naming the earliest bad step of any
     rank, instead of one rank leaving the others in the next gradient all-reduce.
     """
-    bad = watch.first_bad()
+    bad = metrics.first_bad()
     scaler = precision.scaler
     if bad is None and scaler is not None and scaler.get_scale() < _MIN_LOSS_SCALE:
         term = f"gradients (float16 loss scale fell to {scaler.get_scale():.2g})"
-        bad = (*watch.last, term, math.inf)
+        bad = (metrics.epoch, metrics.step, term, math.inf)
     if group is not None:
         bad = _earliest_on_any_rank(bad, group)
     if bad is not None:
@@ -266,25 +261,85 @@ def _earliest_on_any_rank(bad: tuple | None, group: Any) -> tuple | None:
     return min((b for b in every if b is not None), key=lambda b: (b[0], b[1]))
 
 
-@dataclass
-class EpochProgress:
-    """What an epoch has accumulated so far; a mid-epoch checkpoint holds it."""
+class MetricLogger:
+    """One epoch's numbers as it trains: its loss terms summed on the device, the first step
+    whose terms were not all finite (watched on the device: a few tiny kernels a step, no
+    wait), and a log line when asked. A mid-epoch checkpoint holds its :meth:`state_dict`.
 
-    epoch: int
-    step: int = 0  # steps done in this epoch
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # loss terms, on the device
-    host_sums: dict[str, float] = field(default_factory=dict)  # numbers a method gives as such
-    seconds: float = 0.0  # training time spent on this epoch so far
+    Attributes:
+        epoch: the epoch (0-based).
+        step: steps done in this epoch.
+        sums: loss terms, summed on the device.
+        host_sums: numbers a method gives as such, summed.
+        seconds: training time spent on this epoch so far.
+    """
 
-    def add(self, info: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        epoch: int,
+        step: int = 0,
+        sums: dict[str, torch.Tensor] | None = None,
+        host_sums: dict[str, float] | None = None,
+        seconds: float = 0.0,
+    ):
+        self.epoch, self.step, self.seconds = epoch, step, seconds
+        self.sums = sums if sums is not None else {}
+        self.host_sums = host_sums if host_sums is not None else {}
+        self._keys: list[str] = []  # the watched terms, the total last
+        self._bad_at: torch.Tensor | None = None  # (epoch, step) of the first bad step, or -1s
+        self._bad_values: torch.Tensor | None = None  # its loss terms
+        self._since = (time.perf_counter(), step)  # the last log line: time, step
+
+    def update(self, info: dict[str, Any]) -> None:
+        """Count a step and its numbers (``info``: what the method's step returned)."""
+        self.step += 1
         for key, value in info.items():
             if isinstance(value, torch.Tensor):
                 value = value.detach().double()
                 self.sums[key] = self.sums[key] + value if key in self.sums else value
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.host_sums[key] = self.host_sums.get(key, 0.0) + float(value)
+        self._watch(info)
+
+    def _watch(self, info: dict[str, Any]) -> None:
+        # the total last, so that the term that went bad is named rather than the sum
+        keys = sorted((k for k, v in info.items() if isinstance(v, torch.Tensor)), key=_term_order)
+        if not keys:
+            return
+        values = torch.stack([info[k].detach().float().reshape(()) for k in keys])
+        if self._bad_at is None or keys != self._keys:
+            self._keys = keys
+            self._bad_at = torch.full((2,), -1, dtype=torch.long, device=values.device)
+            self._bad_values = torch.zeros_like(values)
+        new = (self._bad_at[0] < 0) & ~torch.isfinite(values).all()
+        # Python scalars go to the kernels as arguments: no host-to-device copy.
+        epoch, step = self.epoch, self.step
+        self._bad_at = torch.stack(
+            [torch.where(new, epoch, self._bad_at[0]), torch.where(new, step, self._bad_at[1])]
+        )
+        self._bad_values = torch.where(new, values, self._bad_values)
+
+    def first_bad(self) -> tuple[int, int, str, float] | None:
+        """``(epoch, step, term, value)`` of the first non-finite step, or None (one host
+        sync)."""
+        if self._bad_at is None:
+            return None
+        epoch, step = self._bad_at.tolist()
+        if epoch < 0:
+            return None
+        values = self._bad_values.tolist()
+        index = next(i for i, v in enumerate(values) if not math.isfinite(v))
+        return epoch, step, self._keys[index], values[index]
+
+    def log_line(self, label: str, steps: int, batch_size: int, loss: float) -> None:
+        """Log the step, its loss and the images per second since the last line."""
+        now = time.perf_counter()
+        rate = (self.step - self._since[1]) * batch_size / max(now - self._since[0], 1e-9)
+        self._since = (now, self.step)
+        logger.info(f"{label} step {self.step}/{steps} loss {loss:.4f} {rate:.1f} images/s")
 
     def means(self) -> dict[str, float]:
+        """The epoch's mean numbers so far (one host sync)."""
         steps = max(self.step, 1)
         keys = sorted(self.sums)
         values = torch.stack([self.sums[k] for k in keys]).tolist() if keys else []
@@ -302,7 +357,7 @@ class EpochProgress:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochProgress:
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> MetricLogger:
         return cls(
             state["epoch"],
             state["step"],
@@ -312,65 +367,5 @@ class EpochProgress:
         )
 
 
-class FiniteWatch:
-    """Remembers, on the device, the first step whose loss terms were not all finite.
-
-    ``observe`` launches a few tiny kernels and never waits; ``first_bad`` reads the result
-    (one host sync), so the loop calls it only every ``log_every`` steps and before saving.
-    """
-
-    def __init__(self) -> None:
-        self.keys: list[str] = []
-        self.where: torch.Tensor | None = None  # (epoch, step) of the first bad step, or -1s
-        self.values: torch.Tensor | None = None  # its loss terms
-        self.last = (0, 0)  # (epoch, step) last observed
-
-    def observe(self, epoch: int, step: int, info: dict[str, Any]) -> None:
-        self.last = (epoch, step)
-        # the total last, so that the term that went bad is named rather than the sum
-        keys = sorted((k for k, v in info.items() if isinstance(v, torch.Tensor)), key=_term_order)
-        if not keys:
-            return
-        values = torch.stack([info[k].detach().float().reshape(()) for k in keys])
-        if self.where is None or keys != self.keys:
-            self.keys = keys
-            self.where = torch.full((2,), -1, dtype=torch.long, device=values.device)
-            self.values = torch.zeros_like(values)
-        new = (self.where[0] < 0) & ~torch.isfinite(values).all()
-        # Python scalars go to the kernels as arguments: no host-to-device copy.
-        self.where = torch.stack(
-            [torch.where(new, epoch, self.where[0]), torch.where(new, step, self.where[1])]
-        )
-        self.values = torch.where(new, values, self.values)
-
-    def first_bad(self) -> tuple[int, int, str, float] | None:
-        """``(epoch, step, term, value)`` of the first non-finite step, or None."""
-        if self.where is None:
-            return None
-        epoch, step = self.where.tolist()
-        if epoch < 0:
-            return None
-        values = self.values.tolist()
-        index = next(i for i, v in enumerate(values) if not math.isfinite(v))
-        return epoch, step, self.keys[index], values[index]
-
-
 def _term_order(key: str) -> tuple[bool, str]:
     return (key == "loss", key)
-
-
-class StepLog:
-    """Without a progress bar (a batch job's log), rank 0 logs a line every ``log_every``
-    steps: the epoch, the step, its loss and the images per second since the last line."""
-
-    def __init__(self, on: bool, epoch: str, steps: int, batch_size: int, step: int):
-        self.on, self.epoch, self.steps, self.batch_size = on, epoch, steps, batch_size
-        self.since = (time.perf_counter(), step)  # the last log point: time, step
-
-    def line(self, step: int, loss: float) -> None:
-        if not self.on:
-            return
-        now = time.perf_counter()
-        rate = (step - self.since[1]) * self.batch_size / max(now - self.since[0], 1e-9)
-        self.since = (now, step)
-        logger.info(f"{self.epoch} step {step}/{self.steps} loss {loss:.4f} {rate:.1f} images/s")

@@ -2,8 +2,8 @@
 
 The run is method-agnostic: a method step (``nestedtrain.methods``) runs the forwards and
 backwards; :func:`~nestedtrain.engine.loop.train_one_epoch` steps the optimizer, the schedule and
-the EMA; the trainer evaluates the main network and a set of sub-networks, and writes the run
-folder.
+the EMA, and returns when the run asks to save or stop; the trainer saves, evaluates the main
+network and a set of sub-networks, and writes the run folder.
 """
 
 from __future__ import annotations
@@ -55,8 +55,7 @@ from .distributed import (
 from .epoch_eval import EpochEvaluation
 from .faults import StopSignals, TrainingInterrupted
 from .logs import EpochLog
-from .loop import EpochLoop, EpochProgress, FiniteWatch, StepControl, check_finite
-from .loop import train_one_epoch as _train_one_epoch
+from .loop import MetricLogger, StepControl, check_finite, end_epoch, train_one_epoch
 from .resume import check_resume_recipe
 from .runfolder import RunFolder
 from .summary import run_summary
@@ -99,7 +98,7 @@ class Trainer:
         # Stop requests and time-based checkpoints are agreed on the host, between steps,
         # so that every rank stops (or saves) after the same step without a device sync.
         self.control = StepControl(cfg.checkpoint, control_group(), self.data.bad_images)
-        self._watch = FiniteWatch()
+        self.metrics = MetricLogger(epoch=0)  # the epoch being trained, or the last one
         self._last_checkpoint: Path | None = None
         self._wall_start = time.perf_counter()
         # Dropout and drop-path masks come from the global torch (and CUDA) generators: once
@@ -183,15 +182,9 @@ class Trainer:
         record: dict[str, Any] = {}
         for epoch in range(self.run.start_epoch, self.cfg.epochs):
             record = self._epoch(epoch, progress, step_hook)
-            final = epoch == self.cfg.epochs - 1
-            stop, _ = self.control.flags(0, 0, True)
-            if stop and not final:
-                raise TrainingInterrupted(
-                    self.control.signal_name(),
-                    epoch,
-                    self.data.steps_per_epoch,
-                    self._last_checkpoint,
-                )
+            if self.control.stop_requested() and epoch < self.cfg.epochs - 1:
+                steps, saved = self.data.steps_per_epoch, self._last_checkpoint
+                raise TrainingInterrupted(self.control.signal_name(), epoch, steps, saved)
         if not record and self.dist.is_main:
             # resumed from the final checkpoint: the summary comes from the last log line
             metrics = self.out_dir / METRICS_FILE
@@ -213,7 +206,9 @@ class Trainer:
         is_best = False
         if epoch == self.cfg.epochs - 1 or (epoch + 1) % self.cfg.eval.every == 0:
             record.update(self.evaluate_epoch())
-            self._agree_bad_images()  # before the evaluation is logged
+            # under torchrun, every rank's bad images judged alike on every rank (an error
+            # on all of them, or none), before the evaluation is logged
+            self.data.bad_images.agree(self.control.group)
             is_best = self._track_best(epoch, record)
         self._record_kl_drift(epoch)
         record["epoch_seconds"] = time.perf_counter() - epoch_start
@@ -228,34 +223,38 @@ class Trainer:
         progress: bool,
         step_hook: Callable[[int, int], None] | None = None,
     ) -> dict[str, float]:
-        """Train epoch ``epoch`` (from a mid-epoch checkpoint's step on, if one is loaded)."""
+        """Train epoch ``epoch`` (on from a loaded mid-epoch checkpoint), saving where asked."""
         partial, self.run.partial = self.run.partial, None
-        state = EpochProgress.from_state(partial, self.device) if partial else EpochProgress(epoch)
-        loop = EpochLoop(  # in the order of EpochLoop's fields
-            self.method,
-            self.data.train_batches,
-            self.data.steps_per_epoch,
-            self.precision,
-            self.scheduler,
-            self.ema,
-            self.model,
-            self.cfg,
-            self.device,
-            self.dist.is_main,
-            self._watch,
-            self.control,
-            self._check_finite,
-            self._save_progress,
-        )
-        return _train_one_epoch(loop, state, progress, step_hook)
+        metrics = MetricLogger.from_state(partial, self.device) if partial else MetricLogger(epoch)
+        self.metrics = metrics
+        batches = iter(self.data.train_batches(epoch, metrics.step))
+        while True:
+            asked = train_one_epoch(
+                self.method,
+                batches,
+                metrics,
+                self.control,
+                self.cfg,
+                steps=self.data.steps_per_epoch,
+                device=self.device,
+                scheduler=self.scheduler,
+                ema=self.ema,
+                model=self.model,
+                is_main=self.dist.is_main,
+                progress=progress,
+                last_checkpoint=self._last_checkpoint,
+                step_hook=step_hook,
+            )
+            if not (asked.stop or asked.save):
+                break
+            saved = self._save_progress(metrics)
+            if asked.stop:
+                raise TrainingInterrupted(self.control.signal_name(), epoch, metrics.step, saved)
+        self._check_finite()
+        return end_epoch(self.method, metrics, self.scheduler, self.device, self.cfg.batch_size)
 
     def _check_finite(self) -> None:
-        check_finite(self._watch, self.precision, self._last_checkpoint, self.control.group)
-
-    def _agree_bad_images(self) -> None:
-        """Under torchrun, the bad images every rank met since the last agreement, judged
-        alike on every rank (BadImageError on all of them, or none)."""
-        self.data.bad_images.agree(self.control.group)
+        check_finite(self.metrics, self.precision, self._last_checkpoint, self.control.group)
 
     def _track_best(self, epoch: int, record: dict[str, Any]) -> bool:
         """Whether this epoch is the best so far: chosen on the validation split, or the last
@@ -303,17 +302,17 @@ class Trainer:
         """The checkpoint after epoch ``epoch``'s end (and ``best.pt`` when ``is_best``)."""
         self._checkpoint((epoch, 0), None, is_best)
 
-    def _save_progress(self, progress: EpochProgress) -> Path:
+    def _save_progress(self, metrics: MetricLogger) -> Path:
         """A mid-epoch checkpoint: the weights and everything needed to go on from here."""
-        return self._checkpoint((progress.epoch, progress.step), progress)
+        return self._checkpoint((metrics.epoch, metrics.step), metrics)
 
     def _checkpoint(
-        self, position: tuple[int, int], progress: EpochProgress | None, best: bool = False
+        self, position: tuple[int, int], progress: MetricLogger | None, best: bool = False
     ) -> Path:
         """A checkpoint after ``position`` = (epoch, steps done): mid-epoch with the epoch's
         ``progress``, else after the epoch's end. Every rank takes part; rank 0 writes."""
         self._check_finite()  # never save a non-finite state
-        self._agree_bad_images()  # nor one that data.bad_images should have stopped
+        self.data.bad_images.agree(self.control.group)  # nor one bad images should stop
         self._agree_bn()
         rng = gather_rng_states(self.control.group, self.dist.world_size)
         if self.dist.is_main:

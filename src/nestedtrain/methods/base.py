@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,8 +83,8 @@ class MethodStep(abc.ABC):
     """Base of the method steps: holds the model, optimizer and precision; the epoch counter.
 
     Subclasses implement :meth:`step`. ``model`` may be wrapped in DistributedDataParallel: a
-    step that runs several backwards calls :meth:`sync_gradients` so that gradients are
-    all-reduced once, on the last backward of the step.
+    step that runs several backwards all-reduces gradients once per step (see
+    :mod:`nestedtrain.methods.runners`).
     """
 
     def __init__(
@@ -115,52 +115,6 @@ class MethodStep(abc.ABC):
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """Every optimizer the method owns; the learning-rate schedule drives all of them."""
         return [self.optimizer]
-
-    @contextlib.contextmanager
-    def sync_gradients(self, last: bool) -> Iterator[None]:
-        """Wrap one forward+backward: under DDP only the ``last`` of a step all-reduces."""
-        if last or not isinstance(self.model, nn.parallel.DistributedDataParallel):
-            yield
-        else:
-            with self.model.no_sync():
-                yield
-
-    @contextlib.contextmanager
-    def local_gradients(self) -> Iterator[None]:
-        """Every backward inside accumulates locally, also under DDP; a step that uses this
-        calls :meth:`all_reduce_gradients` once at its end."""
-        if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            with self.model.no_sync():
-                yield
-        else:
-            yield
-
-    def all_reduce_gradients(self) -> None:
-        """Average the gradients over the DDP ranks, as DDP's own backward does (no-op
-        without DDP).
-
-        By hand because DDP's reducer syncs during one backward through the graph of one
-        DDP forward, and a step that computes shared prefixes once backpropagates in several
-        parts. Gradients go in buckets of 25 MiB (DDP's default), all in flight at once.
-        Every rank draws the same sub-networks, so the same parameters have gradients.
-        """
-        if not isinstance(self.model, nn.parallel.DistributedDataParallel):
-            return
-        group = self.model.process_group
-        world = torch.distributed.get_world_size(group)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        pending = []
-        for bucket in _buckets(grads, 25 * 2**20):
-            flat = torch.cat([g.reshape(-1) for g in bucket]).div_(world)
-            pending.append(
-                (bucket, flat, torch.distributed.all_reduce(flat, group=group, async_op=True))
-            )
-        for bucket, flat, work in pending:
-            work.wait()
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
 
     @abc.abstractmethod
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
@@ -210,28 +164,3 @@ class MethodStep(abc.ABC):
         self.epoch = state["epoch"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["precision"])
-
-
-def _buckets(grads: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
-    """Consecutive gradients of one dtype and device, at most ``limit`` bytes a bucket (but
-    at least one gradient)."""
-    buckets: list[list[torch.Tensor]] = []
-    size = 0
-    for g in grads:
-        nbytes = g.numel() * g.element_size()
-        last = buckets[-1] if buckets else None
-        if (
-            last is None
-            or size + nbytes > limit
-            or (g.dtype, g.device)
-            != (
-                last[0].dtype,
-                last[0].device,
-            )
-        ):
-            buckets.append([g])
-            size = nbytes
-        else:
-            last.append(g)
-            size += nbytes
-    return buckets

@@ -6,12 +6,13 @@ Per mini-batch: ``L = CE(main(x), y) + λ · [KL(main(x) ‖ smallest(x)) + Σ_j
 sub_j(x))]``: the largest network of the sampling space (the main network) learns from the
 labels, the smallest one and ``num_subnets`` random ones from its detached output. It is ST
 with the smallest sub-network added to every draw, so it runs on ST's paths as they are (the
-shared-prefix step, checkpoints, exact resume, sub-network evaluation, DDP) and takes ST's
+shared-prefix runner, checkpoints, exact resume, sub-network evaluation, DDP) and takes ST's
 options (``st.*`` in a recipe: sampler, space, λ, KL form, resize).
 """
 
 from __future__ import annotations
 
+from .runners import Drawn
 from .stimulative import StimulativeTraining
 
 __all__ = ["SandwichTraining"]
@@ -27,12 +28,12 @@ class SandwichTraining(StimulativeTraining):
 
     def _sampling(self) -> bool:
         # the smallest sub-network trains even with no random ones
-        return self.epoch >= self.start_epoch and self.lam > 0
+        return self.epoch >= self.start_epoch and self.loss.lam > 0
 
-    def _draw(self, crop: int) -> list:
+    def _draw(self, crop: int) -> list[Drawn]:
         """The smallest sub-network first (it draws nothing from the generator), then ST's
         draw of ``num_subnets`` random ones."""
-        return [(self.sampler.smallest(), self._smallest_side(crop)), *super()._draw(crop)]
+        return [Drawn(self.sampler.smallest(), self._smallest_side(crop)), *super()._draw(crop)]
 
     def _smallest_side(self, crop: int) -> int:
         if self.resize is None:

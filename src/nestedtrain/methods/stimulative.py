@@ -1,45 +1,90 @@
-"""Stimulative training (ST, NeurIPS'22) and ST++ as one step.
+"""Stimulative training (ST, NeurIPS'22) and ST++ as one step: Algorithm 1 of the papers.
 
 Per mini-batch: ``L = CE(main(x), y) + λ · Σ_j KL(main(x) ‖ sub_j(x_j))``. The main network's
-output is the teacher (detached); each sub-network shares the main network's weights, is drawn
-by a sampler, and is backpropagated as soon as it is computed, so memory does not grow with the
-number of sub-networks. ST++ adds KL⁻ (logit direction only), several sub-networks per step,
-a random smaller input per sub-network, and bounded sampling spaces.
+output is the teacher (detached); each sub-network shares the main network's weights and is
+drawn by a sampler. ST++ adds KL⁻ (logit direction only), several sub-networks per step, a
+random smaller input per sub-network, and bounded sampling spaces.
 
-An ordered sub-network on the main network's input computes exactly what the main network
+The step says what the losses are (:class:`STLoss`); a runner
+(:mod:`nestedtrain.methods.runners`) runs the networks and backpropagates each sub-network's
+term as soon as it is computed, so memory does not grow with the number of sub-networks. An
+ordered sub-network on the main network's input computes exactly what the main network
 computes up to the first block where they differ (train-mode BN normalises by the batch), so
-the step computes that shared prefix once (``share_prefix``, on by default; see
-:meth:`StimulativeTraining._shared_step`).
+by default the runner computes that shared prefix once
+(:class:`~nestedtrain.methods.shared_prefix.SharedPrefixRunner`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..bn import frozen_stats
 from ..elastic.sampling import OrderedSampler, StochasticSampler
 from ..elastic.stages import find_stages, model_family, unwrap
-from ..elastic.subnet import Subnet, use_subnet
-from ..elastic.trie import build_trie
 from ..errors import ConfigError
 from ..losses import KL_NORMS, kl_loss, normalize_logits
 from .base import MethodStep, Precision
-from .shared_prefix import PrefixSharing, decide_prefix_sharing
+from .runners import Drawn, PlainRunner
+from .shared_prefix import SharedPrefixRunner, decide_shared_prefix
 
-__all__ = ["StimulativeTraining", "BN_POLICIES", "RESIZE_PER", "SUB_TARGETS", "check_options"]
+__all__ = [
+    "BN_POLICIES",
+    "RESIZE_PER",
+    "SUB_TARGETS",
+    "STLoss",
+    "StimulativeTraining",
+    "check_options",
+    "shared_prefix_veto",
+]
 
 BN_POLICIES = ("protect", "reference")
 SUB_TARGETS = ("teacher", "label")
 RESIZE_PER = ("subnet", "step")
 
 logger = logging.getLogger("nestedtrain")
+
+
+@dataclass(frozen=True)
+class STLoss:
+    """ST's losses: the main network's CE and each sub-network's term, weighted by ``lam``.
+
+    Attributes:
+        criterion: ``(logits, targets) -> loss`` on labels.
+        lam: λ, the weight of each sub-network's term.
+        kl_norm: ``none`` (KL, ST), ``std`` (KL⁻ as the reference code: layer norm) or
+            ``l2`` (KL⁻ as the paper's formula: unit vector).
+        temperature: T; the KL is computed at T and multiplied by T².
+        amplitude: scale of the normalised logits.
+        norm_main_ce: the main network's CE on the normalised logits too (the reference
+            code does so whenever KL⁻ is on).
+        target: ``teacher`` (distil the main network) or ``label`` (sub-networks trained on
+            the labels).
+    """
+
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    lam: float
+    kl_norm: str
+    temperature: float
+    amplitude: float
+    norm_main_ce: bool
+    target: str
+
+    def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.norm_main_ce:
+            logits = normalize_logits(logits, self.kl_norm, self.amplitude)
+        return self.criterion(logits, labels)
+
+    def term(
+        self, sub_logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        if self.target == "teacher":
+            return kl_loss(sub_logits, teacher, self.kl_norm, self.temperature, self.amplitude)
+        return self.criterion(sub_logits, labels)
 
 
 class StimulativeTraining(MethodStep):
@@ -52,20 +97,12 @@ class StimulativeTraining(MethodStep):
     Args:
         model: the main network (optionally DDP-wrapped).
         optimizer: its optimizer.
-        lam: λ, the weight of each sub-network's KL term.
+        lam, kl_norm, temperature, amplitude, norm_main_ce, target: the losses (:class:`STLoss`).
         num_subnets: sub-networks per step.
         sampler: draws the sub-networks; ordered residual sampling over the full space when
             None.
-        kl_norm: ``none`` (KL, ST), ``std`` (KL⁻ as the reference code: layer norm) or ``l2``
-            (KL⁻ as the paper's formula: unit vector).
-        temperature: T; the KL is computed at T and multiplied by T².
-        amplitude: scale of the normalised logits.
-        norm_main_ce: compute the main network's CE on the normalised logits as well (the
-            reference code does so whenever KL⁻ is on).
         resize: ``(lo, hi)`` fractions of the training crop; each sub-network sees the batch
             resized (bilinear) to a side drawn uniformly from ``int(lo·crop) .. int(hi·crop)``.
-        target: ``teacher`` (distil the main network) or ``label`` (sub-networks trained on
-            the labels, for fine-tuning).
         start_epoch: first epoch (0-based) that samples sub-networks; before it, CE only.
         bn: ``protect`` (sub-network forwards leave BN running statistics alone) or
             ``reference`` (they update them, as the reference code; re-estimate the main
@@ -78,10 +115,10 @@ class StimulativeTraining(MethodStep):
         share_prefix: compute once what a sub-network shares with the main network (and
             with the step's other sub-networks): the stem and the blocks before the first
             one where their paths differ. Gradients, losses and BN statistics equal the
-            plain step's up to float summation order. It applies when the sub-network sees
-            the same input, ``bn="protect"``, the model draws no random numbers in train mode
-            and its forward splits into stem, blocks and head; ``prefix_sharing`` says whether
-            it runs, or why not (also logged once), once decided.
+            plain runner's up to float summation order. It applies when the sub-network sees
+            the same input, ``bn="protect"`` and the model's forward splits into stem, blocks
+            and head; ``shared_prefix`` says whether it runs, or why not (also logged once),
+            once decided.
         resize_per: with ``resize``, draw a side per sub-network (``"subnet"``, as the
             reference code) or one side per step for all of them (``"step"``: they then share
             prefixes among themselves).
@@ -90,8 +127,8 @@ class StimulativeTraining(MethodStep):
             benchmark mode tunes a few shapes, each a multiple of the tensor cores' tile).
             1 draws every side, as the reference code.
         example_inputs: a few inputs like the training batches' (the trainer passes two
-            test images): whether the shared path applies is decided here, with them; without
-            them, on the first sampling step, with its batch.
+            test images): whether the shared prefix applies is decided here, with them;
+            without them, on the first sampling step, with its batch.
     """
 
     def __init__(
@@ -130,41 +167,51 @@ class StimulativeTraining(MethodStep):
             resize_per=resize_per,
             resize_multiple=resize_multiple,
         )
+        lam, temperature, amplitude = float(lam), float(temperature), float(amplitude)
+        self.loss = STLoss(
+            self.criterion, lam, kl_norm, temperature, amplitude, norm_main_ce, target
+        )
         self.resize = _check_resize(resize, unwrap(model))
         self.resize_multiple = int(resize_multiple)
-        self.lam = float(lam)
+        self.resize_per = resize_per
         self.num_subnets = int(num_subnets)
         self.sampler = sampler if sampler is not None else OrderedSampler(unwrap(model))
-        self.kl_norm = kl_norm
-        self.temperature = float(temperature)
-        self.amplitude = float(amplitude)
-        self.norm_main_ce = bool(norm_main_ce)
-        self.target = target
         self.start_epoch = int(start_epoch)
         self.bn = bn
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.stages = find_stages(model)
         self.share_prefix = bool(share_prefix)
-        self.resize_per = resize_per
+        self._plain = PlainRunner(model, self.precision, self.stages, protect_bn=bn == "protect")
         # "on: ..." or "off: <why>", once decided: here with example inputs, else on the first
         # sampling step
-        self.prefix_sharing: str | None = None
-        self._sharing: PrefixSharing | None = None
-        if example_inputs is not None and self.lam > 0 and self.num_subnets > 0:
-            self._prefix_sharing(example_inputs)
+        self.shared_prefix: str | None = None
+        self._shared: SharedPrefixRunner | None = None
+        if example_inputs is not None and self.loss.lam > 0 and self.num_subnets > 0:
+            self._runner(example_inputs)
 
     @property
     def reestimates_main_bn(self) -> bool:
         """Whether the loop must re-estimate the main network's BN before evaluating."""
         return self.bn == "reference"
 
-    def _sampling(self) -> bool:
-        return self.epoch >= self.start_epoch and self.num_subnets > 0 and self.lam > 0
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        """Algorithm 1 on one batch: draw the sub-networks; the main network's forward and
+        CE, then each sub-network's term, each backpropagated as soon as it is computed (by
+        the runner); ``loss = ce + λ·Σ terms``."""
+        drawn = self._draw(images.shape[-1]) if self._sampling() else []
+        runner = self._runner(images) if drawn else self._plain
+        ce, terms = runner.run(images, labels, drawn, self.loss)
+        loss = ce + self.loss.lam * terms.sum()
+        kl = terms.mean() if drawn else torch.zeros_like(ce)
+        return {"loss": loss, "ce": ce, "kl": kl, "subnets": [str(s) for s, _ in drawn]}
 
-    def _draw(self, crop: int) -> list[tuple[Subnet, int]]:
-        """The step's sub-networks and the side each one sees, drawn in the same order
-        whichever path runs them: sub-network, then its side (``resize_per="subnet"``), or
-        every sub-network, then one side (``resize_per="step"``)."""
+    def _sampling(self) -> bool:
+        return self.epoch >= self.start_epoch and self.num_subnets > 0 and self.loss.lam > 0
+
+    def _draw(self, crop: int) -> list[Drawn]:
+        """The step's sub-networks and the side each one sees, drawn in one order whichever
+        runner runs them: sub-network, then its side (``resize_per="subnet"``), or every
+        sub-network, then one side (``resize_per="step"``)."""
 
         def side() -> int:
             return _draw_side(self.resize, crop, self.resize_multiple, self.generator)
@@ -172,154 +219,29 @@ class StimulativeTraining(MethodStep):
         if self.resize_per == "step":
             subnets = [self.sampler.sample(self.generator) for _ in range(self.num_subnets)]
             common = side()
-            return [(subnet, common) for subnet in subnets]
+            return [Drawn(subnet, common) for subnet in subnets]
         drawn = []
         for _ in range(self.num_subnets):
             subnet = self.sampler.sample(self.generator)
-            drawn.append((subnet, side()))
+            drawn.append(Drawn(subnet, side()))
         return drawn
 
-    @staticmethod
-    def _resized(images: torch.Tensor, side: int) -> torch.Tensor:
-        if side == images.shape[-1]:
-            return images
-        return F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
-
-    def _term(self, sub_logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor):
-        if self.target == "teacher":
-            return kl_loss(sub_logits, teacher, self.kl_norm, self.temperature, self.amplitude)
-        return self.criterion(sub_logits, labels)
-
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-        if not self._sampling():
-            with self.sync_gradients(last=True):
-                ce, _ = self._main_forward_backward(images, labels)
-            return {"loss": ce, "ce": ce, "kl": torch.zeros_like(ce), "subnets": []}
-        drawn = self._draw(images.shape[-1])
-        sharing = self._prefix_sharing(images)
-        if sharing is None:
-            terms, ce = self._plain_step(images, labels, drawn)
-        else:
-            terms, ce = self._shared_step(sharing, images, labels, drawn)
-        kl = torch.stack(terms)
-        loss = ce + self.lam * kl.sum()
-        return {"loss": loss, "ce": ce, "kl": kl.mean(), "subnets": [str(s) for s, _ in drawn]}
-
-    def _main_forward_backward(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        same_as_main: Sequence[int] = (),
-        terms: list | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The main network's forward, its CE backward, and the loss terms (into ``terms``)
-        of the drawn sub-networks ``same_as_main`` that are the main network itself.
-        Returns the detached CE and the teacher logits."""
-        with self.precision.autocast():
-            logits = self.model(images).float()
-        main_logits = logits
-        if self.norm_main_ce:
-            main_logits = normalize_logits(logits, self.kl_norm, self.amplitude)
-        ce = self.criterion(main_logits, labels)
-        teacher = logits.detach()
-        loss = ce
-        for j in same_as_main:
-            term = self._term(logits, teacher, labels)
-            terms[j] = term.detach()
-            loss = loss + self.lam * term
-        self.precision.backward(loss)
-        # Loss terms stay on the device: reading them would stall the step.
-        return ce.detach(), teacher
-
-    # ------------------------------------------------------------------ the plain path
-    def _plain_step(
-        self, images: torch.Tensor, labels: torch.Tensor, drawn: list[tuple[Subnet, int]]
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Main network, then each sub-network whole, each backpropagated at once."""
-        with self.sync_gradients(last=False):
-            ce, teacher = self._main_forward_backward(images, labels)
-        terms = []
-        for j, (subnet, side) in enumerate(drawn):
-            with self.sync_gradients(last=j == len(drawn) - 1):
-                term = self._subnet_whole(subnet, self._resized(images, side), teacher, labels)
-            terms.append(term)
-        return terms, ce
-
-    def _subnet_whole(
-        self, subnet: Subnet, inputs: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        # "reference": sub-network forwards update the running statistics, as the reference
-        # code does; "protect" leaves them to the main network.
-        bn_guard = frozen_stats if self.bn == "protect" else contextlib.nullcontext
-        with use_subnet(self.model, subnet, self.stages), bn_guard(self.model):
-            with self.precision.autocast():
-                sub_logits = self.model(inputs).float()
-        term = self._term(sub_logits, teacher, labels)
-        self.precision.backward(self.lam * term)
-        return term.detach()
-
-    # ----------------------------------------------------------------- the shared path
-    def _prefix_sharing(self, images: torch.Tensor) -> PrefixSharing | None:
-        """The shared path's runner when it applies, else None; decided once (the model is
-        probed with ``images``) and logged, with the reason when it does not apply."""
-        if self.prefix_sharing is not None:
-            return self._sharing
-        why_not = shared_path_veto(self.share_prefix, self.bn)
-        split, status = decide_prefix_sharing(self.model, self.stages, images, why_not)
-        if split is not None:
-            where = "the main network's input" if self.resize is None else "the same input"
-            status = f"on: sub-networks that see {where} compute shared blocks once"
-            self._sharing = PrefixSharing(
-                self.model, split, self.stages, self.precision, self._term, self.lam
-            )
-        self.prefix_sharing = status
-        logger.info("ST shared prefix %s", status)
-        return self._sharing
-
-    def _shared_step(
-        self,
-        sharing: PrefixSharing,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        drawn: list[tuple[Subnet, int]],
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The plain step's losses and gradients, computing every shared prefix once.
-
-        The sub-networks that see the main network's input branch off the main network's
-        forward (:meth:`PrefixSharing.main_and_branches`). Held at any time: the main
-        network's activations up to the cut, and one sub-network's rest. Sub-networks that
-        see another size share prefixes among themselves, per size. Under DDP every backward
-        accumulates locally and the gradients are all-reduced once, at the end.
-        """
-        crop = images.shape[-1]
-        terms: list = [None] * len(drawn)
-        same = [j for j, (_, side) in enumerate(drawn) if side == crop]
-        others: dict[int, list[int]] = {}
-        for j, (_, side) in enumerate(drawn):
-            if side != crop:
-                others.setdefault(side, []).append(j)
-        with self.local_gradients():
-            ce, teacher = sharing.main_and_branches(
-                lambda at_head: self._main_forward_backward(images, labels, at_head, terms),
-                [drawn[j][0] for j in same],
-                labels,
-                same,
-                terms,
-            )
-            for side, group in others.items():
-                inputs = self._resized(images, side)
-                if len(group) == 1:
-                    j = group[0]
-                    terms[j] = self._subnet_whole(drawn[j][0], inputs, teacher, labels)
-                    continue
-                root = build_trie([drawn[j][0] for j in group])
-                with sharing.sub_forwards():
-                    sharing.run_subtree(root, inputs, teacher, labels, group, terms)
-        self.all_reduce_gradients()
-        return terms, ce
+    def _runner(self, images: torch.Tensor) -> SharedPrefixRunner | PlainRunner:
+        """The shared-prefix runner when it applies, else the plain one; decided once (the
+        model is probed with ``images``) and logged, with the reason when it does not apply."""
+        if self.shared_prefix is None:
+            why_not = shared_prefix_veto(self.share_prefix, self.bn)
+            split, status = decide_shared_prefix(self.model, self.stages, images, why_not)
+            if split is not None:
+                where = "the main network's input" if self.resize is None else "the same input"
+                status = f"on: sub-networks that see {where} compute shared blocks once"
+                self._shared = SharedPrefixRunner(self.model, split, self.stages, self.precision)
+            self.shared_prefix = status
+            logger.info("ST shared prefix %s", status)
+        return self._shared or self._plain
 
     def summary_extras(self, summary: dict[str, Any]) -> dict[str, Any]:
-        return {"st_shared_prefix": self.prefix_sharing} if self.prefix_sharing else {}
+        return {"st_shared_prefix": self.shared_prefix} if self.shared_prefix else {}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "generator": self.generator.get_state()}
@@ -329,14 +251,14 @@ class StimulativeTraining(MethodStep):
         self.generator.set_state(state["generator"])
 
 
-def shared_path_veto(share_prefix: bool, bn: str) -> str | None:
-    """Why the options alone rule out the shared path (None when they do not)."""
+def shared_prefix_veto(share_prefix: bool, bn: str) -> str | None:
+    """Why the options alone rule out the shared prefix (None when they do not)."""
     if not share_prefix:
         return "st.share_prefix is off"
     if bn == "reference":
         # The reference code's sub-network forwards update the running statistics of the
-        # blocks they share with the main network a second time; only the plain path, which
-        # runs those forwards, keeps that.
+        # blocks they share with the main network a second time; only the plain runner,
+        # which runs those forwards, keeps that.
         return "st.bn=reference updates BN statistics in every sub-network forward"
     return None
 

@@ -1,8 +1,9 @@
 """Seeds and generators of the data path: every random draw is a function of the run's seed.
 
-A stream is named by a tag: ``make_generator(seed, epoch, SHUFFLE)`` is the epoch's order, and
-no two streams share a tag. A training batch draws its :class:`BatchSeeds` from the epoch's
-augmentation generator, in one order on both paths. timm's and torchvision's transforms draw
+A stream is named by its own tag: ``make_generator(seed, epoch, SHUFFLE)`` is the epoch's
+order. A training batch draws its :class:`BatchSeeds` from the epoch's ``AUGMENT`` generator,
+in one order on both paths (the tensor path then draws the batch's crops and flips from the
+same generator: that order is part of its results). timm's and torchvision's transforms draw
 from the global ``random``, numpy and torch RNGs, so they run inside :func:`host_rng_scope`,
 which seeds those for the call and restores them afterwards: the trainer's own streams (which
 it seeds and checkpoints) are never touched.

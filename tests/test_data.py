@@ -560,7 +560,7 @@ def test_imagefolder_batches_from_a_step_with_workers(folder_root):
 
 
 def test_default_workers_share_the_cpus_among_the_ranks_of_a_node(monkeypatch):
-    from nestedtrain.data.loaders import default_workers
+    from nestedtrain.data.workers import default_workers
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)

@@ -169,7 +169,7 @@ def test_a_batch_the_decoder_refuses_is_redone_with_pil(smooth_root):
 
 
 def transform_with_seed(transform, path: str, seed: int) -> torch.Tensor:
-    from nestedtrain.data.transforms import host_rng_scope
+    from nestedtrain.data.seeding import host_rng_scope
 
     with host_rng_scope(seed):
         return transform(Image.open(path).convert("RGB"))
@@ -228,7 +228,8 @@ def test_a_st_run_trains_calibrates_and_evaluates_with_the_decoder(tmp_path, smo
 def test_batch_color_jitter_is_torchvisions_per_image_jitter():
     from torchvision import transforms as T
 
-    from nestedtrain.data.transforms import BatchColorJitter, host_rng_scope
+    from nestedtrain.data.seeding import host_rng_scope
+    from nestedtrain.data.transforms import BatchColorJitter
 
     images = torch.randint(0, 256, (40, 3, 12, 10), dtype=torch.uint8)
     for strengths in [(0.4, 0.4, 0.4), (0.8, 0.0, 0.3)]:
@@ -291,7 +292,7 @@ def test_the_stream_is_drained_before_every_decode(smooth_root, monkeypatch):
 
         return record
 
-    monkeypatch.setattr("nestedtrain.data.loaders.make_decode", stand_in)
+    monkeypatch.setattr("nestedtrain.data.folder.make_decode", stand_in)
     batches = _batches(smooth_root, "torchcodec")
     assert len(batches) == 5 and calls == ["drain", "decode"] * 5
 
@@ -329,7 +330,8 @@ def test_batch_color_jitter_copies_the_factors_to_the_device_once(monkeypatch):
     from torchvision import transforms as T
 
     from nestedtrain.data import transforms
-    from nestedtrain.data.transforms import BatchColorJitter, host_rng_scope
+    from nestedtrain.data.seeding import host_rng_scope
+    from nestedtrain.data.transforms import BatchColorJitter
 
     batched = BatchColorJitter(T.ColorJitter(0.4, 0.4, 0.4))
     params = []

@@ -300,13 +300,13 @@ def _folder_with_shards(root: Path) -> dict[int, list[Path]]:
     that rank reads in epoch 0 of a 2-rank run with global batches of 8 (4 steps)."""
     from test_data import write_image_tree
 
-    from nestedtrain.data.loaders import _Sharding
+    from nestedtrain.data.partition import Sharding
 
     write_image_tree(root, {"train": 16, "val": 4}, size=12)
     files = sorted((root / "train").glob("*/*.png"))  # ImageFolder's order
     shards = {}
     for rank in (0, 1):
-        steps = _Sharding(len(files), 8, rank, 2, seed=0).rank_batches(0)
+        steps = Sharding(len(files), 8, rank, 2, seed=0).rank_batches(0)
         shards[rank] = [files[i] for index in steps for i in index.tolist()]
     return shards
 

@@ -21,7 +21,7 @@ from nestedtrain.analysis.motivation import efficiency
 from nestedtrain.cli import main
 from nestedtrain.data import DataConfig, build_data
 from nestedtrain.data.datasets import FASHION_MNIST_SYSTEM_DIR
-from nestedtrain.data.loaders import _split_train
+from nestedtrain.data.partition import split_train
 from nestedtrain.elastic.weightmap import WeightMap
 from nestedtrain.engine.build import build_model, build_motivated_model, build_optimizer
 from nestedtrain.engine.evaluate import evaluate
@@ -551,17 +551,17 @@ def test_efficiency_averages_runs_and_checks_the_models(tmp_path):
 
 # ---------------------------------------------------------------------------------- tune-k
 def test_k_fold_split_partitions_the_training_set():
-    folds = [_split_train(100, 0.0, None, seed=3, num_folds=3, fold=f) for f in range(3)]
+    folds = [split_train(100, 0.0, None, seed=3, num_folds=3, fold=f) for f in range(3)]
     vals = [set(val.tolist()) for _, val in folds]
     assert [len(v) for v in vals] == [33, 33, 34]
     assert set().union(*vals) == set(range(100)) and sum(len(v) for v in vals) == 100
     for train, val in folds:
         assert set(train.tolist()) == set(range(100)) - set(val.tolist())
     # the training subset is drawn from the other folds only
-    train, val = _split_train(100, 0.0, 20, seed=3, num_folds=3, fold=1)
+    train, val = split_train(100, 0.0, 20, seed=3, num_folds=3, fold=1)
     assert len(train) == 20 and not set(train.tolist()) & set(val.tolist())
     # without folds, the split is the seeded val_size split as before
-    train, val = _split_train(100, 0.1, None, seed=3)
+    train, val = split_train(100, 0.1, None, seed=3)
     assert len(val) == 10 and len(train) == 90
 
     data = build_data(

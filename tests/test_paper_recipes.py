@@ -15,11 +15,11 @@ from timm.data.auto_augment import RandAugment
 from torchvision import transforms as T
 
 from nestedtrain.data import DataConfig
+from nestedtrain.data.seeding import host_rng_scope
 from nestedtrain.data.transforms import (
     build_pil_augment,
     folder_eval_transform,
     folder_train_transform,
-    host_rng_scope,
     pca_lighting_offset,
     uniform_augment,
 )

@@ -7,9 +7,10 @@ on the device, sharded over data-parallel ranks.
 
 from __future__ import annotations
 
+from .base import Data
+from .build import build_data
 from .config import DataConfig
 from .datasets import DATASETS
 from .images import BadImageError
-from .loaders import Data, build_data
 
 __all__ = ["DATASETS", "BadImageError", "Data", "DataConfig", "build_data"]

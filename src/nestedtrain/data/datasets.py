@@ -2,7 +2,7 @@
 
 The small datasets (digits, Fashion-MNIST, CIFAR) are read whole into uint8 arrays
 ``(N, C, H, W)`` so that they can live on the device; ``imagefolder`` stays on disk and is
-read by DataLoader workers (see ``loaders.py``).
+read by DataLoader workers (see ``folder.py``). ``SPECS`` is the one registry of datasets.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ __all__ = [
     "load_arrays",
     "read_idx",
 ]
-
-DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 
 # Where the Debian package dataset-fashion-mnist puts the original idx files.
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -62,6 +60,8 @@ SPECS = {
     ),
     "imagefolder": DatasetSpec(224, 3, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "rrc", 4, 0.5),
 }
+# The datasets' names, in the registry's order.
+DATASETS = tuple(SPECS)
 
 
 class ArrayDataset(NamedTuple):

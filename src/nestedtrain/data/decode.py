@@ -25,8 +25,6 @@ import dataclasses
 import functools
 import io
 import itertools
-from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,14 +35,10 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from ..errors import ConfigError
-from .images import DECODE_ERRORS, read_or_replace
-from .transforms import (
-    TRIVIAL_AUGMENT,
-    BatchColorJitter,
-    host_rng_reseeder,
-    host_rng_scope,
-    to_device,
-)
+from .images import DECODE_ERRORS
+from .samples import pil_sample
+from .seeding import host_rng_reseeder
+from .transforms import TRIVIAL_AUGMENT, BatchColorJitter, to_device
 
 __all__ = [
     "DECODERS",
@@ -55,7 +49,6 @@ __all__ = [
     "check_decoder",
     "collate_encoded",
     "make_decode",
-    "pil_sample",
     "tensor_stages",
 ]
 
@@ -163,19 +156,6 @@ class EncodedSamples(Dataset):
             self.samples, index, seed, self.loader, self.pil_transform
         )
         return Encoded(None, image, label, index, seed, report)
-
-
-def pil_sample(
-    samples: Sequence[tuple[str, int]],
-    index: int,
-    seed: int | None,
-    loader: Callable,
-    transform: Callable,
-) -> tuple[torch.Tensor, int, str]:
-    """Sample ``index`` (or the next that decodes) through the PIL path: image, label, report."""
-    image, label, report = read_or_replace(samples, index, loader)
-    with host_rng_scope(seed) if seed is not None else nullcontext():
-        return transform(image), label, report
 
 
 @dataclass

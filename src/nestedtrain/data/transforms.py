@@ -2,16 +2,13 @@
 
 Random numbers never come from the trainer's global RNG streams. Device-side crops and flips
 draw from a ``torch.Generator`` the caller seeds; timm's and torchvision's transforms draw
-from the global ``random``, numpy and torch RNGs, so they run inside ``host_rng_scope``,
-which seeds those for the call and restores them afterwards.
+from the global RNGs, so they run inside ``seeding.host_rng_scope``.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -26,23 +23,20 @@ from torchvision.ops import roi_align
 from torchvision.transforms import functional as TF
 
 from ..errors import ConfigError
+from .seeding import host_rng_scope
 
 __all__ = [
     "BatchColorJitter",
     "apply_pil_transform",
     "build_pil_augment",
-    "derive_seed",
     "folder_eval_transform",
     "folder_train_transform",
-    "host_rng_reseeder",
-    "host_rng_scope",
-    "to_device",
-    "make_generator",
     "normalize",
     "pca_lighting_offset",
     "random_pad_crop_flip",
     "random_resized_crop_flip",
     "resize",
+    "to_device",
     "to_uint8",
     "uniform_augment",
 ]
@@ -84,17 +78,6 @@ _PCA_EIGVEC = (
 )
 
 
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed that depends on every key (e.g. seed, epoch, rank) and mixes them well."""
-    state = np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def make_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from ``keys``: CPU so that CPU and CUDA runs draw the same numbers."""
-    return torch.Generator().manual_seed(derive_seed(*keys))
-
-
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` (on the CPU) on ``device`` without making the host wait: on CUDA through
     pinned memory, a copy that is queued on the stream (a pageable copy blocks the host until
@@ -102,55 +85,6 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
-
-
-@contextmanager
-def host_rng_reseeder(device: torch.device | None = None) -> Iterator[Callable[[int], None]]:
-    """Save Python's, numpy's and torch's CPU global RNGs (and ``device``'s, on CUDA), yield a
-    function that seeds them all from one seed, and restore them on the way out.
-
-    One save and restore for many seeds: a batch decoded in the main process seeds the RNGs
-    once per image (see :func:`host_rng_scope`) at a fraction of the cost of a scope each.
-    """
-    py_state, np_state, torch_state = (
-        random.getstate(),
-        np.random.get_state(),
-        torch.get_rng_state(),
-    )
-    cuda = device is not None and device.type == "cuda"
-    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
-
-    def reseed(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        # Not torch.manual_seed: that would also reseed every CUDA generator, outside the scope.
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
-
-    try:
-        yield reseed
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if cuda:
-            torch.cuda.set_rng_state(cuda_state, device)
-
-
-@contextmanager
-def host_rng_scope(seed: int, device: torch.device | None = None) -> Iterator[None]:
-    """Seed Python's, numpy's and torch's CPU global RNGs for a block, then restore them.
-
-    timm's AutoAugment/RandAugment/AugMix, RandomErasing and Mixup and torchvision's
-    ColorJitter draw from these global RNGs; the scope makes them a function of ``seed``
-    without disturbing the streams the trainer seeds and checkpoints. With a CUDA ``device``,
-    that device's generator is seeded and restored too (for noise drawn on the GPU, e.g.
-    RandomErasing's); its state lives on the host, so this does not wait for the GPU.
-    """
-    with host_rng_reseeder(device) as reseed:
-        reseed(seed)
-        yield
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

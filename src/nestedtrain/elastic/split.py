@@ -27,7 +27,7 @@ from .stages import Stage, unwrap
 from .subnet import swapped_blocks
 from .trie import HEAD, STEM, Key
 
-__all__ = ["ModelSplit", "SplitError"]
+__all__ = ["ModelSplit", "SplitError", "bytes_per_image"]
 
 
 class SplitError(Exception):
@@ -40,7 +40,8 @@ class _StemDone(Exception):
         self.output = output
 
 
-def _bytes_per_image(x: torch.Tensor) -> int:
+def bytes_per_image(x: torch.Tensor) -> int:
+    """Bytes of one image of the batch ``x`` (its first), in ``x``'s dtype."""
     return x[0].numel() * x.element_size()
 
 
@@ -162,15 +163,15 @@ class ModelSplit:
         # eval_mode before installed(): an installed split hides the blocks from modules().
         with eval_mode(self.model), self.installed():
             x = self.stem(probe)
-            sizes[STEM] = _bytes_per_image(x)
+            sizes[STEM] = bytes_per_image(x)
             for s, stage in enumerate(self.stages):
                 for b, block in enumerate(stage.blocks):
                     x = block(x)
                     if not isinstance(x, torch.Tensor):
                         raise SplitError(f"block {b} of stage {s} returns no tensor")
-                    sizes[Key("block", s, b)] = _bytes_per_image(x)
+                    sizes[Key("block", s, b)] = bytes_per_image(x)
             logits = self.head(x)
-            sizes[HEAD] = _bytes_per_image(logits)
+            sizes[HEAD] = bytes_per_image(logits)
         if not isinstance(reference, torch.Tensor) or logits.shape != reference.shape:
             raise SplitError("the head does not return the model's logits")
         if not torch.allclose(logits.float(), reference.float(), rtol=1e-4, atol=1e-5):

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import bn as bn_tools
-from ..elastic.split import ModelSplit, SplitError
+from ..elastic.split import ModelSplit, SplitError, bytes_per_image
 from ..elastic.stages import Stage, find_stages, unwrap
 from ..elastic.subnet import Subnet, use_subnet
 from ..elastic.trie import HEAD, STEM, TrieNode, build_trie, walk_trie
@@ -86,10 +86,6 @@ class _Node(TrieNode):
 
 def _images(batch: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     return batch if isinstance(batch, torch.Tensor) else batch[0]
-
-
-def _bytes_per_image(x: torch.Tensor) -> int:
-    return x[0].numel() * x.element_size()
 
 
 def _set_mode(split: ModelSplit, training: bool) -> None:
@@ -148,7 +144,7 @@ class _Runner:
         """
         if budget is None:
             return 0
-        per_image = _bytes_per_image(images) + extra
+        per_image = bytes_per_image(images) + extra
         per_image += self.held_per_image * images[0].numel() / self.split.probe_numel
         return max(1, int(budget // per_image))
 

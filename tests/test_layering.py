@@ -29,7 +29,6 @@ LAYERS = [
         "errors",
         "distributed",
         "runfiles",
-        "bnstats",
         "version",
         "memory",
         "modes",

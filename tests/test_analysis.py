@@ -36,12 +36,12 @@ from nestedtrain.analysis import (
     write_report,
 )
 from nestedtrain.cli import main
+from nestedtrain.elastic import space_subnets
 from nestedtrain.elastic.weightmap import inherit
 from nestedtrain.engine.checkpoint import CHECKPOINT_FORMAT
 from nestedtrain.engine.config import load_config
-from nestedtrain.engine.evaluate import evaluate, space_subnets
-from nestedtrain.engine.subnet_eval import evaluate_subnets, kl_drift_snapshot, subnet_logits
 from nestedtrain.engine.trainer import train
+from nestedtrain.evaluation import evaluate, evaluate_subnets, kl_drift_snapshot, subnet_logits
 from nestedtrain.runfiles import append_kl_drift, atomic_save, read_kl_drift
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -21,16 +21,16 @@ from nestedtrain.analysis import (
     evaluate_space,
 )
 from nestedtrain.cli import main
-from nestedtrain.engine import subnet_eval as subnets_module
+from nestedtrain.elastic import space_subnets
 from nestedtrain.engine.config import load_config
-from nestedtrain.engine.evaluate import space_subnets
-from nestedtrain.engine.subnet_eval import (
+from nestedtrain.evaluation import (
     DEFAULT_MEMORY_MB,
     evaluate_subnets,
     kl_drift_snapshot,
     subnet_logits,
     within_free_memory,
 )
+from nestedtrain.evaluation import passes as subnets_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -228,7 +228,7 @@ def test_analyze_takes_a_memory_budget(run_dir, tmp_path, capsys):
 _CHILD = """
 import json, resource, sys
 import timm, torch
-from nestedtrain.engine.subnet_eval import evaluate_subnets
+from nestedtrain.evaluation import evaluate_subnets
 
 torch.set_num_threads(1)
 n_eval, memory_mb = int(sys.argv[1]), float(sys.argv[2])

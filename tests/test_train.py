@@ -348,12 +348,12 @@ def test_every_recipe_loads_and_cpu_recipes_build(tmp_path):
 def test_evaluate_subnets_restores_main_bn_and_mode(digits):
     from oracle import evaluate_one_at_a_time
 
-    from nestedtrain.engine.evaluate import select_subnets
+    from nestedtrain.elastic import subnets_from_spec
 
     model = nt.create_model("resnet20", num_classes=10, in_chans=1)
     model.train()(next(iter(digits.calibration_batches())))  # give BN non-default statistics
     before = nt.bn.save_stats(model)
-    subnets = select_subnets(model, "sample:3")
+    subnets = subnets_from_spec(model, "sample:3")
     results = evaluate_one_at_a_time(
         model, subnets, lambda: digits.eval_batches("test"), digits.calibration_batches
     )
@@ -363,7 +363,7 @@ def test_evaluate_subnets_restores_main_bn_and_mode(digits):
     # each sub-network's accuracy is the one of its export with freshly calibrated BN
     exported = nt.export_subnet(model, subnets[-1])
     nt.bn.recalibrate(exported, digits.calibration_batches())
-    from nestedtrain.engine.evaluate import evaluate
+    from nestedtrain.evaluation import evaluate
 
     assert evaluate(exported, digits.eval_batches("test"))["acc"] == results[-1]["acc"]
 

@@ -75,6 +75,7 @@ class EpochEvaluation:
                 with self.recalibrated(model):
                     out[f"{name}_acc"] = evaluate(model, self._batches("test")())["acc"]
         if self.subnets:
+            # BN re-estimated for each sub-network; the blocks they share run once.
             results = self._on_test_split(evaluate_subnets, self.subnets)
             out["subnets"] = [{"subnet": r["subnet"], "acc": r["acc"]} for r in results]
         return out

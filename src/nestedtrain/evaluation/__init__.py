@@ -16,7 +16,7 @@ with these (:mod:`nestedtrain.engine.epoch_eval`), and so do ``eval`` and the an
 
 from .accuracy import evaluate, evaluate_subnets
 from .batches import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, within_free_memory
-from .drift import kl_drift_snapshot
+from .divergence import kl_drift_snapshot
 from .passes import subnet_logits
 
 __all__ = [

@@ -21,8 +21,8 @@ import torch
 
 import nestedtrain as nt
 from nestedtrain.data import DataConfig, build_data
-from nestedtrain.engine.evaluate import select_subnets
-from nestedtrain.engine.subnet_eval import evaluate_subnets
+from nestedtrain.elastic import subnets_from_spec
+from nestedtrain.evaluation import evaluate_subnets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from oracle import evaluate_one_at_a_time  # noqa: E402 - the tests' one-at-a-time oracle
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
     )
     model = _model(args.model, data.in_chans, data.num_classes, args.seed).to(device)
-    subnets = select_subnets(model, args.subnets, seed=args.seed)
+    subnets = subnets_from_spec(model, args.subnets, seed=args.seed)
 
     def eval_fn():
         return data.eval_batches("test", batch_size=args.batch_size)

@@ -1,5 +1,5 @@
 """The one-at-a-time sub-network evaluation: the oracle the shared-prefix evaluator
-(``nestedtrain.engine.subnet_eval.evaluate_subnets``) is tested against, and the baseline
+(``nestedtrain.evaluation.evaluate_subnets``) is tested against, and the baseline
 ``bench/bench_analysis.py`` times it against."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 from nestedtrain import bn
 from nestedtrain.elastic.stages import unwrap
 from nestedtrain.elastic.subnet import Subnet, use_subnet
-from nestedtrain.engine.evaluate import evaluate
+from nestedtrain.evaluation import evaluate
 from nestedtrain.modes import kept_modes
 
 

@@ -39,9 +39,8 @@ from nestedtrain.cli import main
 from nestedtrain.elastic.weightmap import inherit
 from nestedtrain.engine.checkpoint import CHECKPOINT_FORMAT
 from nestedtrain.engine.config import load_config
-from nestedtrain.engine.evaluate import evaluate
-from nestedtrain.engine.subnet_eval import kl_drift_snapshot
 from nestedtrain.engine.trainer import train
+from nestedtrain.evaluation import evaluate, kl_drift_snapshot
 from nestedtrain.runfiles import append_kl_drift, atomic_save, read_kl_drift
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -20,9 +20,9 @@ import nestedtrain as nt
 from nestedtrain.data import build_data
 from nestedtrain.engine import loop as loop_module
 from nestedtrain.engine.build import load_model
-from nestedtrain.engine.evaluate import evaluate
 from nestedtrain.engine.faults import TrainingInterrupted
 from nestedtrain.engine.trainer import Trainer
+from nestedtrain.evaluation import evaluate
 
 # digits, 256 training images in global batches of 64: 4 steps an epoch, 32 images a rank
 SMALL = ["data.train_subset=256", "batch_size=64", "optim.lr=0.05", "eval.subnets=sample:2"]

@@ -22,16 +22,17 @@ from nestedtrain.analysis import (
     evaluate_space,
 )
 from nestedtrain.cli import main
-from nestedtrain.engine import subnet_eval as subnets_module
+from nestedtrain.elastic import space_subnets
 from nestedtrain.engine.config import load_config
-from nestedtrain.engine.evaluate import evaluate, space_subnets
-from nestedtrain.engine.subnet_eval import (
+from nestedtrain.evaluation import (
     DEFAULT_MEMORY_MB,
+    evaluate,
     evaluate_subnets,
     kl_drift_snapshot,
     subnet_logits,
     within_free_memory,
 )
+from nestedtrain.evaluation import passes as subnets_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -279,12 +280,12 @@ def test_model_that_cannot_be_split_falls_back_to_one_at_a_time():
 def test_evaluate_subnets_restores_main_bn_and_mode(digits):
     from oracle import evaluate_one_at_a_time
 
-    from nestedtrain.engine.evaluate import select_subnets
+    from nestedtrain.elastic import subnets_from_spec
 
     model = nt.create_model("resnet20", num_classes=10, in_chans=1)
     model.train()(next(iter(digits.calibration_batches())))  # give BN non-default statistics
     before = nt.bn.save_stats(model)
-    subnets = select_subnets(model, "sample:3")
+    subnets = subnets_from_spec(model, "sample:3")
     results = evaluate_one_at_a_time(
         model, subnets, lambda: digits.eval_batches("test"), digits.calibration_batches
     )
@@ -294,7 +295,7 @@ def test_evaluate_subnets_restores_main_bn_and_mode(digits):
     # each sub-network's accuracy is the one of its export with freshly calibrated BN
     exported = nt.export_subnet(model, subnets[-1])
     nt.bn.recalibrate(exported, digits.calibration_batches())
-    from nestedtrain.engine.evaluate import evaluate
+    from nestedtrain.evaluation import evaluate
 
     assert evaluate(exported, digits.eval_batches("test"))["acc"] == results[-1]["acc"]
 
@@ -352,7 +353,7 @@ def test_analyze_takes_a_memory_budget(run_dir, tmp_path, capsys):
 _CHILD = """
 import json, resource, sys
 import timm, torch
-from nestedtrain.engine.subnet_eval import evaluate_subnets
+from nestedtrain.evaluation import evaluate_subnets
 
 torch.set_num_threads(1)
 n_eval, memory_mb = int(sys.argv[1]), float(sys.argv[2])

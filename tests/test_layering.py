@@ -1,8 +1,8 @@
 """The package's layers: a module imports only from its own layer and the ones below it.
 
-    models, data, losses (and the leaf modules errors, distributed, runfiles, version, bnstats,
-    memory, modes, signals)
-      <- elastic <- bn, flops <- methods <- engine <- analysis, demo <- cli
+    models, data, losses (and the leaf modules errors, distributed, runfiles, version, memory,
+    modes, signals)
+      <- elastic <- bn, flops <- methods <- evaluation <- engine <- analysis, demo <- cli
 
 Inside the engine, its files form rooms (ENGINE_ROOMS): a file imports only files of the rooms
 below its own. And no files of the package import each other in a circle.
@@ -29,7 +29,6 @@ LAYERS = [
         "errors",
         "distributed",
         "runfiles",
-        "bnstats",
         "version",
         "memory",
         "modes",
@@ -38,18 +37,19 @@ LAYERS = [
     {"elastic"},
     {"bn", "flops"},
     {"methods"},
+    {"evaluation"},
     {"engine"},
     {"analysis", "demo"},
     {"cli", "__main__"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 
-# engine/, bottom up: the recipe, ranks, faults, evaluation and checkpoints; what is built from
-# them (objects, resume checks, the epoch loop, logs, summary, sweeps); the run folder and the
+# engine/, bottom up: the recipe, ranks, faults and checkpoints; what is built from them
+# (objects, resume checks, the epoch loop, logs, summary, sweeps); the run folder and the
 # epoch's evaluations; the trainer.
 ENGINE_ROOMS = [
-    {"config", "distributed", "faults", "evaluate", "checkpoint"},
-    {"resume", "build", "subnet_eval", "loop", "logs", "summary", "sweep", "foreign"},
+    {"config", "distributed", "faults", "checkpoint"},
+    {"resume", "build", "loop", "logs", "summary", "sweep", "foreign"},
     {"runfolder", "epoch_eval"},
     {"trainer"},
 ]

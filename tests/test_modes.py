@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import nestedtrain as nt
-from nestedtrain.engine.evaluate import evaluate
+from nestedtrain.evaluation import evaluate
 from nestedtrain.flops import count_flops
 from nestedtrain.modes import eval_mode, kept_modes
 

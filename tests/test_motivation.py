@@ -24,8 +24,8 @@ from nestedtrain.data.datasets import FASHION_MNIST_SYSTEM_DIR
 from nestedtrain.data.partition import split_train
 from nestedtrain.elastic.weightmap import WeightMap
 from nestedtrain.engine.build import build_model, build_motivated_model, build_optimizer
-from nestedtrain.engine.evaluate import evaluate
 from nestedtrain.engine.trainer import Trainer
+from nestedtrain.evaluation import evaluate
 from nestedtrain.methods import MotivationTraining
 from nestedtrain.methods.conditions import Condition, LossDecrease
 

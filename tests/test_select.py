@@ -20,7 +20,7 @@ from nestedtrain.analysis.deploy import export_onnx
 from nestedtrain.analysis.report import write_report
 from nestedtrain.cli import main
 from nestedtrain.data import build_data
-from nestedtrain.engine.evaluate import evaluate
+from nestedtrain.evaluation import evaluate
 from nestedtrain.flops import count_flops, count_params
 
 TINY = ["data.train_subset=256", "batch_size=64", "epochs=2", "eval.subnets=none"]

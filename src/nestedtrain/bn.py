@@ -1,7 +1,5 @@
-"""BatchNorm tools: leave running statistics alone, save/restore them, re-estimate them.
-
-The per-layer helpers are defined in :mod:`nestedtrain.bnstats` (below the elastic layer,
-which uses them) and are part of this public module.
+"""BatchNorm tools: which layers track running statistics, leaving those alone, saving and
+restoring them, re-estimating them for the whole model or one sub-network.
 
 Sub-network forwards in train mode would otherwise blend their statistics into the main
 network's; and a sub-network is evaluated with statistics re-estimated for it (as the papers
@@ -15,22 +13,15 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .bnstats import (
-    BUFFERS,
-    batchnorms,
-    calibration_mode,
-    frozen_stats,
-    load_layer_stats,
-    save_layer_stats,
-    set_cumulative_momentum,
-)
 from .elastic.stages import Stage, find_stages, unwrap
 from .elastic.subnet import Subnet, use_subnet
 from .errors import ConfigError
 from .modes import kept_modes
 
 __all__ = [
+    "BUFFERS",
     "batchnorms",
     "calibration_mode",
     "frozen_stats",
@@ -42,6 +33,73 @@ __all__ = [
     "save_stats",
     "set_cumulative_momentum",
 ]
+
+# A BN layer's running-statistics buffers, as named in its state_dict.
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def batchnorms(model: nn.Module) -> list[_BatchNorm]:
+    """Every BatchNorm layer of ``model`` that tracks running statistics."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+def calibration_mode(model: nn.Module) -> nn.Module:
+    """Eval mode everywhere but in the BatchNorm layers, which train.
+
+    Statistics are then re-estimated from batches while dropout and stochastic depth stay off,
+    so the estimate is deterministic and matches what the layers see at evaluation.
+    """
+    model.eval()
+    for bn in batchnorms(model):
+        bn.train()
+    return model
+
+
+@contextmanager
+def frozen_stats(model: nn.Module) -> Iterator[nn.Module]:
+    """Train-mode forwards inside leave every BN's running statistics (and counter) untouched.
+
+    Normalisation still uses the batch statistics in train mode and the running ones in eval
+    mode: with ``track_running_stats`` off, a train-mode BN normalises by the batch and writes
+    nothing, and an eval-mode BN still reads its buffers because they are not None.
+    """
+    layers = batchnorms(model)  # a wrapper's modules() include the wrapped model's
+    for bn in layers:
+        bn.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for bn in layers:
+            bn.track_running_stats = True
+
+
+def save_layer_stats(layers: Sequence[_BatchNorm]) -> list[tuple[torch.Tensor | None, ...]]:
+    """A copy of the buffers of ``layers``, in their order (for :func:`load_layer_stats`)."""
+    return [
+        tuple(
+            None if getattr(m, key) is None else getattr(m, key).detach().clone() for key in BUFFERS
+        )
+        for m in layers
+    ]
+
+
+def load_layer_stats(
+    layers: Sequence[_BatchNorm], stats: Sequence[tuple[torch.Tensor | None, ...]]
+) -> None:
+    """Put back buffers taken by :func:`save_layer_stats` from the same ``layers``."""
+    with torch.no_grad():
+        for m, saved in zip(layers, stats):
+            for key, value in zip(BUFFERS, saved):
+                if value is not None:
+                    getattr(m, key).copy_(value)
+
+
+def set_cumulative_momentum(layers: Sequence[_BatchNorm], seen: int, n: int) -> None:
+    """Momentum ``n / (seen + n)`` for the next batch of ``n`` images after ``seen`` images:
+    the running update then keeps the exact mean over every image, weighted by batch size
+    (torch's ``momentum=None`` averages batches unweighted)."""
+    for bn in layers:
+        bn.momentum = n / (seen + n)
 
 
 def save_stats(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Loafing analyses of trained residual networks, and run reports.
 
 - :func:`evaluate_space`: accuracy of every ordered sub-network (BN re-calibrated), evaluated
-  with shared prefixes (:func:`nestedtrain.engine.subnet_eval.evaluate_subnets`, exact and
+  with shared prefixes (:func:`nestedtrain.evaluation.evaluate_subnets`, exact and
   much faster than one at a
   time);
 - :func:`loafing_matrix`: smaller architectures run inside larger trained models;

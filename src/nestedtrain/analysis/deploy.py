@@ -39,8 +39,8 @@ from torch import nn
 from .. import bn as bn_tools
 from ..elastic.stages import model_family, unwrap
 from ..elastic.subnet import Subnet, export_subnet
-from ..engine.evaluate import evaluate
 from ..errors import ConfigError
+from ..evaluation import evaluate
 from ..flops import count_flops, count_params
 from ..models import CIFAR_DEPTHS
 from ..runfiles import atomic_save, atomic_write_text

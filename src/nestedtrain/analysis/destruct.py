@@ -34,8 +34,8 @@ from torch import nn
 
 from ..elastic.stages import Stage, find_stages, unwrap
 from ..elastic.subnet import Subnet
-from ..engine.subnet_eval import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate_subnets
 from ..errors import ConfigError
+from ..evaluation import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate_subnets
 from .subnets import subnet_stats
 
 __all__ = [
@@ -409,7 +409,7 @@ def destruct(
         stages: stage numbers (from 1) to destroy; all by default.
         swaps: extra single transpositions ``(stage, block, block)`` to evaluate.
         chunk_images, memory_mb: bound the memory, not the result (see
-            :func:`~nestedtrain.engine.subnet_eval.subnet_logits`).
+            :func:`~nestedtrain.evaluation.subnet_logits`).
 
     Returns:
         ``intact`` accuracy, ``delete_one`` (per skippable block: its drop), ``delete`` and

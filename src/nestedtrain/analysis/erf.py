@@ -19,8 +19,8 @@ from torch import nn
 from .. import bn as bn_tools
 from ..elastic.stages import unwrap
 from ..elastic.subnet import Subnet, use_subnet
-from ..engine.subnet_eval import CalibBatches
 from ..errors import ConfigError
+from ..evaluation import CalibBatches
 from ..modes import kept_modes
 
 __all__ = ["effective_receptive_field", "erf_area_ratios"]

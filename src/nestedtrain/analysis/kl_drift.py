@@ -1,7 +1,7 @@
 """How far sub-networks' outputs drift from the main network's during training (Fig. 7 of ST).
 
 The trainer takes a snapshot every ``analysis.kl_drift_every`` epochs
-(:func:`nestedtrain.engine.subnet_eval.kl_drift_snapshot`) and writes it to
+(:func:`nestedtrain.evaluation.kl_drift_snapshot`) and writes it to
 ``RUN/analysis/kl_drift.jsonl`` (:mod:`nestedtrain.runfiles`); :func:`kl_drift_summary` sums
 the snapshots up per epoch.
 """

@@ -17,7 +17,7 @@ papers test sub-networks) this measures
   small ratios pass their input on nearly unchanged: the loafing candidates.
 
 Every lesioned network is a Subnet, so all of them run through the shared-prefix evaluator
-with its bounded memory (:func:`~nestedtrain.engine.subnet_eval.evaluate_subnets`).
+with its bounded memory (:func:`~nestedtrain.evaluation.evaluate_subnets`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from torch import nn
 
 from ..elastic.stages import Stage, find_stages, unwrap
 from ..elastic.subnet import Subnet
-from ..engine.subnet_eval import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate_subnets
 from ..errors import ConfigError
+from ..evaluation import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate_subnets
 from ..modes import eval_mode
 
 __all__ = ["LESION_BN", "lesion", "lesion_subnet", "lesionable_blocks", "residual_ratios"]

@@ -33,9 +33,8 @@ from ..elastic.stages import (
     unwrap,
 )
 from ..elastic.weightmap import block_depths, inherit
-from ..engine.evaluate import evaluate
-from ..engine.subnet_eval import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate_subnets
 from ..errors import ConfigError
+from ..evaluation import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate, evaluate_subnets
 from .subnets import match_subnet
 
 __all__ = ["loafing_matrix"]
@@ -131,7 +130,7 @@ def loafing_matrix(
         architectures: a column label per model (its architecture, e.g. ``"resnet32"``);
             models of identical architecture share a column. Defaults to ``names``.
         chunk_images, memory_mb: bound the memory, not the result (see
-            :func:`~nestedtrain.engine.subnet_eval.subnet_logits`).
+            :func:`~nestedtrain.evaluation.subnet_logits`).
 
     Returns:
         ``family`` (``"resnet"``: cells are ordered sub-networks, as for every model with

@@ -27,9 +27,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..engine.config import load_config
-from ..engine.evaluate import evaluate
 from ..engine.trainer import Trainer
 from ..errors import ConfigError
+from ..evaluation import evaluate
 from ..flops import acc_flops_ratio
 from ..runfiles import CONFIG_FILE, SUMMARY_FILE, atomic_write_text, read_summary
 

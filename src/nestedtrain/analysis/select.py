@@ -34,9 +34,8 @@ from torch import nn
 
 from ..elastic.stages import unwrap
 from ..elastic.subnet import Subnet, export_subnet
-from ..engine.evaluate import evaluate
-from ..engine.subnet_eval import evaluate_subnets
 from ..errors import ConfigError
+from ..evaluation import evaluate, evaluate_subnets
 from ..flops import count_flops, count_params
 from .deploy import measure_latency
 from .latency import LatencyTable
@@ -221,7 +220,7 @@ def select_subnet(
             for the main network; ``None`` measures nothing.
         latency_fn: ``(module, subnet, spec) -> {"ms": ...}``; default: ``measure_latency``
             on standalone exports, interleaved in ``spec.rounds`` rounds, the median.
-        chunk_images: see :func:`~nestedtrain.engine.subnet_eval.subnet_logits`.
+        chunk_images: see :func:`~nestedtrain.evaluation.subnet_logits`.
         latency_table: take every candidate's latency from this table (measured on the
             serving device, or predicted) instead of measuring here; excludes ``latency``.
 

@@ -1,9 +1,9 @@
 """Accuracy of every sub-network of a sampling space, and of individually trained models.
 
-The evaluation itself is the engine's shared-prefix evaluator
-(:func:`nestedtrain.engine.subnet_eval.evaluate_subnets`): each block of the space's
-trie runs once, BN statistics are re-estimated per sub-network, and memory stays within
-``memory_mb`` whatever the number of images.
+The sub-networks come from :func:`nestedtrain.elastic.space_subnets` and are evaluated by
+:func:`nestedtrain.evaluation.evaluate_subnets` (BN statistics re-estimated for each, each
+block of the space's trie run once, memory within ``memory_mb`` whatever the number of
+images); this module adds the summary over the space and the individually trained models.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from ..elastic.sampling import OrderedSampler
+from ..elastic.sampling import OrderedSampler, space_subnets
 from ..elastic.stages import find_stages, unwrap
 from ..elastic.subnet import Subnet, export_subnet
-from ..engine.evaluate import evaluate, space_subnets
-from ..engine.subnet_eval import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate_subnets
 from ..errors import ConfigError
+from ..evaluation import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate, evaluate_subnets
 
 __all__ = ["evaluate_space", "match_subnet", "subnet_stats"]
 
@@ -102,13 +101,15 @@ def evaluate_space(
 
     Args:
         model: the main network.
-        eval_batches, calib_batches: as for :func:`evaluate_subnets`.
-        space, sample, seed: which sub-networks (see :func:`nestedtrain.engine.evaluate.space_subnets`).
+        eval_batches, calib_batches: as for :func:`~nestedtrain.evaluation.evaluate_subnets`.
+        space, sample, seed: which sub-networks (see
+            :func:`~nestedtrain.elastic.space_subnets`).
         individual: ``(label, model)`` pairs of individually trained models, each of the
             architecture of one sub-network (see :func:`match_subnet`); each is evaluated
             with its own BN statistics, and its sub-network is evaluated inside ``model``
             even when the sample left it out.
-        chunk_images, memory_mb: bound the memory, not the result (see :func:`subnet_logits`).
+        chunk_images, memory_mb: bound the memory, not the result (see
+            :func:`~nestedtrain.evaluation.subnet_logits`).
 
     Returns:
         ``main`` (the model with its own BN statistics), ``subnets`` (per sub-network:

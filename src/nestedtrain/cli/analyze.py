@@ -39,8 +39,8 @@ from ..analysis.subnets import evaluate_space
 from ..data import Data
 from ..elastic.subnet import Subnet
 from ..engine.distributed import pick_device
-from ..engine.subnet_eval import DEFAULT_MEMORY_MB
 from ..errors import ConfigError
+from ..evaluation import DEFAULT_MEMORY_MB
 from ..runfiles import atomic_write_text, read_kl_drift
 from .common import (
     Checkpoint,

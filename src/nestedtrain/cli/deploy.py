@@ -31,8 +31,8 @@ from ..analysis.plots import plot_pareto
 from ..analysis.select import Budget, LatencySpec, select_subnet
 from ..data import Data
 from ..elastic import OrderedSampler, Subnet
+from ..elastic.sampling import space_subnets
 from ..engine.distributed import pick_device
-from ..engine.evaluate import space_subnets
 from ..errors import ConfigError
 from ..runfiles import atomic_write_text
 from ..version import __version__

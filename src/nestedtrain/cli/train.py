@@ -12,14 +12,13 @@ import torch
 from omegaconf import DictConfig
 
 from ..demo import run_demo
-from ..elastic import Subnet
+from ..elastic import Subnet, subnets_from_spec
 from ..engine.config import describe_fields, load_config
 from ..engine.distributed import end_distributed, pick_device
-from ..engine.evaluate import evaluate, select_subnets
 from ..engine.faults import TrainingDiverged, TrainingInterrupted
-from ..engine.subnet_eval import evaluate_subnets
 from ..engine.trainer import Trainer
 from ..errors import ConfigError
+from ..evaluation import evaluate, evaluate_subnets
 from ..flops import count_flops, count_params
 from ..models import create_model
 from ..runfiles import atomic_write_text
@@ -170,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with torch.no_grad():
         main = evaluate(model, eval_batches())
     main.update(flops=count_flops(model, side, chans), params=count_params(model))
-    subnets = select_subnets(model, args.subnets, seed=cfg.seed)
+    subnets = subnets_from_spec(model, args.subnets, seed=cfg.seed)
     evaluated = (
         evaluate_subnets(model, subnets, eval_batches, calib, memory_mb=memory_mb)
         if subnets

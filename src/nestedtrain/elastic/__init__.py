@@ -1,7 +1,14 @@
 """Elastic sub-networks of unmodified models: stages, Subnets, samplers, and running a model
 piece by piece (stem, blocks, head) to compute shared prefixes once."""
 
-from .sampling import SAMPLING_SPACES, OrderedSampler, StochasticSampler, build_sampler
+from .sampling import (
+    SAMPLING_SPACES,
+    OrderedSampler,
+    StochasticSampler,
+    build_sampler,
+    space_subnets,
+    subnets_from_spec,
+)
 from .split import ModelSplit, SplitError
 from .stages import (
     SUPPORTED_FAMILIES,
@@ -33,6 +40,8 @@ __all__ = [
     "export_subnet",
     "find_stages",
     "model_family",
+    "space_subnets",
+    "subnets_from_spec",
     "unwrap",
     "use_subnet",
     "walk_trie",

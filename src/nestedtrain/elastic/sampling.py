@@ -1,13 +1,16 @@
-"""Sub-network samplers: ordered and stochastic residual sampling, and named sampling spaces.
+"""Sub-network samplers: ordered and stochastic residual sampling, named sampling spaces, and the
+sub-networks of a space or a recipe's selection, listed.
 
 Samplers draw from a ``torch.Generator`` the caller passes, never from the global RNG, so
-every rank of a distributed run that shares the generator's seed draws the same Subnets.
+every rank of a distributed run that shares the generator's seed draws the same Subnets; a
+listing's seeded sample draws from a generator of its own.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Sequence
 from typing import Union
 
@@ -15,10 +18,17 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .stages import Stage, StageSpec, find_stages
+from .stages import Stage, StageSpec, find_stages, unwrap
 from .subnet import Subnet
 
-__all__ = ["OrderedSampler", "StochasticSampler", "SAMPLING_SPACES", "build_sampler"]
+__all__ = [
+    "OrderedSampler",
+    "StochasticSampler",
+    "SAMPLING_SPACES",
+    "build_sampler",
+    "space_subnets",
+    "subnets_from_spec",
+]
 
 # Named spaces: the most blocks each stage may drop. "space3" is the ST++ reference code's
 # best inter-stage rule for ResNet-50 (stages 1-4 drop at most 0, 1, 3 and 0 blocks).
@@ -169,3 +179,54 @@ def build_sampler(
             )
         return StochasticSampler(model, p=p, spec=spec)
     raise ConfigError(f"unknown sampler {kind!r}: use 'ordered' or 'stochastic'")
+
+
+def space_subnets(
+    model: nn.Module,
+    space: MaxDrop = None,
+    sample: int | None = None,
+    seed: int = 0,
+    keep_shallowest: bool = False,
+) -> list[Subnet]:
+    """The ordered sub-networks of a sampling space, or a seeded sample of ``sample`` of them.
+
+    Args:
+        model: the main network.
+        space: ``None``/``"full"`` (every ordered depth), a name from ``SAMPLING_SPACES``
+            (``"space3"``), an int or per-stage list of how many trailing blocks may drop.
+        sample: this many, drawn without replacement (all when the space is not larger);
+            kept in the space's order, deepest first.
+        seed: seeds the sample.
+        keep_shallowest: the sample always holds the space's shallowest sub-network (and
+            ``sample - 1`` drawn from the rest), as recipes' ``sample:N`` does.
+    """
+    everything = OrderedSampler(unwrap(model), max_drop=space).all()
+    if sample is not None and sample < 1:
+        raise ConfigError(f"sample={sample}: evaluate at least 1 sub-network")
+    if sample is None or sample >= len(everything):
+        return everything
+    g = torch.Generator().manual_seed(seed)
+    pool = everything[:-1] if keep_shallowest else everything
+    picks = torch.randperm(len(pool), generator=g)[: sample - keep_shallowest].sort().values
+    chosen = [pool[i] for i in picks.tolist()]
+    return [*chosen, everything[-1]] if keep_shallowest else chosen
+
+
+def subnets_from_spec(model: nn.Module, spec: str, seed: int = 0) -> list[Subnet]:
+    """Sub-networks named by a CLI/recipe string.
+
+    ``none``; ``all`` (the whole ordered space, the full network included); ``sample:N`` (N
+    of the ordered space, seeded, always including the shallowest; all of it when it has at
+    most N); or a comma-separated list of Subnet strings.
+    """
+    spec = str(spec).strip()
+    if spec in ("none", ""):
+        return []
+    if spec == "all":
+        return space_subnets(model)
+    if spec.startswith("sample:"):
+        match = re.fullmatch(r"sample:(\d+)", spec)
+        if not match or int(match.group(1)) < 1:
+            raise ConfigError(f"sub-network selection {spec!r}: write sample:N with N >= 1")
+        return space_subnets(model, sample=int(match.group(1)), seed=seed, keep_shallowest=True)
+    return [Subnet.parse(unwrap(model), text) for text in spec.split(",")]

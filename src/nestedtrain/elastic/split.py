@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..bnstats import batchnorms
 from ..modes import eval_mode
 from .stages import Stage, unwrap
 from .subnet import swapped_blocks
@@ -104,7 +103,13 @@ class ModelSplit:
         """
         inside = {id(m) for stage in self.stages for b in stage.blocks for m in b.modules()}
         inside |= {id(stage.container) for stage in self.stages}
-        outside = [m for m in batchnorms(self.model) if id(m) not in inside]
+        # The BNs that keep running statistics, as ``nestedtrain.bn.batchnorms`` finds them
+        # (that module sits a layer above this one: it runs sub-networks).
+        outside = [
+            m
+            for m in self.model.modules()
+            if isinstance(m, _BatchNorm) and m.track_running_stats and id(m) not in inside
+        ]
         phase = {"now": "stem"}
         seen: dict[int, str] = {}
         calls: list[tuple[int, str, torch.Tensor | None]] = []

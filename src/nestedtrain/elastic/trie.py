@@ -5,7 +5,7 @@ sub-network and the main network) on the same input compute the same thing up to
 block where their paths differ, so the paths of several sub-networks form a trie
 (:func:`build_trie`) whose nodes need computing once for everything below them.
 :func:`walk_trie` runs a subtree depth first; the shared-prefix evaluator (BN calibration and
-evaluation, :mod:`nestedtrain.engine.subnet_eval`) and the shared-prefix ST step
+evaluation, :mod:`nestedtrain.evaluation.passes`) and the shared-prefix ST step
 (:mod:`nestedtrain.methods.shared_prefix`) differ only in what running a piece means.
 """
 

@@ -1,11 +1,9 @@
-"""The training engine: recipe, building its objects, trainer, evaluation, checkpoints,
-distributed setup."""
+"""The training engine: recipe, building its objects, trainer, per-epoch evaluation,
+checkpoints, distributed setup."""
 
 from .build import METHODS, build_method, build_model, load_model
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, load_config
-from .evaluate import evaluate, select_subnets
-from .subnet_eval import evaluate_subnets
 from .trainer import Trainer, train
 
 __all__ = [
@@ -14,11 +12,8 @@ __all__ = [
     "Trainer",
     "build_method",
     "build_model",
-    "evaluate",
-    "evaluate_subnets",
     "load_checkpoint",
     "load_config",
     "load_model",
-    "select_subnets",
     "train",
 ]

@@ -12,11 +12,11 @@ from torch import nn
 
 from .. import bn
 from ..data import Data
+from ..elastic.sampling import subnets_from_spec
+from ..evaluation import evaluate, evaluate_subnets, kl_drift_snapshot
 from ..methods import MethodStep
 from ..modes import kept_modes
 from .distributed import input_memory_format
-from .evaluate import evaluate, select_subnets
-from .subnet_eval import evaluate_subnets, kl_drift_snapshot
 
 __all__ = ["EpochEvaluation"]
 
@@ -27,9 +27,9 @@ class EpochEvaluation:
     def __init__(self, cfg: Any, model: nn.Module, method: MethodStep, ema: Any, data: Data):
         self.model, self.method, self.ema, self.data = model, method, ema, data
         self.batch_size, self.memory_mb = cfg.eval.batch_size, cfg.eval.memory_mb
-        self.subnets = select_subnets(model, cfg.eval.subnets, seed=cfg.seed)
+        self.subnets = subnets_from_spec(model, cfg.eval.subnets, seed=cfg.seed)
         drift = cfg.analysis.kl_drift_subnets if cfg.analysis.kl_drift_every else "none"
-        self.drift_subnets = select_subnets(model, drift, seed=cfg.seed)
+        self.drift_subnets = subnets_from_spec(model, drift, seed=cfg.seed)
         # The inputs in the model's memory format, as training gives them (channels-last on
         # CUDA): else every convolution converts its input, and cuDNN tunes both formats.
         self.memory_format = input_memory_format(data.device, cfg.channels_last)
@@ -75,7 +75,7 @@ class EpochEvaluation:
                 with self.recalibrated(model):
                     out[f"{name}_acc"] = evaluate(model, self._batches("test")())["acc"]
         if self.subnets:
-            # Shared-prefix evaluation: equal to evaluate_subnets, several times faster.
+            # BN re-estimated for each sub-network; the blocks they share run once.
             results = self._on_test_split(evaluate_subnets, self.subnets)
             out["subnets"] = [{"subnet": r["subnet"], "acc": r["acc"]} for r in results]
         return out
@@ -99,8 +99,9 @@ class EpochEvaluation:
         return self._on_test_split(kl_drift_snapshot, self.drift_subnets)
 
     def _on_test_split(self, evaluation: Callable, subnets: list) -> Any:
-        """``evaluation`` (the shared-prefix evaluator or a KL snapshot) of ``subnets`` on the
-        test split, BN re-estimated from training images, within ``eval.memory_mb``."""
+        """``evaluation`` (:func:`~nestedtrain.evaluation.evaluate_subnets` or
+        :func:`~nestedtrain.evaluation.kl_drift_snapshot`) of ``subnets`` on the test split, BN
+        re-estimated for each from training images, within ``eval.memory_mb``."""
         return evaluation(
             self.model, subnets, self._batches("test"), self._calib, memory_mb=self.memory_mb
         )

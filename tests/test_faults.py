@@ -17,15 +17,15 @@ import torch
 from PIL import Image
 
 import nestedtrain as nt
-from nestedtrain import runfiles
-from nestedtrain.engine.faults import (
+from nestedtrain import atomic
+from nestedtrain.engine.runfolder import RunLock
+from nestedtrain.engine.trainer import Trainer
+from nestedtrain.errors import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
-    RunLock,
     TrainingDiverged,
     TrainingInterrupted,
 )
-from nestedtrain.engine.trainer import Trainer
 
 # digits, 256 training images in batches of 32: 8 steps an epoch
 SMALL = ["data.train_subset=256", "batch_size=32", "eval.subnets=sample:2", "optim.lr=0.05"]
@@ -215,7 +215,7 @@ def test_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, cap
     with pytest.raises(_Kill):
         Trainer(_cfg(*overrides), tmp_path / "broken").fit(step_hook=_kill_at(1, 7))
     last = tmp_path / "broken" / "checkpoints" / "last.pt"
-    previous = runfiles.previous_path(last)
+    previous = atomic.previous_path(last)
     assert torch.load(previous, weights_only=False)["position"] == {"epoch": 1, "step": 4}
     last.write_bytes(last.read_bytes()[:1000])  # a torn write on a flaky file system
     with caplog.at_level("WARNING", logger="nestedtrain"):
@@ -355,7 +355,7 @@ _DIST_STOP = """
 import json, os, signal, sys
 import torch.distributed as dist
 import nestedtrain as nt
-from nestedtrain.engine.faults import TrainingInterrupted
+from nestedtrain.errors import TrainingInterrupted
 from nestedtrain.engine.trainer import Trainer
 
 out, resume = sys.argv[1], sys.argv[2] == "resume"

@@ -1,8 +1,8 @@
 """The package's layers: a module imports only from its own layer and the ones below it.
 
-    models, data, losses (and the leaf modules errors, distributed, runfiles, version, bnstats,
-    memory, modes, signals)
-      <- elastic <- bn, flops <- methods <- engine <- analysis, demo <- cli
+    models, data, losses (and the leaf modules errors, distributed, atomic, records, version,
+    bnstats, modes, signals)
+      <- elastic <- bn, flops <- methods <- engine <- deploy <- analysis, demo <- cli
 
 Inside the engine, its files form rooms (ENGINE_ROOMS): a file imports only files of the rooms
 below its own. And no files of the package import each other in a circle.
@@ -28,10 +28,10 @@ LAYERS = [
         "losses",
         "errors",
         "distributed",
-        "runfiles",
+        "atomic",
+        "records",
         "bnstats",
         "version",
-        "memory",
         "modes",
         "signals",
     },
@@ -39,16 +39,17 @@ LAYERS = [
     {"bn", "flops"},
     {"methods"},
     {"engine"},
+    {"deploy"},
     {"analysis", "demo"},
     {"cli", "__main__"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 
-# engine/, bottom up: the recipe, ranks, faults, evaluation and checkpoints; what is built from
+# engine/, bottom up: the recipe, evaluation and checkpoints; what is built from
 # them (objects, resume checks, the epoch loop, logs, summary, sweeps); the run folder and the
 # epoch's evaluations; the trainer.
 ENGINE_ROOMS = [
-    {"config", "distributed", "faults", "evaluate", "checkpoint"},
+    {"config", "evaluate", "checkpoint"},
     {"resume", "build", "subnet_eval", "loop", "logs", "summary", "sweep", "foreign"},
     {"runfolder", "epoch_eval"},
     {"trainer"},

@@ -14,7 +14,7 @@ import torch
 from conftest import perturb_norms
 
 import nestedtrain as nt
-from nestedtrain import runfiles
+from nestedtrain import atomic
 from nestedtrain.cli import main
 from nestedtrain.data import DataConfig, build_data
 from nestedtrain.engine import checkpoint as ckpt_module
@@ -228,14 +228,14 @@ def test_resume_ends_where_an_uninterrupted_run_would(tmp_path, monkeypatch):
 
 def test_crash_between_temp_write_and_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    runfiles.atomic_save({"format": ckpt_module.CHECKPOINT_FORMAT, "epoch": 1}, path)
+    atomic.atomic_save({"format": ckpt_module.CHECKPOINT_FORMAT, "epoch": 1}, path)
 
     def crash(src, dst):
         raise OSError("disk pulled out")
 
-    monkeypatch.setattr(runfiles.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="disk pulled out"):
-        runfiles.atomic_save({"format": ckpt_module.CHECKPOINT_FORMAT, "epoch": 2}, path)
+        atomic.atomic_save({"format": ckpt_module.CHECKPOINT_FORMAT, "epoch": 2}, path)
     monkeypatch.undo()
     assert ckpt_module.load_checkpoint(path)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from ..engine.sweep import read_sweep
 from ..errors import ConfigError
 from ..flops import acc_flops_ratio
-from ..runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary
+from ..records import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary
 
 __all__ = [
     "compare_rows",
@@ -506,7 +506,7 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 def write_comparison(result: dict[str, Any], out_dir: str | Path, command: str) -> list[Path]:
     """``compare.json``, ``compare.md`` and the plots into ``out_dir``; returns the files."""
-    from ..runfiles import atomic_write_text
+    from ..atomic import atomic_write_text
     from .plots import plot_comparison
 
     out_dir = Path(out_dir)

@@ -26,12 +26,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..atomic import atomic_write_text
 from ..engine.config import load_config
 from ..engine.evaluate import evaluate
 from ..engine.trainer import Trainer
 from ..errors import ConfigError
 from ..flops import acc_flops_ratio
-from ..runfiles import CONFIG_FILE, SUMMARY_FILE, atomic_write_text, read_summary
+from ..records import CONFIG_FILE, SUMMARY_FILE, read_summary
 
 __all__ = ["cross_validate_k", "efficiency"]
 

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..runfiles import atomic_save
+from ..atomic import atomic_save
 from .latency import threads_text
 
 __all__ = [

@@ -36,12 +36,13 @@ from ..analysis.plots import (
 )
 from ..analysis.report import write_report
 from ..analysis.subnets import evaluate_space
+from ..atomic import atomic_write_text
 from ..data import Data
+from ..distributed import pick_device
 from ..elastic.subnet import Subnet
-from ..engine.distributed import pick_device
 from ..engine.subnet_eval import DEFAULT_MEMORY_MB
 from ..errors import ConfigError
-from ..runfiles import atomic_write_text, read_kl_drift
+from ..records import read_kl_drift
 from .common import (
     Checkpoint,
     Handler,

@@ -1,7 +1,7 @@
 """``nestedtrain export`` and ``nestedtrain select``: cash in the sub-networks.
 
 - ``export CHECKPOINT --subnet 3-2-4 --out PATH``: a state_dict, TorchScript or ONNX file of a
-  sub-network with its JSON sidecar (:func:`nestedtrain.analysis.deploy.deploy_subnet`).
+  sub-network with its JSON sidecar (:func:`nestedtrain.deploy.deploy_subnet`).
 - ``select RUN --max-mflops X --max-params M --max-latency-ms T``: evaluate the sub-networks
   of a run (BN re-estimated for each, shared prefixes), choose on the validation split, print
   the Pareto front and the pick, write ``RUN/analysis/select/select.json`` and
@@ -19,7 +19,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..analysis.deploy import FORMATS, deploy_subnet, format_for, require_onnx, sidecar_path
 from ..analysis.latency import (
     LatencyTable,
     describe_latency,
@@ -29,12 +28,13 @@ from ..analysis.latency import (
 )
 from ..analysis.plots import plot_pareto
 from ..analysis.select import Budget, LatencySpec, select_subnet
+from ..atomic import atomic_write_text
 from ..data import Data
+from ..deploy import FORMATS, deploy_subnet, format_for, require_onnx, sidecar_path
+from ..distributed import pick_device
 from ..elastic import OrderedSampler, Subnet
-from ..engine.distributed import pick_device
 from ..engine.evaluate import space_subnets
 from ..errors import ConfigError
-from ..runfiles import atomic_write_text
 from ..version import __version__
 from .common import (
     Checkpoint,

@@ -16,11 +16,11 @@ import argparse
 import math
 from typing import Any
 
-from ..analysis.deploy import require_onnx
 from ..analysis.latency import check_kit_folder, kit_subnets, write_latency_kit
 from ..analysis.select import Budget, pareto_front, select_subnet
+from ..deploy import require_onnx
+from ..distributed import pick_device
 from ..elastic import Subnet
-from ..engine.distributed import pick_device
 from ..errors import ConfigError
 from .common import (
     add_command,

@@ -11,8 +11,8 @@ from typing import Any
 
 from ..analysis.compare import format_mean_std
 from ..analysis.motivation import cross_validate_k, efficiency
+from ..atomic import atomic_write_text
 from ..errors import ConfigError
-from ..runfiles import atomic_write_text
 from .common import add_command, add_recipe_arguments, table
 
 __all__ = ["register"]

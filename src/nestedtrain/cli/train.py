@@ -11,18 +11,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from ..atomic import atomic_write_text
 from ..demo import run_demo
+from ..distributed import end_distributed, pick_device
 from ..elastic import Subnet
 from ..engine.config import describe_fields, load_config
-from ..engine.distributed import end_distributed, pick_device
 from ..engine.evaluate import evaluate, select_subnets
-from ..engine.faults import TrainingDiverged, TrainingInterrupted
 from ..engine.subnet_eval import evaluate_subnets
 from ..engine.trainer import Trainer
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from ..flops import count_flops, count_params
 from ..models import create_model
-from ..runfiles import atomic_write_text
 from ..signals import StopRequested, StopSignals
 from .common import (
     add_command,

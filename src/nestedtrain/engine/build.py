@@ -22,7 +22,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from ..data import Data
-from ..distributed import all_ranks
+from ..distributed import DistInfo, all_ranks, input_memory_format, wrap_ddp
 from ..elastic.sampling import build_sampler
 from ..elastic.stages import find_stages
 from ..elastic.weightmap import WeightMap
@@ -41,7 +41,6 @@ from ..methods.stimulative import shared_path_veto
 from ..models import create_model
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from .config import TrainConfig, plain
-from .distributed import DistInfo, input_memory_format, wrap_ddp
 
 __all__ = [
     "METHODS",

@@ -12,9 +12,9 @@ from torch import nn
 
 from .. import bn
 from ..data import Data
+from ..distributed import input_memory_format
 from ..methods import MethodStep
 from ..modes import kept_modes
-from .distributed import input_memory_format
 from .evaluate import evaluate, select_subnets
 from .subnet_eval import evaluate_subnets, kl_drift_snapshot
 

@@ -23,10 +23,10 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ..data.images import BadImages
-from ..distributed import all_reduce_mean
+from ..distributed import all_reduce_mean, input_memory_format
+from ..errors import TrainingDiverged, TrainingInterrupted
 from ..methods import MethodStep, Precision
-from .distributed import input_memory_format
-from .faults import StopSignals, TrainingDiverged, TrainingInterrupted
+from ..signals import StopSignals
 
 __all__ = [
     "EpochLoop",

@@ -1,9 +1,9 @@
 """The training engine: recipe, building its objects, trainer, evaluation, checkpoints,
 distributed setup."""
 
-from .build import METHODS, build_method, build_model, load_model
+from .build import build_method, build_model, load_model
 from .checkpoint import load_checkpoint
-from .config import TrainConfig, load_config
+from .config import METHODS, TrainConfig, load_config
 from .evaluate import evaluate, select_subnets
 from .subnet_eval import evaluate_subnets
 from .trainer import Trainer, train

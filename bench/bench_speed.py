@@ -31,8 +31,10 @@ import nestedtrain as nt
 from nestedtrain.elastic import ModelSplit, run_path
 from nestedtrain.engine.trainer import Trainer
 from nestedtrain.flops import count_flops
-from nestedtrain.memory import PeakMemory
 from nestedtrain.methods import CommonTraining, StimulativeTraining
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from peak_memory import PeakMemory  # noqa: E402 - the tests' memory meter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -281,7 +283,7 @@ def main() -> None:
         f"- nestedtrain CT ÷ plain loop: **{ct / plain:.3f}×**",
         "",
         "Peak memory of one training step on one batch (tensor storage allocated inside the "
-        "step and alive at once, `nestedtrain.memory.PeakMemory`), and the largest gradient "
+        "step and alive at once, `tests/peak_memory.py`), and the largest gradient "
         "difference between the shared and the plain ST step on that batch, relative to each "
         "tensor's largest gradient: in float64 (checked below 1e-9 on every run: the same "
         "computation) and in float32 (float summation order, with cancellation in the stem's "

@@ -56,9 +56,9 @@ from PIL import Image
 
 import nestedtrain as nt
 from nestedtrain.data import build_data
+from nestedtrain.distributed import configure_cuda
 from nestedtrain.elastic.sampling import build_sampler
 from nestedtrain.engine.config import load_config
-from nestedtrain.engine.distributed import configure_cuda
 from nestedtrain.methods import CommonTraining, Precision, StimulativeTraining
 
 REPO = Path(__file__).resolve().parents[1]

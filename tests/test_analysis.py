@@ -35,13 +35,14 @@ from nestedtrain.analysis import (
     swap_subnet,
     write_report,
 )
+from nestedtrain.atomic import atomic_save
 from nestedtrain.cli import main
 from nestedtrain.elastic.weightmap import inherit
 from nestedtrain.engine.checkpoint import CHECKPOINT_FORMAT
 from nestedtrain.engine.config import load_config
 from nestedtrain.engine.trainer import train
 from nestedtrain.evaluation import evaluate, kl_drift_snapshot
-from nestedtrain.runfiles import append_kl_drift, atomic_save, read_kl_drift
+from nestedtrain.records import append_kl_drift, read_kl_drift
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["data.train_subset=256", "batch_size=64", "epochs=2", "device=cpu", "data.calib_images=256"]

@@ -20,8 +20,8 @@ import nestedtrain as nt
 from nestedtrain.data import build_data
 from nestedtrain.engine import loop as loop_module
 from nestedtrain.engine.build import load_model
-from nestedtrain.engine.faults import TrainingInterrupted
 from nestedtrain.engine.trainer import Trainer
+from nestedtrain.errors import TrainingInterrupted
 from nestedtrain.evaluation import evaluate
 
 # digits, 256 training images in global batches of 64: 4 steps an epoch, 32 images a rank
@@ -36,7 +36,7 @@ import torch
 import nestedtrain as nt
 import nestedtrain.methods.shared_prefix as shared_prefix
 from nestedtrain.engine import checkpoint
-from nestedtrain.engine.faults import TrainingInterrupted
+from nestedtrain.errors import TrainingInterrupted
 from nestedtrain.engine.trainer import Trainer
 from nestedtrain.errors import ConfigError
 
@@ -210,7 +210,7 @@ def test_ranks_agree_on_stop_every_few_steps_not_every_step(tmp_path, monkeypatc
 
 
 def test_cuda_runs_let_cudnn_tune_and_use_tf32_and_cpu_runs_are_left_alone():
-    from nestedtrain.engine.distributed import configure_cuda
+    from nestedtrain.distributed import configure_cuda
 
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)

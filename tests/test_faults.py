@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 
 import nestedtrain as nt
-from nestedtrain.engine.faults import (
+from nestedtrain.engine.runfolder import RunLock
+from nestedtrain.engine.trainer import Trainer
+from nestedtrain.errors import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
-    RunLock,
     TrainingDiverged,
     TrainingInterrupted,
 )
-from nestedtrain.engine.trainer import Trainer
 
 # digits, 256 training images in batches of 32: 8 steps an epoch
 SMALL = ["data.train_subset=256", "batch_size=32", "eval.subnets=sample:2", "optim.lr=0.05"]
@@ -293,7 +293,7 @@ _DIST_STOP = """
 import json, os, signal, sys
 import torch.distributed as dist
 import nestedtrain as nt
-from nestedtrain.engine.faults import TrainingInterrupted
+from nestedtrain.errors import TrainingInterrupted
 from nestedtrain.engine.trainer import Trainer
 
 out, resume = sys.argv[1], sys.argv[2] == "resume"

@@ -1,8 +1,9 @@
 """The package's layers: a module imports only from its own layer and the ones below it.
 
-    models, data, losses (and the leaf modules errors, distributed, runfiles, version, memory,
+    models, data, losses (and the leaf modules errors, distributed, atomic, records, version,
     modes, signals)
-      <- elastic <- bn, flops <- methods <- evaluation <- engine <- analysis, demo <- cli
+      <- elastic <- bn, flops <- methods <- evaluation <- engine <- deploy <- analysis, demo
+      <- cli
 
 Inside the engine, its files form rooms (ENGINE_ROOMS): a file imports only files of the rooms
 below its own. And no files of the package import each other in a circle.
@@ -28,9 +29,9 @@ LAYERS = [
         "losses",
         "errors",
         "distributed",
-        "runfiles",
+        "atomic",
+        "records",
         "version",
-        "memory",
         "modes",
         "signals",
     },
@@ -39,16 +40,17 @@ LAYERS = [
     {"methods"},
     {"evaluation"},
     {"engine"},
+    {"deploy"},
     {"analysis", "demo"},
     {"cli", "__main__"},
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 
-# engine/, bottom up: the recipe, ranks, faults and checkpoints; what is built from them
-# (objects, resume checks, the epoch loop, logs, summary, sweeps); the run folder and the
-# epoch's evaluations; the trainer.
+# engine/, bottom up: the recipe and checkpoints; what is built from them (objects, resume
+# checks, the epoch loop, logs, summary, sweeps); the run folder and the epoch's evaluations;
+# the trainer.
 ENGINE_ROOMS = [
-    {"config", "distributed", "faults", "checkpoint"},
+    {"config", "checkpoint"},
     {"resume", "build", "loop", "logs", "summary", "sweep", "foreign"},
     {"runfolder", "epoch_eval"},
     {"trainer"},

@@ -15,11 +15,11 @@ from conftest import make_model
 from oracle import evaluate_one_at_a_time
 
 import nestedtrain as nt
-from nestedtrain.analysis import Budget, LatencySpec, deploy_subnet, pareto_front, select_subnet
-from nestedtrain.analysis.deploy import export_onnx
+from nestedtrain.analysis import Budget, LatencySpec, pareto_front, select_subnet
 from nestedtrain.analysis.report import write_report
 from nestedtrain.cli import main
 from nestedtrain.data import build_data
+from nestedtrain.deploy import deploy_subnet, export_onnx
 from nestedtrain.evaluation import evaluate
 from nestedtrain.flops import count_flops, count_params
 

@@ -9,10 +9,10 @@ import logging
 import pytest
 import torch
 from conftest import ListStageNet, make_model, perturb_norms
+from peak_memory import PeakMemory
 from torch import nn
 
 import nestedtrain as nt
-from nestedtrain.memory import PeakMemory
 from nestedtrain.methods import CommonTraining, StimulativeTraining
 
 # (model, input side, in_chans)

@@ -20,8 +20,8 @@ from test_faults import _assert_same_run, _write_jpeg_tree
 import nestedtrain.cli as cli
 from nestedtrain.cli import train as cli_train
 from nestedtrain.engine import trainer as trainer_module
-from nestedtrain.engine.faults import EXIT_INTERRUPTED
 from nestedtrain.engine.trainer import Trainer
+from nestedtrain.errors import EXIT_INTERRUPTED
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "digits_ct.yaml")

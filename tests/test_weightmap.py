@@ -10,9 +10,10 @@ from timm.optim import Lamb, RMSpropTF
 from torch import nn
 
 import nestedtrain as nt
+from nestedtrain.elastic.matching import block_depths
 from nestedtrain.elastic.stages import model_family
 from nestedtrain.elastic.subnet import use_subnet
-from nestedtrain.elastic.weightmap import WeightMap, block_depths, inherit
+from nestedtrain.elastic.weightmap import WeightMap, inherit
 
 VIT = {"img_size": 32}
 PAIRS = {

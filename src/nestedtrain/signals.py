@@ -13,7 +13,8 @@ something the program decides on instead of the default action (death, status 14
 The command line installs one at process start, before the heavy imports, and keeps it through
 teardown; a ``StopSignals`` entered while another is installed shares it (see ``__enter__``).
 
-This module imports nothing but the standard library, so that it can come first.
+This module imports nothing but the standard library (and :mod:`nestedtrain.errors`, which
+imports nothing else), so that it can come first.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ import threading
 from types import FrameType
 from typing import Any
 
-__all__ = ["EXIT_INTERRUPTED", "STOP_SIGNALS", "StopRequested", "StopSignals"]
+from .errors import EXIT_INTERRUPTED
+
+__all__ = ["STOP_SIGNALS", "StopRequested", "StopSignals"]
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
-# sysexits' EX_TEMPFAIL: a temporary failure, run the same command (with --resume) again.
-EXIT_INTERRUPTED = 75
 
 
 class StopRequested(BaseException):

@@ -12,14 +12,12 @@
 - :func:`logit_norms`, :func:`effective_receptive_field`: logit amplitude and ERF (ST++);
 - :func:`write_report`: a run folder as Markdown and self-contained HTML;
 - :func:`select_subnet`: the most accurate sub-network inside a FLOPs, parameter or measured
-  latency budget, with its Pareto front; :func:`deploy_subnet`: a sub-network as a
-  state_dict, TorchScript or checked ONNX file with a JSON sidecar;
+  latency budget, with its Pareto front (:mod:`nestedtrain.deploy` writes the one chosen);
 - :func:`write_latency_kit`: sub-networks as ONNX files with a manifest and a standalone
   ``measure.py`` to time them on the serving device; :func:`read_latency_table` reads the
   table it writes back for :func:`select_subnet`, with its additive predictor.
 """
 
-from .deploy import deploy_subnet, measure_latency
 from .destruct import deletion_subnets, destruct, permutation_subnets, swap_subnet
 from .erf import effective_receptive_field, erf_area_ratios
 from .kl_drift import kl_drift_summary
@@ -42,7 +40,6 @@ __all__ = [
     "LatencySpec",
     "LatencyTable",
     "deletion_subnets",
-    "deploy_subnet",
     "destruct",
     "effective_receptive_field",
     "erf_area_ratios",
@@ -53,7 +50,6 @@ __all__ = [
     "loafing_matrix",
     "logit_norms",
     "match_subnet",
-    "measure_latency",
     "model_identity",
     "pareto_front",
     "permutation_subnets",

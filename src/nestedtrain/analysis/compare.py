@@ -28,14 +28,14 @@ from omegaconf import OmegaConf
 
 from ..engine.sweep import read_sweep
 from ..errors import ConfigError
-from ..flops import acc_flops_ratio
-from ..runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary
+from ..records import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary
+from .motivation import efficiency_metrics
+from .stats import format_mean_std, mean_std
 
 __all__ = [
     "compare_rows",
     "compare_runs",
     "find_runs",
-    "format_mean_std",
     "parse_baseline",
     "write_comparison",
 ]
@@ -149,14 +149,6 @@ def _group_keys(runs: Sequence[_Run]) -> list[str]:
     ]
 
 
-def _mean_std(values: Sequence[float]) -> dict[str, Any]:
-    values = [float(v) for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
-
-
 def _images_per_second(run: _Run) -> float | None:
     rates = [m["images_per_second"] for m in run.metrics if "images_per_second" in m]
     return statistics.median(rates) if rates else None
@@ -192,26 +184,26 @@ def _group_stats(runs: Sequence[_Run], split: str) -> dict[str, Any]:
         "n": len(runs),
         "seeds": [run.seed for run in runs],
         "runs": [str(run.folder) for run in runs],
-        "main_acc": _mean_std([run.main_acc(split) for run in runs]),
-        "best_epoch": _mean_std(column("best_epoch")),
-        "wall_seconds": _mean_std(column("wall_seconds")),
-        "images_per_second": _mean_std([_images_per_second(run) for run in runs]),
-        "train_cost": _mean_std([_training_cost(run) for run in runs]),
-        "flops": _mean_std(column("flops")),
+        "main_acc": mean_std([run.main_acc(split) for run in runs]),
+        "best_epoch": mean_std(column("best_epoch")),
+        "wall_seconds": mean_std(column("wall_seconds")),
+        "images_per_second": mean_std([_images_per_second(run) for run in runs]),
+        "train_cost": mean_std([_training_cost(run) for run in runs]),
+        "flops": mean_std(column("flops")),
     }
     if split != "test":
         return stats  # sub-networks and the motivation models are measured on test only
     if any(s.get("subnets") for s in summaries):
-        stats["subnet_acc_mean"] = _mean_std(column("subnet_acc_mean"))
+        stats["subnet_acc_mean"] = mean_std(column("subnet_acc_mean"))
         minima = [m for m in column("subnet_acc_min") if m is not None]
         stats["subnet_acc_min"] = min(minima) if minima else None
         stats["subnet_accs"] = [sub["acc"] for s in summaries for sub in s.get("subnets", [])]
         stats["subnet_count"] = max(len(s.get("subnets", [])) for s in summaries)
     if all(run.config.get("method") == "motivation" for run in runs):
-        stats["base_acc"] = _mean_std(column("base_acc"))
-        stats["motivated_acc"] = _mean_std(column("motivated_acc"))
-        stats["motivated_acc_raw"] = _mean_std(column("motivated_acc_raw"))
-        stats["flops_per_image"] = _mean_std(column("flops_per_image"))
+        stats["base_acc"] = mean_std(column("base_acc"))
+        stats["motivated_acc"] = mean_std(column("motivated_acc"))
+        stats["motivated_acc_raw"] = mean_std(column("motivated_acc_raw"))
+        stats["flops_per_image"] = mean_std(column("flops_per_image"))
     return stats
 
 
@@ -224,7 +216,7 @@ def _paired(
         for run in group
         if value(run) is not None and base_by_seed.get(run.seed) is not None
     ]
-    return _mean_std(diffs) if diffs else None
+    return mean_std(diffs) if diffs else None
 
 
 def _motivation_efficiency(
@@ -247,31 +239,19 @@ def _motivation_efficiency(
     x, y = classical(base), classical(motivated)
     if not x or not y:
         return None
-
-    def mean(members: Sequence[_Run], key: str) -> float:
-        return statistics.fmean(run.summary[key] for run in members)
-
+    read = {
+        role: [(run.summary, run.folder / SUMMARY_FILE) for run in members]
+        for role, members in (("run", runs), ("base-classical", x), ("motivated-classical", y))
+    }
     try:
-        metrics = acc_flops_ratio(
-            mean(runs, "base_acc"),
-            mean(x, "main_acc"),
-            mean(y, "main_acc"),
-            mean(runs, "flops_per_image"),
-            mean(x, "flops"),
-            mean(y, "flops"),
-        )
-    except (ValueError, KeyError, TypeError):
+        found = efficiency_metrics(read)
+    except ValueError:  # a value missing, or a metric undefined: no efficiency for this group
         return None
     return {
         "base_model": base,
         "motivated_model": motivated,
-        "acc_xc": mean(x, "main_acc"),
-        "acc_yc": mean(y, "main_acc"),
-        "flops_xc": mean(x, "flops"),
-        "flops_yc": mean(y, "flops"),
-        "acc_flops_xyb": metrics.motivated_training,
-        "acc_flops_yc": metrics.larger_model,
-        "ratio": metrics.ratio,
+        **{name: found[name]["mean"] for name in ("acc_xc", "acc_yc", "flops_xc", "flops_yc")},
+        **{name: found[name] for name in ("acc_flops_xyb", "acc_flops_yc", "ratio")},
     }
 
 
@@ -403,20 +383,12 @@ def _accuracy_curve(runs: Sequence[_Run], key: str) -> dict[str, list]:
             if m.get(key) is not None:
                 per_epoch.setdefault(m["epoch"], []).append(m[key])
     epochs = [e for e in sorted(per_epoch) if len(per_epoch[e]) == len(runs)]
-    stats = [_mean_std(per_epoch[e]) for e in epochs]
+    stats = [mean_std(per_epoch[e]) for e in epochs]
     return {
         "epoch": epochs,
         "mean": [s["mean"] for s in stats],
         "std": [s["std"] or 0.0 for s in stats],
     }
-
-
-def format_mean_std(stat: dict[str, Any] | None, digits: int = 2) -> str:
-    """``mean ± std`` (or the mean alone for one run, ``-`` for none)."""
-    if not stat or stat.get("mean") is None:
-        return "-"
-    mean = f"{stat['mean']:.{digits}f}"
-    return mean if stat.get("std") is None else f"{mean} ± {stat['std']:.{digits}f}"
 
 
 def _number(value: Any, digits: int = 1) -> str:
@@ -506,7 +478,7 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 def write_comparison(result: dict[str, Any], out_dir: str | Path, command: str) -> list[Path]:
     """``compare.json``, ``compare.md`` and the plots into ``out_dir``; returns the files."""
-    from ..runfiles import atomic_write_text
+    from ..atomic import atomic_write_text
     from .plots import plot_comparison
 
     out_dir = Path(out_dir)

@@ -40,6 +40,7 @@ from .subnets import subnet_stats
 
 __all__ = [
     "BN_POLICIES",
+    "block_place",
     "deletion_subnets",
     "destruct",
     "permutation_subnets",
@@ -531,22 +532,22 @@ def _drop_row(subnet: Subnet, acc: dict[Subnet, float], intact: float) -> dict[s
     return {"subnet": str(subnet), "acc": acc[subnet], "drop": intact - acc[subnet]}
 
 
+def block_place(stages: Sequence[Stage], s: int, b: int) -> dict[str, Any]:
+    """Block ``b`` of stage ``s`` (both from 0) as the analyses' rows name it: ``stage`` (from
+    1), ``stage_name``, ``block`` and ``index``, its number in the whole network from 1, stage
+    after stage."""
+    before = sum(len(stage) for stage in stages[:s])
+    return {"stage": s + 1, "stage_name": stages[s].name, "block": b, "index": before + b + 1}
+
+
 def _delete_one_rows(
     all_stages: Sequence[Stage],
     single: Sequence[tuple[int, int, Subnet]],
     acc: dict[Subnet, float],
     intact: float,
 ) -> list[dict[str, Any]]:
-    # "index" numbers the blocks of the whole network from 1, stage after stage.
-    offsets = [0, *itertools.accumulate(len(stage) for stage in all_stages)]
     return [
-        {
-            "stage": s + 1,
-            "stage_name": all_stages[s].name,
-            "block": b,
-            "index": offsets[s] + b + 1,
-            **_drop_row(subnet, acc, intact),
-        }
+        {**block_place(all_stages, s, b), **_drop_row(subnet, acc, intact)}
         for s, b, subnet in single
     ]
 

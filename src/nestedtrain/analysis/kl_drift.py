@@ -2,7 +2,7 @@
 
 The trainer takes a snapshot every ``analysis.kl_drift_every`` epochs
 (:func:`nestedtrain.evaluation.kl_drift_snapshot`) and writes it to
-``RUN/analysis/kl_drift.jsonl`` (:mod:`nestedtrain.runfiles`); :func:`kl_drift_summary` sums
+``RUN/analysis/kl_drift.jsonl`` (:mod:`nestedtrain.records`); :func:`kl_drift_summary` sums
 the snapshots up per epoch.
 """
 

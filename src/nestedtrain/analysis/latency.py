@@ -2,7 +2,7 @@
 
 :func:`write_latency_kit` writes, for a model and the sub-networks to time, a folder a user
 copies to the serving device: one ONNX file per sub-network (exported and checked as
-:func:`~nestedtrain.analysis.deploy.export_onnx` does), ``manifest.json`` (what each file is,
+:func:`~nestedtrain.deploy.export_onnx` does), ``manifest.json`` (what each file is,
 its FLOPs, parameters and sha256, the model's identity and input shape) and ``measure.py``
 (:mod:`.kit_measure`, which needs only Python 3, numpy and onnxruntime). Run there, it writes
 ``latency.json``; :func:`read_latency_table` reads that table back for ``select``, refusing one
@@ -35,13 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_write_text
+from ..deploy import export_onnx, require_onnx
 from ..elastic.stages import find_stages, model_family, unwrap
 from ..elastic.subnet import Subnet, export_subnet
 from ..errors import ConfigError
 from ..flops import count_flops, count_params
-from ..runfiles import atomic_write_text
 from ..version import __version__
-from .deploy import export_onnx, require_onnx
 from .kit_measure import KIT_FORMAT, file_sha256, predict
 from .kit_measure import predictor as fit_predictor
 

@@ -22,7 +22,6 @@ with its bounded memory (:func:`~nestedtrain.evaluation.evaluate_subnets`).
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +34,7 @@ from ..elastic.subnet import Subnet
 from ..errors import ConfigError
 from ..evaluation import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate_subnets
 from ..modes import eval_mode
+from .destruct import block_place
 
 __all__ = ["LESION_BN", "lesion", "lesion_subnet", "lesionable_blocks", "residual_ratios"]
 
@@ -154,8 +154,8 @@ def lesion(
     """Lesion curves and residual-branch ratios of a trained network (module docstring).
 
     Args:
-        model: the trained main network.
-        eval_batches: returns a fresh iterable of ``(images, labels)``.
+        model, eval_batches: the trained main network, and a function that returns a fresh
+            iterable of ``(images, labels)`` to evaluate on.
         calib_batches: returns training images; needed for ``"recalibrate"`` in ``bn``.
         ks: numbers of blocks deleted together (default: 1 up to all that can go).
         random_draws: seeded random draws per ``k`` (0: none).
@@ -280,14 +280,9 @@ def _random_row(accs: list[float], intact: float) -> dict[str, Any] | None:
 
 
 def _block_rows(stages, blocks, singles, intact, ratios) -> list[dict[str, Any]]:
-    # "index" numbers the blocks of the whole network from 1, stage after stage.
-    offsets = [0, *itertools.accumulate(len(stage) for stage in stages)]
     return [
         {
-            "stage": s + 1,
-            "stage_name": stages[s].name,
-            "block": b,
-            "index": offsets[s] + b + 1,
+            **block_place(stages, s, b),
             "norm_ratio": ratios[s, b],
             **{
                 policy: {"acc": acc[s, b], "drop": intact[policy] - acc[s, b]}

@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from .. import bn as bn_tools
+from ..elastic.matching import block_depths
 from ..elastic.stages import (
     DENSENET_FAMILIES,
     SUPPORTED_FAMILIES,
@@ -32,7 +33,7 @@ from ..elastic.stages import (
     model_family,
     unwrap,
 )
-from ..elastic.weightmap import block_depths, inherit
+from ..elastic.weightmap import inherit
 from ..errors import ConfigError
 from ..evaluation import DEFAULT_MEMORY_MB, CalibBatches, EvalBatches, evaluate, evaluate_subnets
 from .subnets import match_subnet

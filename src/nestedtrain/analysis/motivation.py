@@ -26,17 +26,30 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..atomic import atomic_write_text
 from ..engine.config import load_config
 from ..engine.trainer import Trainer
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..flops import acc_flops_ratio
-from ..runfiles import CONFIG_FILE, SUMMARY_FILE, atomic_write_text, read_summary
+from ..records import CONFIG_FILE, SUMMARY_FILE, read_summary
+from .stats import mean_std
 
-__all__ = ["cross_validate_k", "efficiency"]
+__all__ = ["cross_validate_k", "efficiency", "efficiency_metrics"]
 
 # A run's summary.json as read, and the file it came from.
 _Summary = tuple[dict[str, Any], Path]
+
+# What the metrics read: value -> (the role whose runs hold it, its summary key, what it is).
+_READS = {
+    "acc_xyb": ("run", "base_acc", "the base model's test accuracy"),
+    "acc_xym": ("run", "motivated_acc", "the motivated model's test accuracy"),
+    "flops_xy": ("run", "flops_per_image", "F_X-Y, the run's mean step FLOPs"),
+    "acc_xc": ("base-classical", "main_acc", "the test accuracy"),
+    "flops_xc": ("base-classical", "flops", "the model's FLOPs"),
+    "acc_yc": ("motivated-classical", "main_acc", "the test accuracy"),
+    "flops_yc": ("motivated-classical", "flops", "the model's FLOPs"),
+}
 
 # The method each role's runs must have been trained with.
 _ROLE_METHODS = {"run": "motivation", "base-classical": "ct", "motivated-classical": "ct"}
@@ -72,34 +85,51 @@ def efficiency(
     _check_methods(read)
     base_model, motivated_model = _check_same_task(read)
 
-    def mean_std(role: str, key: str, what: str) -> tuple[float, float | None]:
-        return _mean_std([_number(s, key, f, what) for s, f in read[role]])
+    found = efficiency_metrics(read)
 
-    acc_xyb = mean_std("run", "base_acc", "the base model's test accuracy")
-    acc_xym = mean_std("run", "motivated_acc", "the motivated model's test accuracy")
-    flops_xy = mean_std("run", "flops_per_image", "F_X-Y, the run's mean step FLOPs")
-    acc_xc = mean_std("base-classical", "main_acc", "the test accuracy")
-    flops_xc = mean_std("base-classical", "flops", "the model's FLOPs")
-    acc_yc = mean_std("motivated-classical", "main_acc", "the test accuracy")
-    flops_yc = mean_std("motivated-classical", "flops", "the model's FLOPs")
-    metrics = acc_flops_ratio(
-        acc_xyb[0], acc_xc[0], acc_yc[0], flops_xy[0], flops_xc[0], flops_yc[0]
-    )
+    def pair(name: str) -> tuple[float, float | None]:
+        return found[name]["mean"], found[name]["std"]
+
     return {
         "base_model": base_model,
         "motivated_model": motivated_model,
-        "acc_xc": acc_xc,
-        "acc_xyb": acc_xyb,
-        "acc_xym": acc_xym,
-        "acc_yc": acc_yc,
-        "flops_xc": flops_xc[0],
-        "flops_xy": flops_xy[0],
-        "flops_yc": flops_yc[0],
-        "acc_flops_xyb": metrics.motivated_training,
-        "acc_flops_yc": metrics.larger_model,
-        "ratio": metrics.ratio,
+        "acc_xc": pair("acc_xc"),
+        "acc_xyb": pair("acc_xyb"),
+        "acc_xym": pair("acc_xym"),
+        "acc_yc": pair("acc_yc"),
+        "flops_xc": found["flops_xc"]["mean"],
+        "flops_xy": found["flops_xy"]["mean"],
+        "flops_yc": found["flops_yc"]["mean"],
+        "acc_flops_xyb": found["acc_flops_xyb"],
+        "acc_flops_yc": found["acc_flops_yc"],
+        "ratio": found["ratio"],
         "runs": {role: len(entries) for role, entries in read.items()},
     }
+
+
+def efficiency_metrics(read: dict[str, list[_Summary]]) -> dict[str, Any]:
+    """The paper's metrics from the summaries of each role's runs (``run``,
+    ``base-classical``, ``motivated-classical``).
+
+    Returns:
+        Each value of :data:`_READS` as :func:`~nestedtrain.analysis.stats.mean_std` over its
+        role's runs, and, from the means, ``acc_flops_xyb``, ``acc_flops_yc`` and ``ratio``.
+
+    Raises:
+        ConfigError: a missing value, or a metric that is undefined.
+    """
+    found = {
+        name: mean_std([_number(s, key, f, what) for s, f in read[role]])
+        for name, (role, key, what) in _READS.items()
+    }
+    mean = {name: stat["mean"] for name, stat in found.items()}
+    metrics = acc_flops_ratio(
+        *(mean[n] for n in ("acc_xyb", "acc_xc", "acc_yc", "flops_xy", "flops_xc", "flops_yc"))
+    )
+    found["acc_flops_xyb"] = metrics.motivated_training
+    found["acc_flops_yc"] = metrics.larger_model
+    found["ratio"] = metrics.ratio
+    return found
 
 
 def _read_roles(paths: dict[str, Sequence[str | Path]]) -> dict[str, list[_Summary]]:
@@ -165,10 +195,6 @@ def _agree(values: dict[str, Any], what: str) -> None:
     if len(set(known.values())) > 1:
         listed = ", ".join(f"{v!r} ({file})" for file, v in known.items())
         raise ConfigError(f"the runs disagree on {what}: {listed}")
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 # --------------------------------------------------------------------------------- tune-k
@@ -291,16 +317,16 @@ def _train_fold(
 
 def _summarise_k(k: int, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Mean and standard deviation over one k's folds."""
-    base = _mean_std([r["base_val_acc"] for r in results])
-    motivated = _mean_std([r["motivated_val_acc"] for r in results])
+    base = mean_std([r["base_val_acc"] for r in results])
+    motivated = mean_std([r["motivated_val_acc"] for r in results])
     raw = [r["motivated_val_acc_raw"] for r in results if "motivated_val_acc_raw" in r]
     steps = [r["motivated_steps"] for r in results if r["motivated_steps"] is not None]
     return {
         "k": int(k),
-        "base_val_acc": base[0],
-        "base_val_acc_std": base[1],
-        "motivated_val_acc": motivated[0],
-        "motivated_val_acc_std": motivated[1],
+        "base_val_acc": base["mean"],
+        "base_val_acc_std": base["std"],
+        "motivated_val_acc": motivated["mean"],
+        "motivated_val_acc_std": motivated["std"],
         "motivated_val_acc_raw": statistics.fmean(raw) if raw else None,
         "motivated_steps": statistics.fmean(steps) if steps else None,
     }

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..runfiles import atomic_save
+from ..atomic import atomic_save
 from .latency import threads_text
 
 __all__ = [
@@ -183,20 +183,9 @@ def _lesion_curves(ax: Any, result: dict[str, Any]) -> None:
         rows = result["curves"][policy]
         ks = [0, *(row["k"] for row in rows)]
         intact = result["intact"][policy]
-        ax.plot(
-            ks,
-            [intact, *(r["best"]["acc"] for r in rows)],
-            "^-",
-            color=color,
-            label=f"best k, {label}",
-        )
-        ax.plot(
-            ks,
-            [intact, *(r["worst"]["acc"] for r in rows)],
-            "v--",
-            color=color,
-            label=f"worst k, {label}",
-        )
+        for which, style in (("best", "^-"), ("worst", "v--")):
+            accs = [intact, *(r[which]["acc"] for r in rows)]
+            ax.plot(ks, accs, style, color=color, label=f"{which} k, {label}")
         if rows and rows[0]["random"] is not None:
             mean = [intact, *(r["random"]["acc_mean"] for r in rows)]
             low = [intact, *(r["random"]["acc_min"] for r in rows)]
@@ -291,30 +280,18 @@ def _pareto_panel(
     flag = "on_front" if cost == "flops" else "on_latency_front"
     predicted = [r for r in rows if cost != "flops" and r.get("latency_source") == "predicted"]
     rows = [r for r in rows if r not in predicted]
-    ax.plot(
-        [r[cost] / scale for r in rows],
-        [r[acc] for r in rows],
-        "o",
-        ms=4,
-        color="tab:gray",
-        alpha=0.5,
-        label=f"sub-networks ({len(rows)})" if cost == "flops" else f"measured ({len(rows)})",
-    )
+
+    def points(chosen: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+        return [r[cost] / scale for r in chosen], [r[acc] for r in chosen]
+
+    measured = f"sub-networks ({len(rows)})" if cost == "flops" else f"measured ({len(rows)})"
+    ax.plot(*points(rows), "o", ms=4, color="tab:gray", alpha=0.5, label=measured)
     if predicted:  # hollow: the table's additive model, not a measurement
-        ax.plot(
-            [r[cost] / scale for r in predicted],
-            [r[acc] for r in predicted],
-            "o",
-            ms=4,
-            mfc="none",
-            color="tab:gray",
-            alpha=0.6,
-            label=f"predicted ({len(predicted)})",
-        )
+        hollow = {"mfc": "none", "color": "tab:gray", "alpha": 0.6}
+        ax.plot(*points(predicted), "o", ms=4, **hollow, label=f"predicted ({len(predicted)})")
     front = sorted((r for r in rows if r.get(flag)), key=lambda r: r[cost])
     ax.plot(
-        [r[cost] / scale for r in front],
-        [r[acc] for r in front],
+        *points(front),
         "o-",
         ms=5,
         lw=1.5,

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text
 from ..errors import ConfigError
-from ..runfiles import (
+from ..records import (
     CONFIG_FILE,
     KL_DRIFT_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
-    atomic_write_text,
     read_kl_drift,
     read_metrics,
 )

@@ -10,7 +10,7 @@ the one to deploy:
    test (reported beside it, never used to choose). The main network is evaluated with its own
    statistics, as training evaluated it.
 3. The Pareto front of selection accuracy against FLOPs (:func:`pareto_front`).
-4. Latency, when asked, *measured* (:func:`~nestedtrain.analysis.deploy.measure_latency`) for
+4. Latency, when asked, *measured* (:func:`~nestedtrain.deploy.measure_latency`) for
    every front member within the FLOPs/parameter budget and the main network. Any sub-network
    off the front has a front member at least as accurate with no more FLOPs, so as long as
    latency grows with FLOPs the best one under a latency budget is among those measured.
@@ -32,12 +32,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..deploy import measure_latency
 from ..elastic.stages import unwrap
 from ..elastic.subnet import Subnet, export_subnet
 from ..errors import ConfigError
 from ..evaluation import evaluate, evaluate_subnets
 from ..flops import count_flops, count_params
-from .deploy import measure_latency
 from .latency import LatencyTable
 
 __all__ = ["Budget", "LatencySpec", "pareto_front", "pick_best", "select_subnet"]

@@ -1,7 +1,7 @@
 """``nestedtrain export`` and ``nestedtrain select``: cash in the sub-networks.
 
 - ``export CHECKPOINT --subnet 3-2-4 --out PATH``: a state_dict, TorchScript or ONNX file of a
-  sub-network with its JSON sidecar (:func:`nestedtrain.analysis.deploy.deploy_subnet`).
+  sub-network with its JSON sidecar (:func:`nestedtrain.deploy.deploy_subnet`).
 - ``select RUN --max-mflops X --max-params M --max-latency-ms T``: evaluate the sub-networks
   of a run (BN re-estimated for each, shared prefixes), choose on the validation split, print
   the Pareto front and the pick, write ``RUN/analysis/select/select.json`` and
@@ -19,7 +19,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..analysis.deploy import FORMATS, deploy_subnet, format_for, require_onnx, sidecar_path
 from ..analysis.latency import (
     LatencyTable,
     describe_latency,
@@ -29,12 +28,13 @@ from ..analysis.latency import (
 )
 from ..analysis.plots import plot_pareto
 from ..analysis.select import Budget, LatencySpec, select_subnet
+from ..atomic import atomic_write_text
 from ..data import Data
+from ..deploy import FORMATS, deploy_subnet, format_for, require_onnx, sidecar_path
+from ..distributed import pick_device
 from ..elastic import OrderedSampler, Subnet
 from ..elastic.sampling import space_subnets
-from ..engine.distributed import pick_device
 from ..errors import ConfigError
-from ..runfiles import atomic_write_text
 from ..version import __version__
 from .common import (
     Checkpoint,
@@ -49,7 +49,7 @@ from .common import (
 )
 from .opening import add_model_options, open_target
 
-__all__ = ["candidate_subnets", "register"]
+__all__ = ["candidate_subnets", "register", "select_candidates"]
 
 
 # --------------------------------------------------------------------------------- export
@@ -225,6 +225,32 @@ def candidate_subnets(model: Any, args: argparse.Namespace) -> tuple[list[Any], 
     return chosen, {"how": how, "space_size": len(everything), "sample": len(chosen)}
 
 
+def select_candidates(
+    ckpt: Checkpoint,
+    data: Data,
+    subnets: list[Any],
+    budget: Budget,
+    args: argparse.Namespace,
+    batch: int,
+    **latency: Any,
+) -> dict[str, Any]:
+    """:func:`~nestedtrain.analysis.select.select_subnet` over ``subnets`` on ``data``, by
+    ``args.select_on`` (validation where the data holds it out), in batches of ``batch``;
+    ``latency``: its ``latency`` and ``latency_table``."""
+    return select_subnet(
+        ckpt.model,
+        subnets,
+        val_batches=(lambda: data.eval_batches("val", batch_size=batch)) if data.n_val else None,
+        test_batches=lambda: data.eval_batches("test", batch_size=batch),
+        calib_batches=lambda: data.calibration_batches(batch_size=batch),
+        input_size=data.test_img_size,
+        in_chans=data.in_chans,
+        budget=budget,
+        select_on=args.select_on,
+        **latency,
+    )
+
+
 def _describe(row: dict[str, Any], acc: str) -> str:
     parts = [f"{acc.split('_')[0]} {row[acc]:.2f}%"]
     other = "test_acc" if acc == "val_acc" else "val_acc"
@@ -320,18 +346,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     subnets, chosen = candidate_subnets(ckpt.model, args)
     table = _latency_table(args, ckpt, data)
     start = time.perf_counter()
-    result = select_subnet(
-        ckpt.model,
-        subnets,
-        val_batches=(lambda: data.eval_batches("val", batch_size=batch)) if data.n_val else None,
-        test_batches=lambda: data.eval_batches("test", batch_size=batch),
-        calib_batches=lambda: data.calibration_batches(batch_size=batch),
-        input_size=data.test_img_size,
-        in_chans=data.in_chans,
-        budget=budget,
-        select_on=args.select_on,
-        latency=latency,
-        latency_table=table,
+    result = select_candidates(
+        ckpt, data, subnets, budget, args, batch, latency=latency, latency_table=table
     )
     seconds = time.perf_counter() - start
     payload = _select_payload(args, ckpt, data, chosen, budget, seconds, result)

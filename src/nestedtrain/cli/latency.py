@@ -16,11 +16,11 @@ import argparse
 import math
 from typing import Any
 
-from ..analysis.deploy import require_onnx
 from ..analysis.latency import check_kit_folder, kit_subnets, write_latency_kit
-from ..analysis.select import Budget, pareto_front, select_subnet
+from ..analysis.select import Budget, pareto_front
+from ..deploy import require_onnx
+from ..distributed import pick_device
 from ..elastic import Subnet
-from ..engine.distributed import pick_device
 from ..errors import ConfigError
 from .common import (
     add_command,
@@ -28,7 +28,7 @@ from .common import (
     checkpoint_data,
     command_line,
 )
-from .deploy import add_candidate_options, candidate_subnets
+from .deploy import add_candidate_options, candidate_subnets, select_candidates
 from .opening import add_model_options, open_target
 
 __all__ = ["register"]
@@ -66,17 +66,7 @@ def cmd_latency_kit(args: argparse.Namespace) -> int:
         )
     batch = batch_size(args.batch_size, cfg)
     pool, chosen = candidate_subnets(ckpt.model, args)
-    result = select_subnet(
-        ckpt.model,
-        pool,
-        val_batches=(lambda: data.eval_batches("val", batch_size=batch)) if data.n_val else None,
-        test_batches=lambda: data.eval_batches("test", batch_size=batch),
-        calib_batches=lambda: data.calibration_batches(batch_size=batch),
-        input_size=data.test_img_size,
-        in_chans=data.in_chans,
-        budget=budget,
-        select_on=args.select_on,
-    )
+    result = select_candidates(ckpt, data, pool, budget, args, batch)
     front = [Subnet.parse(ckpt.model, s) for s in _front_in_budget(result, budget)]
     subnets = kit_subnets(
         ckpt.model, front, pool, held_out=args.held_out, seed=args.seed, fit=args.fit

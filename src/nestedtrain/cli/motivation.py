@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..analysis.compare import format_mean_std
 from ..analysis.motivation import cross_validate_k, efficiency
+from ..analysis.stats import format_mean_std
+from ..atomic import atomic_write_text
 from ..errors import ConfigError
-from ..runfiles import atomic_write_text
 from .common import add_command, add_recipe_arguments, table
 
 __all__ = ["register"]

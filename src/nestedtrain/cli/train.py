@@ -11,17 +11,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from ..atomic import atomic_write_text
 from ..demo import run_demo
+from ..distributed import end_distributed, pick_device
 from ..elastic import Subnet, subnets_from_spec
 from ..engine.config import describe_fields, load_config
-from ..engine.distributed import end_distributed, pick_device
-from ..engine.faults import TrainingDiverged, TrainingInterrupted
 from ..engine.trainer import Trainer
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from ..evaluation import evaluate, evaluate_subnets
 from ..flops import count_flops, count_params
 from ..models import create_model
-from ..runfiles import atomic_write_text
 from ..signals import StopRequested, StopSignals
 from .common import (
     add_command,

@@ -1,9 +1,9 @@
 """The training engine: recipe, building its objects, trainer, per-epoch evaluation,
 checkpoints, distributed setup."""
 
-from .build import METHODS, build_method, build_model, load_model
+from .build import build_method, build_model, load_model
 from .checkpoint import load_checkpoint
-from .config import TrainConfig, load_config
+from .config import METHODS, TrainConfig, load_config
 from .trainer import Trainer, train
 
 __all__ = [

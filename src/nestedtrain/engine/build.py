@@ -1,7 +1,8 @@
 """Recipe to objects, in one place: the model, its loss, optimizer and schedule, and the method.
 
 Everything a recipe names is built here and nowhere else; the trainer only runs what it gets.
-:data:`METHODS` is the one list of methods: config validation, the trainer and DDP read it.
+:func:`build_method` builds each method of :data:`~nestedtrain.engine.config.METHODS`, the one
+list of methods (recipe validation reads it).
 A method's step object (``nestedtrain.methods``) needs none of this: build it from plain
 objects to use it in your own loop.
 """
@@ -22,7 +23,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from ..data import Data
-from ..distributed import all_ranks
+from ..distributed import DistInfo, all_ranks, input_memory_format, wrap_ddp
 from ..elastic.sampling import build_sampler
 from ..elastic.stages import find_stages
 from ..elastic.weightmap import WeightMap
@@ -40,13 +41,10 @@ from ..methods.shared_prefix import decide_shared_prefix
 from ..methods.stimulative import shared_prefix_veto
 from ..models import create_model
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-from .config import TrainConfig, plain
-from .distributed import DistInfo, input_memory_format, wrap_ddp
+from .config import TrainConfig, check_method, plain
 
 __all__ = [
-    "METHODS",
     "MethodParts",
-    "MethodSpec",
     "build_criterion",
     "build_method",
     "build_model",
@@ -55,7 +53,6 @@ __all__ = [
     "build_run_model",
     "build_scheduler",
     "load_model",
-    "method_spec",
 ]
 
 # ---------------------------------------------------------------------------------- model
@@ -399,39 +396,16 @@ def _held_out_batch(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
     return batch
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """A training method as the trainer sees it.
-
-    Attributes:
-        build: ``build(parts)``, the method's step object (its model DDP-wrapped under
-            torchrun, as the method needs).
-    """
-
-    build: Callable[[MethodParts], MethodStep]
-
-
-# The one list of methods: recipe validation, the trainer and DDP wrapping read it.
-METHODS: dict[str, MethodSpec] = {
-    "ct": MethodSpec(_build_ct),
-    "st": MethodSpec(_build_st),
-    "stpp": MethodSpec(_build_st),
-    "sandwich": MethodSpec(_build_st),
-    "motivation": MethodSpec(_build_motivation),
-}
-
-
-def method_spec(name: str) -> MethodSpec:
-    """The registry entry of method ``name``.
+def build_method(parts: MethodParts) -> MethodStep:
+    """The step object of ``parts.cfg.method``, its model DDP-wrapped under torchrun.
 
     Raises:
-        ConfigError: not a method of :data:`METHODS`.
+        ConfigError: not a method of :data:`~nestedtrain.engine.config.METHODS`.
     """
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
-    return METHODS[name]
-
-
-def build_method(parts: MethodParts) -> MethodStep:
-    """The step object of ``parts.cfg.method``."""
-    return method_spec(parts.cfg.method).build(parts)
+    method = parts.cfg.method
+    check_method(method)
+    if method == "ct":
+        return _build_ct(parts)
+    if method == "motivation":
+        return _build_motivation(parts)
+    return _build_st(parts)  # st, stpp and sandwich: built alike, told apart by their options

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_save, previous_path
 from ..errors import ConfigError
-from ..runfiles import atomic_save, previous_path
 from ..version import __version__
 
 __all__ = [

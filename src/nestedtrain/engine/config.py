@@ -19,9 +19,9 @@ from ..data.config import DataConfig
 from ..errors import ConfigError
 
 __all__ = [
-    "METHOD_NAMES",
-    "PRESETS",
+    "METHODS",
     "TrainConfig",
+    "check_method",
     "describe_fields",
     "load_config",
     "to_yaml",
@@ -149,11 +149,11 @@ class TrainConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
-# Presets applied under the recipe when ``method`` names them (see DESIGN.md).
-# The training methods (engine/build.py builds each; a test keeps the two lists equal).
-METHOD_NAMES = ("ct", "st", "stpp", "sandwich", "motivation")
-
-PRESETS: dict[str, dict[str, Any]] = {
+# The training methods, the one list of them (recipe validation reads it, engine/build.py
+# builds each), with the preset applied under the recipe when ``method`` names it (see
+# DESIGN.md).
+METHODS: dict[str, dict[str, Any]] = {
+    "ct": {},
     "st": {"st": {"lam": 1.0, "kl_norm": "none", "num_subnets": 1, "space": None}},
     "stpp": {
         "st": {
@@ -169,6 +169,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the sandwich rule as slimmable/US-Nets and BigNAS use it: the smallest and 2 random
     # sub-networks a step, plain KL to the main network's output, weight 1 each
     "sandwich": {"st": {"lam": 1.0, "kl_norm": "none", "num_subnets": 2, "space": None}},
+    "motivation": {},
 }
 
 # ST++ bounds the sampling space of the deep ImageNet ResNets with "space3".
@@ -250,14 +251,23 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     layers.append(_dotlist(overrides or []))
     user = _merge(_schema(), *layers)  # validates field names and types first
     method = user.method
-    if method not in METHOD_NAMES:  # before its preset is looked up
-        raise ConfigError(f"unknown method {method!r}: use one of {', '.join(METHOD_NAMES)}")
-    preset = dict(PRESETS.get(method, {}))
+    check_method(method)  # before its preset is looked up
+    preset = dict(METHODS[method])
     if method == "stpp" and user.model.name in _STPP_SPACE3_MODELS:
         preset = {"st": {**preset["st"], "space": "space3"}}
     cfg = _merge(_schema(), preset, *layers)
     validate(cfg)
     return cfg
+
+
+def check_method(name: str) -> None:
+    """``name`` is one of :data:`METHODS`.
+
+    Raises:
+        ConfigError: it is not.
+    """
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
 
 
 def validate(cfg: DictConfig) -> None:

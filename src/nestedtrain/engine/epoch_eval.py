@@ -12,11 +12,11 @@ from torch import nn
 
 from .. import bn
 from ..data import Data
+from ..distributed import input_memory_format
 from ..elastic.sampling import subnets_from_spec
 from ..evaluation import evaluate, evaluate_subnets, kl_drift_snapshot
 from ..methods import MethodStep
 from ..modes import kept_modes
-from .distributed import input_memory_format
 
 __all__ = ["EpochEvaluation"]
 

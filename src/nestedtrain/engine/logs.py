@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..runfiles import append_metrics
+from ..records import append_metrics
 
 __all__ = ["EpochLog"]
 

@@ -26,10 +26,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.images import BadImages
-from ..distributed import all_reduce_mean
+from ..distributed import all_reduce_mean, input_memory_format
+from ..errors import TrainingDiverged
 from ..methods import MethodStep, Precision
-from .distributed import input_memory_format
-from .faults import StopSignals, TrainingDiverged
+from ..signals import StopSignals
 
 __all__ = [
     "MetricLogger",

@@ -17,8 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..atomic import atomic_append_line, atomic_write_text
 from ..errors import ConfigError
-from ..runfiles import CONFIG_FILE, atomic_append_line, atomic_write_text
+from ..records import CONFIG_FILE
 from .config import load_config, to_yaml
 
 __all__ = ["CHANGES_FILE", "NEUTRAL", "UNLOADABLE", "RecipeChanges", "check_resume_recipe"]

@@ -1,10 +1,18 @@
-"""A run's folder: what may start or resume in it, its config.yaml, lock and checkpoints."""
+"""A run's folder: what may start or resume in it, its config.yaml, lock and checkpoints.
+
+:class:`RunLock` keeps two processes from writing one run folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,22 +21,15 @@ import timm
 import torch
 from omegaconf import DictConfig
 
+from ..atomic import atomic_save, atomic_write_text, previous_path
 from ..errors import ConfigError
-from ..runfiles import (
-    CONFIG_FILE,
-    SUMMARY_FILE,
-    atomic_save,
-    atomic_write_text,
-    previous_path,
-    truncate_logs,
-)
+from ..records import CONFIG_FILE, SUMMARY_FILE, truncate_logs
 from ..version import __version__
 from .checkpoint import save_checkpoint
 from .config import to_yaml
-from .faults import RunLock
 from .resume import RecipeChanges
 
-__all__ = ["RunFolder"]
+__all__ = ["RunFolder", "RunLock"]
 
 logger = logging.getLogger("nestedtrain")
 
@@ -126,3 +127,94 @@ def _git_commit() -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() or None
+
+
+class RunLock:
+    """``RUN/.lock`` names the process writing a run folder; a second one fails with one line.
+
+    The owner refreshes the file's time every ``heartbeat`` seconds from a daemon thread. A
+    lock is stale, and taken over, when its process is gone (same host), or when it has not
+    been refreshed for ``stale_after`` seconds (another host: a preempted node leaves its lock
+    behind).
+
+    Raises:
+        ConfigError: (on ``acquire``) another live process holds the folder.
+    """
+
+    def __init__(self, folder: str | Path, heartbeat: float = 30.0, stale_after: float = 180.0):
+        self.path = Path(folder) / ".lock"
+        self.heartbeat, self.stale_after = heartbeat, stale_after
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.took_over: dict[str, Any] | None = None
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, owner: dict[str, Any] | None) -> bool:
+        if owner is None:  # unreadable: a writer died between create and write
+            return True
+        if owner.get("host") == socket.gethostname():
+            try:
+                os.kill(int(owner["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, KeyError):
+                return False
+            return False
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except OSError:
+            return True
+        return age > self.stale_after
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if not self._stale(owner):
+                    raise ConfigError(
+                        f"run folder {str(self.path.parent)!r} is being written by pid "
+                        f"{owner['pid']} on {owner['host']}: wait for it, or use another --out "
+                        f"(delete {self.path} if that process is gone)"
+                    ) from None
+                self.took_over = owner
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            break
+        else:
+            raise ConfigError(f"could not take the lock {self.path}: another process keeps it")
+        self._thread = threading.Thread(target=self._beat, name="nestedtrain-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            owner = self._owner()
+            if owner is not None and owner.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -30,8 +30,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ..atomic import atomic_write_text, previous_path
 from ..errors import ConfigError
-from ..runfiles import CONFIG_FILE, SUMMARY_FILE, atomic_write_text, previous_path
+from ..records import CONFIG_FILE, SUMMARY_FILE
 from .config import load_config
 
 __all__ = [

@@ -20,15 +20,18 @@ from omegaconf import DictConfig, OmegaConf
 from timm.utils import ModelEmaV3
 
 from ..data import build_data
-from ..errors import ConfigError
-from ..methods import Precision
-from ..runfiles import (
-    METRICS_FILE,
-    append_kl_drift,
-    read_metrics,
-    truncate_logs,
-    write_summary,
+from ..distributed import (
+    all_ranks,
+    average_bn,
+    barrier,
+    configure_cuda,
+    control_group,
+    init_distributed,
 )
+from ..errors import ConfigError, TrainingInterrupted
+from ..methods import Precision
+from ..records import METRICS_FILE, append_kl_drift, read_metrics, truncate_logs, write_summary
+from ..signals import StopSignals
 from .build import (
     MethodParts,
     build_method,
@@ -44,16 +47,7 @@ from .checkpoint import (
     run_checkpoint,
     seed_everything,
 )
-from .distributed import (
-    all_ranks,
-    average_bn,
-    barrier,
-    configure_cuda,
-    control_group,
-    init_distributed,
-)
 from .epoch_eval import EpochEvaluation
-from .faults import StopSignals, TrainingInterrupted
 from .logs import EpochLog
 from .loop import MetricLogger, StepControl, check_finite, end_epoch, train_one_epoch
 from .resume import check_resume_recipe

@@ -26,7 +26,7 @@ from typing import Any, Union
 import torch
 
 from ..errors import ConfigError
-from ..runfiles import read_metrics
+from ..records import read_metrics
 
 __all__ = [
     "Condition",

@@ -36,14 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import bn as bn_tools
-from ..elastic.stages import model_family, unwrap
-from ..elastic.subnet import Subnet, export_subnet
-from ..errors import ConfigError
-from ..evaluation import evaluate
-from ..flops import count_flops, count_params
-from ..models import CIFAR_DEPTHS
-from ..runfiles import atomic_save, atomic_write_text
+from . import bn as bn_tools
+from .atomic import atomic_save, atomic_write_text
+from .elastic.stages import model_family, unwrap
+from .elastic.subnet import Subnet, export_subnet
+from .errors import ConfigError
+from .evaluation import evaluate
+from .flops import count_flops, count_params
+from .models import CIFAR_DEPTHS
 
 __all__ = [
     "FORMATS",

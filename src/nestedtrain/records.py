@@ -1,8 +1,7 @@
-"""A run folder's files: their names, formats, and the one reader and writer of each.
+"""A run's record files: their names, formats, and the one reader and writer of each.
 
-Every file is written atomically (a temporary file beside it, then a rename), so a kill leaves
-the old file or the new one, never half of one. The lowest layer: no other nestedtrain module
-but :mod:`nestedtrain.errors`.
+Each is written atomically (:mod:`nestedtrain.atomic`). The lowest layer: no other
+nestedtrain module but :mod:`nestedtrain.errors` and :mod:`nestedtrain.atomic`.
 
 - ``config.yaml``: the resolved recipe, written by the trainer.
 - ``metrics.jsonl``: one JSON object per finished epoch (:func:`append_metrics`,
@@ -17,13 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import torch
-
+from .atomic import atomic_append_line, atomic_write_text
 from .errors import ConfigError
 
 __all__ = [
@@ -33,10 +29,6 @@ __all__ = [
     "SUMMARY_FILE",
     "append_kl_drift",
     "append_metrics",
-    "atomic_append_line",
-    "atomic_save",
-    "atomic_write_text",
-    "previous_path",
     "read_kl_drift",
     "read_metrics",
     "read_summary",
@@ -48,86 +40,6 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 KL_DRIFT_FILE = str(Path("analysis") / "kl_drift.jsonl")
 SUMMARY_FILE = "summary.json"
-
-
-# ------------------------------------------------------------------------ atomic writers
-def atomic_save(
-    obj: Any,
-    path: str | Path,
-    saver: Callable[[Any, BinaryIO], None] = torch.save,
-    keep_previous: bool = False,
-) -> None:
-    """Save to a temporary file in the same folder, then rename it over ``path``.
-
-    A crash before the rename leaves the previous file intact; the rename itself is atomic.
-
-    Args:
-        obj: what to save.
-        path: the destination.
-        saver: ``torch.save`` by default; ``torch.jit.save`` for TorchScript.
-        keep_previous: move the file it replaces to :func:`previous_path` (after the new one
-            is complete and synced, so at every moment one whole file is on disk).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            saver(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _temporary(path: Path) -> tuple[int, str]:
-    """A temporary file beside ``path`` with the permissions a plain ``open`` would give it
-    (``mkstemp`` makes files only their owner can read: a run folder or an exported model is
-    often read by other accounts)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)
-    return fd, tmp
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the folder's entry is on disk too (POSIX).
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def previous_path(path: str | Path) -> Path:
-    """Where ``atomic_save(..., keep_previous=True)`` keeps the file it replaced:
-    ``last.pt`` -> ``last.prev.pt``."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically (temporary file, then rename)."""
-    atomic_save(text.encode(), path, saver=lambda data, f: f.write(data))
-
-
-def atomic_append_line(path: str | Path, line: str) -> None:
-    """Add a line to a text file by rewriting it atomically, so a kill leaves the file with
-    or without the line, never half of it (for logs of a line per epoch: small files)."""
-    path = Path(path)
-    before = path.read_text() if path.exists() else ""
-    atomic_write_text(path, before + line.rstrip("\n") + "\n")
 
 
 # ------------------------------------------------------------------------ metrics.jsonl

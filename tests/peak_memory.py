@@ -4,6 +4,9 @@
 and torch's ``MemTracker`` (which refuses a module called twice in one pass, as every
 sub-network step does) don't cover a training step on the CPU; so this counts by hand what
 every operator allocates, under a dispatch mode that also sees the backward pass.
+
+A measuring tool of the tests (``test_shared_prefix.py``) and of ``bench/bench_speed.py``,
+not of the package.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from torch import nn
 import nestedtrain as nt
 from nestedtrain import bn
 from nestedtrain.analysis import (
-    deletion_subnets,
+    destroyed_subnets,
     destruct,
     effective_receptive_field,
     erf_area_ratios,
@@ -31,7 +31,6 @@ from nestedtrain.analysis import (
     loafing_matrix,
     logit_norms,
     match_subnet,
-    permutation_subnets,
     swap_subnet,
     write_report,
 )
@@ -161,19 +160,19 @@ def cycles(order: tuple[int, ...], positions: list[int]) -> int:
 def test_deletion_and_permutation_counts_on_resnet20():
     model = resnet()
     # stage 1 keeps one of its 3 blocks; stages 2 and 3 may lose blocks 1 and 2
-    assert [deletion_subnets(model, k)[1] for k in range(7)] == [1, 7, 21, 34, 31, 15, 3]
+    assert [destroyed_subnets(model, "delete", k)[1] for k in range(7)] == [1, 7, 21, 34, 31, 15, 3]
     # stage 1: blocks 0-2 all movable; stages 2, 3: blocks 1-2 (block 0 down-samples)
-    assert [permutation_subnets(model, k)[1] for k in range(5)] == [1, 5, 9, 7, 2]
-    for subnet in permutation_subnets(model, 2)[0]:
+    assert [destroyed_subnets(model, "permute", k)[1] for k in range(5)] == [1, 5, 9, 7, 2]
+    for subnet in destroyed_subnets(model, "permute", 2)[0]:
         blocks = subnet.blocks
         assert blocks[1][0] == 0 and blocks[2][0] == 0  # down-sampling blocks stay first
         distance = (3 - cycles(blocks[0], [0, 1, 2])) + sum(
             2 - cycles(blocks[s][1:], [1, 2]) for s in (1, 2)
         )
         assert distance == 2
-    sample, total = deletion_subnets(model, 3, max_combinations=5, seed=4)
+    sample, total = destroyed_subnets(model, "delete", 3, max_combinations=5, seed=4)
     assert total == 34 and len(set(sample)) == 5
-    assert sample == deletion_subnets(model, 3, max_combinations=5, seed=4)[0]
+    assert sample == destroyed_subnets(model, "delete", 3, max_combinations=5, seed=4)[0]
     assert all(s.num_blocks == 6 for s in sample)
 
 
@@ -194,10 +193,10 @@ def test_permutation_counts_match_the_appendix_table_r2():
     nt.declare_stages(
         FiveStageNet, [f"s{s}" for s in range(5)], skippable=[range(1, n) for n in (2, 3, 4, 2, 3)]
     )
-    counts = [permutation_subnets(FiveStageNet(), k)[1] for k in range(1, 5)]
+    counts = [destroyed_subnets(FiveStageNet(), "permute", k)[1] for k in range(1, 5)]
     assert counts == [5, 9, 7, 2]
     with pytest.raises(ValueError, match="k=5"):
-        permutation_subnets(FiveStageNet(), 5)
+        destroyed_subnets(FiveStageNet(), "permute", 5)
 
 
 def test_deleting_zero_blocks_drops_nothing():
@@ -228,11 +227,13 @@ def test_bad_destruction_requests_are_value_errors():
     with pytest.raises(ValueError, match="one block"):
         swap_subnet(model, 2, 0, 1)
     with pytest.raises(ValueError, match="nothing to permute"):
-        permutation_subnets(model, 1, stages=[2])
+        destroyed_subnets(model, "permute", 1, stages=[2])
     with pytest.raises(ValueError, match="k=6"):
-        deletion_subnets(model, 6)  # 2 + 0 + 2 deletable (stage 1 keeps one of its 3)
+        destroyed_subnets(model, "delete", 6)  # 2 + 0 + 2 deletable (stage 1 keeps one of its 3)
     with pytest.raises(ValueError, match="stage 4"):
-        deletion_subnets(model, 1, stages=[4])
+        destroyed_subnets(model, "delete", 1, stages=[4])
+    with pytest.raises(ValueError, match="kind='swap': use one of delete, permute"):
+        destroyed_subnets(model, "swap", 1)
     with pytest.raises(ValueError, match="bn="):
         destruct(model, eval_fn, calib_fn, bn="running")
     single_blocks = nt.models.CifarResNet(1, num_classes=10, in_chans=1)

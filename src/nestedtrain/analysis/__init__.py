@@ -18,7 +18,7 @@
   table it writes back for :func:`select_subnet`, with its additive predictor.
 """
 
-from .destruct import deletion_subnets, destruct, permutation_subnets, swap_subnet
+from .destruct import destroyed_subnets, destruct, swap_subnet
 from .erf import effective_receptive_field, erf_area_ratios
 from .kl_drift import kl_drift_summary
 from .latency import (
@@ -39,7 +39,7 @@ __all__ = [
     "Budget",
     "LatencySpec",
     "LatencyTable",
-    "deletion_subnets",
+    "destroyed_subnets",
     "destruct",
     "effective_receptive_field",
     "erf_area_ratios",
@@ -52,7 +52,6 @@ __all__ = [
     "match_subnet",
     "model_identity",
     "pareto_front",
-    "permutation_subnets",
     "pick_best",
     "read_latency_table",
     "residual_ratios",

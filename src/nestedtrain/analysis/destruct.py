@@ -40,14 +40,15 @@ from .subnets import subnet_stats
 
 __all__ = [
     "BN_POLICIES",
+    "KINDS",
     "block_place",
-    "deletion_subnets",
+    "destroyed_subnets",
     "destruct",
-    "permutation_subnets",
     "swap_subnet",
 ]
 
 BN_POLICIES = ("recalibrate", "own")
+KINDS = ("delete", "permute")  # the two ways to destroy a network: delete or reorder blocks
 
 
 # ---------------------------------------------------------------------- combinatorics
@@ -281,41 +282,30 @@ def _check_max(max_combinations: int | None) -> None:
         raise ConfigError(f"max_combinations={max_combinations} must be >= 1 (or None for all)")
 
 
-def deletion_subnets(
+def destroyed_subnets(
     model: nn.Module,
+    kind: str,
     k: int,
     max_combinations: int | None = None,
     seed: int = 0,
     stages: Sequence[int] | None = None,
 ) -> tuple[list[Subnet], int]:
-    """The sub-networks that delete ``k`` skippable blocks, and how many there are in all.
+    """The sub-networks destroyed by ``k`` deletions or transpositions, and how many there
+    are in all.
 
-    Every combination, or ``max_combinations`` distinct ones drawn uniformly (seeded) when
-    there are more. ``k=0`` is the intact network. ``stages`` (numbered from 1) limits the
-    deletions to those stages.
-
-    Raises:
-        ConfigError: ``k`` larger than the blocks that can be deleted (every stage keeps one).
-    """
-    return _destroyed_subnets(model, "delete", k, max_combinations, seed, stages)
-
-
-def permutation_subnets(
-    model: nn.Module,
-    k: int,
-    max_combinations: int | None = None,
-    seed: int = 0,
-    stages: Sequence[int] | None = None,
-) -> tuple[list[Subnet], int]:
-    """The sub-networks that reorder blocks within stages by ``k`` transpositions.
-
-    Each is a permutation of skippable blocks (non-skippable ones stay in place) that takes
-    ``k`` transpositions and no fewer; every one, or a seeded sample of ``max_combinations``.
+    ``kind="delete"``: every way to delete ``k`` skippable blocks (``k=0`` is the intact
+    network). ``kind="permute"``: every reordering of skippable blocks within stages that
+    takes ``k`` transpositions and no fewer (non-skippable blocks stay in place). All of them,
+    or ``max_combinations`` distinct ones drawn uniformly (seeded) when there are more;
+    ``stages`` (numbered from 1) limits them to those stages.
 
     Raises:
-        ConfigError: no stage (of ``stages``) has two blocks to swap, or ``k`` is too large.
+        ConfigError: an unknown ``kind``; ``k`` larger than what can be deleted (every stage
+            keeps one block) or transposed; no stage (of ``stages``) with two blocks to swap.
     """
-    return _destroyed_subnets(model, "permute", k, max_combinations, seed, stages)
+    if kind not in KINDS:
+        raise ConfigError(f"kind={kind!r}: use one of {', '.join(KINDS)}")
+    return _destroyed_subnets(model, kind, k, max_combinations, seed, stages)
 
 
 def _destroyed_subnets(
@@ -326,7 +316,6 @@ def _destroyed_subnets(
     seed: int,
     stages: Sequence[int] | None,
 ) -> tuple[list[Subnet], int]:
-    """Deletions (``kind="delete"``) or permutations (``"permute"``) of ``k``: see above."""
     all_stages = find_stages(unwrap(model))
     selected = _select_stages(all_stages, stages)
     _check_max(max_combinations)
@@ -493,10 +482,12 @@ def _destroy(
         full=Subnet.full(model),
         single=_single_deletions(model, all_stages, selected, delete_k, permute_k),
         deletions=[
-            (k, *deletion_subnets(model, k, max_combinations, seed, stages)) for k in delete_k
+            (k, *_destroyed_subnets(model, "delete", k, max_combinations, seed, stages))
+            for k in delete_k
         ],
         permutations=[
-            (k, *permutation_subnets(model, k, max_combinations, seed, stages)) for k in permute_k
+            (k, *_destroyed_subnets(model, "permute", k, max_combinations, seed, stages))
+            for k in permute_k
         ],
         swapped=[(swap, swap_subnet(model, *swap)) for swap in swaps],
     )

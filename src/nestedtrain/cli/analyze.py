@@ -24,7 +24,7 @@ from .analysis_handlers import (
     cmd_report,
     cmd_subnets,
 )
-from .common import Handler, add_command, add_memory_option
+from .common import Handler, add_command, add_memory_option, add_seed_option
 from .opening import add_model_options
 
 __all__ = ["register"]
@@ -86,7 +86,7 @@ def _subnets_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sample", type=int, metavar="M", help="evaluate a seeded sample of M sub-networks"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    add_seed_option(parser, "the sample")
     parser.add_argument(
         "--individual",
         nargs="+",
@@ -110,7 +110,7 @@ def _destruct_options(parser: argparse.ArgumentParser) -> None:
         help="evaluate a seeded sample of N combinations per k when there are more "
         "(default 1000; 0: all)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
+    add_seed_option(parser, "the samples")
     parser.add_argument(
         "--bn",
         choices=BN_POLICIES,
@@ -118,13 +118,13 @@ def _destruct_options(parser: argparse.ArgumentParser) -> None:
         help="recalibrate: BN statistics re-estimated for each network (default, as the "
         "paper); own: the trained ones",
     )
-    parser.add_argument("--stages", help="destroy only these stages, numbered from 1 (e.g. 1,3)")
     parser.add_argument(
         "--swap",
         nargs="+",
         metavar="S:I:J",
         help="also evaluate swapping blocks I and J of stage S",
     )
+    parser.add_argument("--stages", help="destroy only these stages, numbered from 1 (e.g. 1,3)")
 
 
 def _lesion_options(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +140,7 @@ def _lesion_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="random draws of k blocks per k (default 10; 0: none)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    add_seed_option(parser, "the draws")
     parser.add_argument(
         "--bn",
         default=",".join(LESION_BN),

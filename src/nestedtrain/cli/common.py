@@ -120,6 +120,11 @@ def positive(kind: Callable[[str], Number], what: str, hint: str) -> Callable[[s
     return read
 
 
+def add_seed_option(parser: argparse.ArgumentParser, of: str) -> None:
+    """``--seed N`` (default 0), the one declaration of the option: the seed ``of`` what."""
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of {of} (default 0)")
+
+
 def add_memory_option(parser: argparse.ArgumentParser, default: float | None, said: str) -> None:
     """``--memory-mb MB``, the one declaration of the option: how many MiB of activations a
     sub-network evaluation caches at a time (``said``: its default, in words)."""

@@ -39,6 +39,7 @@ from ..version import __version__
 from .common import (
     Checkpoint,
     add_command,
+    add_seed_option,
     batch_size,
     checkpoint_data,
     command_line,
@@ -486,6 +487,7 @@ def add_candidate_options(parser: argparse.ArgumentParser, select_on_help: str) 
         help="full (default: every ordered sub-network), space3, or most blocks each stage may "
         "drop: N or 0,1,3,0",
     )
+    add_seed_option(parser, "the sample")
     parser.add_argument(
         "--max-evaluated",
         type=int,
@@ -493,7 +495,6 @@ def add_candidate_options(parser: argparse.ArgumentParser, select_on_help: str) 
         metavar="N",
         help="a larger space is sampled: N sub-networks, seeded (default 1000)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     parser.add_argument("--select-on", choices=("val", "test"), default="val", help=select_on_help)
 
 

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -119,3 +123,52 @@ def declare_user_resnet() -> None:
 def digits():
     """The digits data set: batches of 64, no crop, on the CPU."""
     return build_data(DataConfig(crop="none"), batch_size=64, seed=0, device=torch.device("cpu"))
+
+
+def random_batch_lists(
+    side: int, chans: int = 1, classes: int = 10, n_eval: int = 150, n_calib: int = 100
+):
+    """Fixed random eval and calibration data, as the two callables the analyses take (lists:
+    eval batches of 64, calibration batches of 48)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n_eval, chans, side, side, generator=g)
+    y = torch.randint(0, classes, (n_eval,), generator=g)
+    c = torch.randn(n_calib, chans, side, side, generator=g)
+    return (
+        lambda: [(x[i : i + 64], y[i : i + 64]) for i in range(0, n_eval, 64)],
+        lambda: [c[i : i + 48] for i in range(0, n_calib, 48)],
+    )
+
+
+def perturbed_resnet(name: str = "resnet20", seed: int = 0, **kwargs) -> nn.Module:
+    """One of our CIFAR ResNets for 1-channel images, seeded, with non-default BN."""
+    torch.manual_seed(seed)
+    return perturb_norms(nt.create_model(name, num_classes=10, in_chans=1, **kwargs), seed)
+
+
+def crash_after_first_epoch_then_resume(monkeypatch, make_cfg, out) -> None:
+    """Train ``make_cfg()`` into ``out``, crash right after epoch 0's checkpoint is saved,
+    then resume it to the end."""
+    from nestedtrain.engine.trainer import Trainer
+
+    original = Trainer._save
+
+    def crash_after_first_epoch(self, epoch, is_best):
+        original(self, epoch, is_best)
+        if epoch == 0:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(Trainer, "_save", crash_after_first_epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        nt.train(make_cfg(), out)
+    monkeypatch.setattr(Trainer, "_save", original)
+    nt.train(make_cfg(), out, resume=True)
+
+
+def torchrun_two(script, *args: str) -> None:
+    """``torchrun --nproc_per_node 2 --standalone SCRIPT ARGS`` (a free port on localhost),
+    one thread per rank; raises if a rank fails or it takes over 5 minutes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--standalone", str(script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env, timeout=300)

@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import UserResNet, declare_user_resnet, make_model, perturb_norms
+from conftest import perturbed_resnet as resnet
+from conftest import random_batch_lists as batches
 from omegaconf import OmegaConf
 from oracle import evaluate_one_at_a_time
 from torch import nn
@@ -51,23 +53,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------- helpers
-def batches(side: int, chans: int = 1, classes: int = 10, n_eval: int = 150, n_calib: int = 100):
-    """Fixed random eval and calibration data, as the two callables the analyses take."""
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(n_eval, chans, side, side, generator=g)
-    y = torch.randint(0, classes, (n_eval,), generator=g)
-    c = torch.randn(n_calib, chans, side, side, generator=g)
-    return (
-        lambda: [(x[i : i + 64], y[i : i + 64]) for i in range(0, n_eval, 64)],
-        lambda: [c[i : i + 48] for i in range(0, n_calib, 48)],
-    )
-
-
-def resnet(name: str = "resnet20", seed: int = 0, **kwargs) -> nn.Module:
-    torch.manual_seed(seed)
-    return perturb_norms(nt.create_model(name, num_classes=10, in_chans=1, **kwargs), seed)
-
-
 def save_checkpoint(model: nn.Module, path: Path, overrides: list[str]) -> Path:
     """A checkpoint in the trainer's layout, of an untrained (perturbed) model."""
     cfg = load_config(None, [*TINY, *overrides])

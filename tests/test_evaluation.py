@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ListStageNet, make_model, perturb_norms
+from conftest import perturbed_resnet as resnet
+from conftest import random_batch_lists as batch_lists
 from oracle import evaluate_one_at_a_time
 from torch import nn
 
@@ -47,25 +49,6 @@ def batches(n_eval: int = 150, n_calib: int = 100, side: int = 8):
         lambda: ((x[i : i + 32], y[i : i + 32]) for i in range(0, n_eval, 32)),
         lambda: (c[i : i + 24] for i in range(0, n_calib, 24)),
     )
-
-
-def batch_lists(
-    side: int, chans: int = 1, classes: int = 10, n_eval: int = 150, n_calib: int = 100
-):
-    """Fixed random data as lists: eval batches of 64, calibration batches of 48."""
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(n_eval, chans, side, side, generator=g)
-    y = torch.randint(0, classes, (n_eval,), generator=g)
-    c = torch.randn(n_calib, chans, side, side, generator=g)
-    return (
-        lambda: [(x[i : i + 64], y[i : i + 64]) for i in range(0, n_eval, 64)],
-        lambda: [c[i : i + 48] for i in range(0, n_calib, 48)],
-    )
-
-
-def resnet(name: str = "resnet20", seed: int = 0, **kwargs) -> nn.Module:
-    torch.manual_seed(seed)
-    return perturb_norms(nt.create_model(name, num_classes=10, in_chans=1, **kwargs), seed)
 
 
 @pytest.fixture

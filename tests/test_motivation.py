@@ -6,15 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import crash_after_first_epoch_then_resume, torchrun_two
 
 import nestedtrain as nt
 from nestedtrain.analysis.motivation import efficiency
@@ -287,18 +285,7 @@ def test_resume_ends_where_an_uninterrupted_run_would(tmp_path, monkeypatch):
     assert [g["lr"] for g in follower.param_groups] == [g["lr"] for g in lead.param_groups]
     assert follower.param_groups[0]["lr"] != straight.cfg.optim.lr
 
-    original = Trainer._save
-
-    def crash_after_first_epoch(self, epoch, is_best):
-        original(self, epoch, is_best)
-        if epoch == 0:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(Trainer, "_save", crash_after_first_epoch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        nt.train(_cfg(*overrides), tmp_path / "resumed")
-    monkeypatch.setattr(Trainer, "_save", original)
-    nt.train(_cfg(*overrides), tmp_path / "resumed", resume=True)
+    crash_after_first_epoch_then_resume(monkeypatch, lambda: _cfg(*overrides), tmp_path / "resumed")
 
     for weights in ("weights.pt", "base.pt", "motivated.pt"):
         a = torch.load(tmp_path / "straight" / weights)
@@ -444,27 +431,9 @@ def test_two_process_gloo_ranks_switch_together(tmp_path):
         "            'motivated': trainer.method.motivated_model.state_dict()},\n"
         "           f'{sys.argv[1]}/rank{dist.get_rank()}.pt')\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "two"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--standalone",  # a free port on localhost, chosen by torchrun
-            str(script),
-            str(out),
-            str(DIGITS),
-            *SMALL,
-            "epochs=2",
-            "motivation.k=1",
-            "data.hflip=0.5",
-        ],
-        check=True,
-        env=env,
-        timeout=300,
+    torchrun_two(
+        script, str(out), str(DIGITS), *SMALL, "epochs=2", "motivation.k=1", "data.hflip=0.5"
     )
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     for model in ("base", "motivated"):

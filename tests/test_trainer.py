@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_norms
+from conftest import crash_after_first_epoch_then_resume, perturb_norms, torchrun_two
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -97,18 +97,7 @@ def test_resume_ends_where_an_uninterrupted_run_would(tmp_path, monkeypatch):
     overrides = ("method=st", "epochs=2", "eval.subnets=none", "data.hflip=0.5")
     nt.train(_cfg(*overrides), tmp_path / "straight")
 
-    original = Trainer._save
-
-    def crash_after_first_epoch(self, epoch, is_best):
-        original(self, epoch, is_best)
-        if epoch == 0:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(Trainer, "_save", crash_after_first_epoch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        nt.train(_cfg(*overrides), tmp_path / "resumed")
-    monkeypatch.setattr(Trainer, "_save", original)
-    nt.train(_cfg(*overrides), tmp_path / "resumed", resume=True)
+    crash_after_first_epoch_then_resume(monkeypatch, lambda: _cfg(*overrides), tmp_path / "resumed")
 
     straight = torch.load(tmp_path / "straight" / "weights.pt")
     resumed = torch.load(tmp_path / "resumed" / "weights.pt")
@@ -168,24 +157,9 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     ]
     script = tmp_path / "run.py"
     script.write_text(_DIST_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--standalone",  # a free port on localhost, chosen by torchrun
-            str(script),
-            str(two),
-            *overrides,
-        ],
-        check=True,
-        env=env,
-        timeout=300,
-    )
+    torchrun_two(script, str(two), *overrides)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
     subprocess.run(
         [sys.executable, str(script), str(one), *overrides], check=True, env=env, timeout=300

@@ -195,3 +195,26 @@ def test_results_archive_keeps_finished_runs_records_and_restores_them(tmp_path)
     assert results.restore(fresh, kept) == 5
     assert json.loads((fresh / "ct_st/seed=0,method=ct/summary.json").read_text())["main_acc"] == 80
     assert not (fresh / "commits.json").exists()
+
+
+def test_results_outcome_pairs_each_arm_with_ct_by_seed(tmp_path):
+    results = _results_module()
+    accs = {"ct": (86.0, 85.5, 86.5), "stpp": (87.0, 85.0, 87.5)}
+    groups = []
+    for method, values in accs.items():
+        runs = []
+        for seed, acc in enumerate(values):
+            run = tmp_path / f"{method}{seed}"
+            run.mkdir()
+            (run / "summary.json").write_text(json.dumps({"main_acc": acc}))
+            runs.append(str(run))
+        label = {"method": method, "epochs": "30", "model.drop_path_rate": "0.0"}
+        groups.append({"label": label, "runs": runs, "seeds": [0, 1, 2]})
+    groups[0]["main_acc"] = {"mean": 86.0, "std": 0.5, "n": 3}
+    groups[1]["main_acc"] = {"mean": 86.5, "std": 1.32, "n": 3}
+    groups[1]["paired_main_acc"] = {"mean": 0.5, "std": 0.87, "n": 3}
+    lines = results._outcome({"groups": groups, "baseline": groups[0]["label"]}, epochs=30)
+    assert lines[0].startswith("- CT (the baseline): main 86.00 ± 0.50%")
+    assert "ST++: main 86.50 ± 1.32% (Δ +0.50 ± 0.87, above CT in 2 of 3 seeds)" in lines[1]
+    longer = {**groups[0]["label"], "epochs": "83", "model.drop_path_rate": "0.05"}
+    assert results._arm(longer, epochs=30) == "CT, 83 epochs, drop-path 0.05"

@@ -50,7 +50,7 @@ from pathlib import Path
 import timm
 import torch
 
-from nestedtrain.analysis.stats import format_mean_std
+from nestedtrain.analysis.stats import format_mean_std, mean_std
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_runs import (  # noqa: E402 - the study's runs, beside this script
@@ -222,6 +222,11 @@ def _document(args, study: Study, found: dict, check: dict) -> list[str]:
         "",
         *_motivated(out / "motivation"),
         "",
+        "Per k, against CT of the same seed (base model against CT resnet20, motivated model "
+        "against CT resnet32; test split):",
+        "",
+        *_motivation_outcome(out),
+        "",
         "## 3. The check row",
         "",
         "`python bench/results.py --quick` reruns this and says whether main still gives it "
@@ -278,6 +283,48 @@ def _outcome(results: dict, epochs: int) -> list[str]:
             f"{len(main)} seeds), sub-networks {format_mean_std(group.get('subnet_acc_mean'))}% "
             f"(Δ {_signed(group.get('paired_subnet_acc_mean'))})"
         )
+    return lines
+
+
+def _by_seed(runs: list[str], key: str) -> dict[str, float]:
+    """``{seed: summary[key]}`` of finished run folders named ``seed=N,...``."""
+    found = {}
+    for run in runs:
+        seed = next(p for p in Path(run).name.split(",") if p.startswith("seed="))
+        found[seed] = json.loads((Path(run) / "summary.json").read_text()).get(key)
+    return found
+
+
+def _paired_line(name: str, values: dict, baseline: dict) -> str:
+    seeds = [s for s in values if s in baseline and values[s] is not None]
+    diffs = [values[s] - baseline[s] for s in seeds]
+    above = sum(d > 0 for d in diffs)
+    return (
+        f"{name} {format_mean_std(mean_std(values[s] for s in seeds))}% "
+        f"(Δ {_signed(mean_std(diffs))}, above CT in {above} of {len(seeds)} seeds)"
+    )
+
+
+def _motivation_outcome(out: Path) -> list[str]:
+    """One line per k: the base and the motivated model paired with the CT runs of their
+    architectures (resnet20 and resnet32)."""
+    ct20 = _by_seed(_runs_of(out / "ct_st", method="ct"), "main_acc")
+    ct32 = _by_seed(_runs_of(out / "ct32"), "main_acc")
+    runs = _runs_of(out / "motivation")
+    ks = sorted(
+        {
+            p.split("=")[1]
+            for r in runs
+            for p in Path(r).name.split(",")
+            if p.startswith("motivation.k=")
+        }
+    )
+    lines = []
+    for k in ks:
+        of_k = _runs_of(out / "motivation", motivation__k=k)
+        base = _paired_line("base", _by_seed(of_k, "base_acc"), ct20)
+        motivated = _paired_line("motivated", _by_seed(of_k, "motivated_acc"), ct32)
+        lines.append(f"- k {k}: {base}; {motivated}")
     return lines
 
 

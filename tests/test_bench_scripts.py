@@ -218,3 +218,27 @@ def test_results_outcome_pairs_each_arm_with_ct_by_seed(tmp_path):
     assert "ST++: main 86.50 ± 1.32% (Δ +0.50 ± 0.87, above CT in 2 of 3 seeds)" in lines[1]
     longer = {**groups[0]["label"], "epochs": "83", "model.drop_path_rate": "0.05"}
     assert results._arm(longer, epochs=30) == "CT, 83 epochs, drop-path 0.05"
+
+
+def test_results_motivation_outcome_pairs_base_and_motivated_with_their_ct(tmp_path):
+    results = _results_module()
+
+    def run(folder: str, name: str, **summary) -> None:
+        path = tmp_path / folder / name
+        path.mkdir(parents=True)
+        (path / "summary.json").write_text(json.dumps(summary))
+
+    for seed, (acc20, acc32) in enumerate([(86.0, 86.5), (85.0, 86.0)]):
+        run("ct_st", f"seed={seed},method=ct", main_acc=acc20)
+        run("ct_st", f"seed={seed},method=st,st.lam=1", main_acc=99.0)  # not a baseline
+        run("ct32", f"seed={seed},model.name=resnet32", main_acc=acc32)
+        for k, delta in (("1", 0.5), ("3", -0.5)):
+            name = f"seed={seed},epochs=30,motivation.k={k}"
+            run("motivation", name, base_acc=acc20 + delta, motivated_acc=acc32 - 1.0)
+    lines = results._motivation_outcome(tmp_path)
+    assert lines == [
+        "- k 1: base 86.00 ± 0.71% (Δ +0.50 ± 0.00, above CT in 2 of 2 seeds); "
+        "motivated 85.25 ± 0.35% (Δ -1.00 ± 0.00, above CT in 0 of 2 seeds)",
+        "- k 3: base 85.00 ± 0.71% (Δ -0.50 ± 0.00, above CT in 0 of 2 seeds); "
+        "motivated 85.25 ± 0.35% (Δ -1.00 ± 0.00, above CT in 0 of 2 seeds)",
+    ]

@@ -15,7 +15,8 @@ optimizer and schedule of ``recipes/fmnist_st.yaml`` (resnet20, SGD Nesterov lr 
 but for the sizes given here, and evaluates the main network and 16 sampled sub-networks with
 BN re-estimated for each. Before the runs, the cost of a training step of ST and ST++
 relative to CT's is measured side by side in this process (one thread, interleaved epochs,
-median), and CT is also trained for as many epochs as that cost buys (equal compute).
+the fastest after a warm-up round), and CT is also trained for as many epochs as that cost
+buys (equal compute); after them, the sandwich rule's at the n chosen.
 
 Two chains of runs go side by side, one thread each:
 
@@ -71,6 +72,7 @@ from results_runs import (  # noqa: E402 - the study's runs, beside this script
     _table,
     archive,
     measure_costs,
+    measure_sandwich_cost,
     restore,
 )
 
@@ -171,7 +173,9 @@ def _document(args, study: Study, found: dict, check: dict) -> list[str]:
         "stochastic depth uses it too.",
         "- **Sandwich rule** (`method=sandwich`: the smallest and n random sub-networks a step, "
         "each distilled from the main network's detached output, KL weight 1 each): n chosen on "
-        f"the validation split among {', '.join(SANDWICH_NS)}: **{found['n']}**.",
+        f"the validation split among {', '.join(SANDWICH_NS)}: **{found['n']}**; a step "
+        f"of it costs {found['sandwich_cost']:.2f}× CT's (measured as above, side by side "
+        "with CT, after the runs).",
         "- ST is λ 1 (chosen on this validation split among 1 and 5 in the study this one "
         "replaces); ST++ is `recipes/fmnist_stpp.yaml` (λ 1/6 per sub-network, "
         "docs/stpp_lambda.md).",
@@ -410,6 +414,7 @@ def main() -> int:
         archive(out)
     print(f"runs took {(time.time() - start) / 60:.0f} minutes this time", flush=True)
     found = report(study)
+    found["sandwich_cost"] = measure_sandwich_cost(out, args.train, found["n"])
     check_file = study.out / "check.json"
     if not check_file.exists():
         check_file.write_text(json.dumps(run_check(study.out / "check"), indent=2) + "\n")

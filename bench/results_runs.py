@@ -136,32 +136,15 @@ def _in_parallel(*chains) -> None:
 
 # ------------------------------------------------------------------------ step costs
 def measure_costs(out: Path, train: int) -> dict[str, float]:
-    """Seconds per training epoch of ST and ST++ over CT's, measured side by side: one
-    thread, an epoch of each in turn, the first round warm-up, the fastest of the rest (other
-    work on the machine only ever adds time, so the minimum is the least disturbed).
-    Saved in ``out/costs.json`` and read from there on a rerun (so the equal-compute runs'
-    commands stay the same)."""
+    """Seconds per training epoch of ST and ST++ over CT's, measured side by side (see
+    :func:`_epoch_seconds`). Saved in ``out/costs.json`` and read from there on a rerun (so
+    the equal-compute runs' commands stay the same)."""
     file = out / "costs.json"
     if file.exists():
         return json.loads(file.read_text())["relative"]
-    import nestedtrain as nt
-    from nestedtrain.engine.trainer import Trainer
-
-    torch.set_num_threads(1)
-    arms = {"ct": "recipes/fmnist_st.yaml", "st": "recipes/fmnist_st.yaml"}
-    arms["stpp"] = "recipes/fmnist_stpp.yaml"
-    epochs: dict[str, list[float]] = {name: [] for name in arms}
-    with tempfile.TemporaryDirectory() as tmp:
-        trainers = {}
-        for name, recipe in arms.items():
-            overrides = [f"method={name}", "model.name=resnet20", f"data.train_subset={train}"]
-            overrides += [f"epochs={COST_ROUNDS}", "eval.subnets=none"]
-            trainers[name] = Trainer(nt.load_config(REPO / recipe, overrides), Path(tmp) / name)
-        for epoch in range(COST_ROUNDS):
-            for name, trainer in trainers.items():
-                start = time.perf_counter()
-                trainer.train_epoch(epoch, progress=False)
-                epochs[name].append(time.perf_counter() - start)
+    st, stpp = "recipes/fmnist_st.yaml", "recipes/fmnist_stpp.yaml"
+    arms = {"ct": (st, ["method=ct"]), "st": (st, ["method=st"]), "stpp": (stpp, ["method=stpp"])}
+    epochs = _epoch_seconds(arms, train)
     seconds = {name: min(times[1:]) for name, times in epochs.items()}
     relative = {name: s / seconds["ct"] for name, s in seconds.items()}
     report = {"seconds_per_epoch": seconds, "relative": relative, "rounds": COST_ROUNDS}
@@ -169,6 +152,48 @@ def measure_costs(out: Path, train: int) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(report, indent=2) + "\n")
     return relative
+
+
+def measure_sandwich_cost(out: Path, train: int, n: str) -> float:
+    """A sandwich step's cost over CT's at the chosen ``n``, measured side by side with CT
+    as :func:`measure_costs` does (after the runs, when ``n`` is known) and added to
+    ``out/costs.json``; read from there on a rerun."""
+    file = out / "costs.json"
+    report = json.loads(file.read_text())
+    if report.get("sandwich", {}).get("n") == n:
+        return report["sandwich"]["relative"]
+    recipe = "recipes/fmnist_st.yaml"
+    arms = {"ct": (recipe, ["method=ct"])}
+    arms["sandwich"] = (recipe, ["method=sandwich", f"st.num_subnets={n}"])
+    epochs = _epoch_seconds(arms, train)
+    relative = min(epochs["sandwich"][1:]) / min(epochs["ct"][1:])
+    report["sandwich"] = {"n": n, "relative": relative, "epoch_seconds": epochs}
+    file.write_text(json.dumps(report, indent=2) + "\n")
+    return relative
+
+
+def _epoch_seconds(arms: dict[str, tuple[str, list[str]]], train: int) -> dict[str, list]:
+    """Seconds of each of ``COST_ROUNDS`` training epochs of every arm (recipe, overrides)
+    on resnet20 and ``train`` images: one thread, an epoch of each arm in turn. Callers take
+    the fastest after the first round (warm-up): other work on the machine only ever adds
+    time, so the minimum is the least disturbed."""
+    import nestedtrain as nt
+    from nestedtrain.engine.trainer import Trainer
+
+    torch.set_num_threads(1)
+    epochs: dict[str, list[float]] = {name: [] for name in arms}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {}
+        for name, (recipe, overrides) in arms.items():
+            overrides = [*overrides, "model.name=resnet20", f"data.train_subset={train}"]
+            overrides += [f"epochs={COST_ROUNDS}", "eval.subnets=none"]
+            trainers[name] = Trainer(nt.load_config(REPO / recipe, overrides), Path(tmp) / name)
+        for epoch in range(COST_ROUNDS):
+            for name, trainer in trainers.items():
+                start = time.perf_counter()
+                trainer.train_epoch(epoch, progress=False)
+                epochs[name].append(time.perf_counter() - start)
+    return epochs
 
 
 # ------------------------------------------------------------------------------ study

@@ -242,3 +242,17 @@ def test_results_motivation_outcome_pairs_base_and_motivated_with_their_ct(tmp_p
         "- k 3: base 85.00 ± 0.71% (Δ -0.50 ± 0.00, above CT in 0 of 2 seeds); "
         "motivated 85.25 ± 0.35% (Δ -1.00 ± 0.00, above CT in 0 of 2 seeds)",
     ]
+
+
+def test_results_measures_the_sandwich_cost_once_per_n(tmp_path, monkeypatch):
+    results = _results_module()
+    runs = sys.modules["results_runs"]
+    monkeypatch.setattr(runs, "COST_ROUNDS", 2)
+    (tmp_path / "costs.json").write_text(json.dumps({"relative": {"ct": 1.0, "st": 1.2}}))
+    cost = results.measure_sandwich_cost(tmp_path, 128, "2")  # 2 epochs of 1 step each
+    report = json.loads((tmp_path / "costs.json").read_text())
+    assert report["relative"] == {"ct": 1.0, "st": 1.2}  # the equal-compute costs unchanged
+    assert report["sandwich"]["n"] == "2" and report["sandwich"]["relative"] == cost > 0
+    assert [len(t) for t in report["sandwich"]["epoch_seconds"].values()] == [2, 2]
+    monkeypatch.setattr(runs, "_epoch_seconds", None)  # read back, not measured again
+    assert results.measure_sandwich_cost(tmp_path, 128, "2") == cost

@@ -93,6 +93,18 @@ def test_same_seed_same_result(tmp_path):
     assert a["main_acc"] == b["main_acc"]
 
 
+def test_evaluating_between_epochs_leaves_training_unchanged(tmp_path):
+    """Sub-network evaluation and BN re-estimation after epoch 1 (``eval.every=1``) draw
+    sub-networks and images; the run must still train what ``eval.every=2`` trains."""
+    overrides = ("method=stpp", "epochs=2", "eval.subnets=sample:3", "model.drop_path_rate=0.1")
+    for every in (1, 2):
+        nt.train(_cfg(*overrides, f"eval.every={every}"), tmp_path / str(every))
+    each, once = (torch.load(tmp_path / str(e) / "weights.pt") for e in (1, 2))
+    assert all(torch.equal(each[k], once[k]) for k in each)
+    logged = (tmp_path / "1" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(logged[0]).get("subnets")  # epoch 1 was evaluated, sub-networks too
+
+
 def test_resume_ends_where_an_uninterrupted_run_would(tmp_path, monkeypatch):
     overrides = ("method=st", "epochs=2", "eval.subnets=none", "data.hflip=0.5")
     nt.train(_cfg(*overrides), tmp_path / "straight")

@@ -145,8 +145,8 @@ def _document(args, study: Study, found: dict, check: dict) -> list[str]:
         "",
         f"Written by `python bench/results.py --seeds {args.seeds} --epochs {args.epochs} "
         f"--train {args.train}` at commit {_git_commit()} from runs made at commit "
-        f"{_run_commits()} on {platform.machine()} ({os.cpu_count()} CPU cores, two runs at a "
-        f"time, one thread each, over several sessions: `docs/results/` keeps each finished "
+        f"{_run_commits()} on {platform.machine()} ({os.cpu_count()} CPU cores, runs side by "
+        f"side, one thread each, over several sessions: `docs/results/` keeps each finished "
         f"run's records and `commits.json` the commit of each); {versions}. The runs' wall "
         f"times add up to {minutes:.0f} minutes; they shared the machine with other work, so "
         "only the step costs below, measured side by side, are timings.",
